@@ -1,0 +1,22 @@
+# phsync: PostgreSQL extension that syncs PostHog data into a table.
+# Built with PGXS; see README.md for the test and demo commands.
+
+MODULE_big = phsync
+OBJS = phsync.o scheduler.o sync.o http.o hogql.o load.o runlog.o
+
+EXTENSION = phsync
+DATA = phsync--0.1.sql
+PGFILEDESC = "phsync - sync PostHog data into PostgreSQL"
+
+SHLIB_LINK = -lcurl -ljson-c
+PG_CPPFLAGS = -I/usr/include/json-c
+PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare -Werror
+
+REGRESS = phsync_install phsync_settings phsync_security
+REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./test/regress.conf
+
+TAP_TESTS = 1
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)

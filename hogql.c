@@ -1,0 +1,500 @@
+/*-------------------------------------------------------------------------
+ *
+ * hogql.c
+ *		HogQL query text and request bodies; reading PostHog's responses.
+ *
+ * Every value (window bounds, keyset position) reaches PostHog as a HogQL
+ * "values" placeholder; only identifiers, quoted, are written into the text.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <ctype.h>
+#include <sys/stat.h>
+
+#include "common/string.h"
+#include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "port/pg_bswap.h"
+#include "storage/fd.h"
+#include "utils/datetime.h"
+
+#include "phsync.h"
+
+/* the built-in events query: columns, in the order PostHog returns them */
+const char *phsync_builtin_columns[] = {
+	"uuid", "event", "timestamp", "distinct_id", "person_id", "properties",
+	"elements_chain", "created_at", NULL
+};
+
+/* how far before the window the built-in query still reads `timestamp` */
+#define TIMESTAMP_SLACK_USECS (7 * USECS_PER_DAY)
+
+#define QUERY_FILE_MAX (1024 * 1024)
+
+/*
+ * Append an identifier for HogQL: bare when it is a plain identifier,
+ * otherwise in backticks with backslash escapes.
+ */
+static void
+append_ident(StringInfo buf, const char *name)
+{
+	const char *p;
+	bool		plain = (isalpha((unsigned char) name[0]) || name[0] == '_');
+
+	for (p = name; *p && plain; p++)
+		if (!isalnum((unsigned char) *p) && *p != '_')
+			plain = false;
+	if (plain)
+	{
+		appendStringInfoString(buf, name);
+		return;
+	}
+	appendStringInfoChar(buf, '`');
+	for (p = name; *p; p++)
+	{
+		if (*p == '`' || *p == '\\')
+			appendStringInfoChar(buf, '\\');
+		appendStringInfoChar(buf, *p);
+	}
+	appendStringInfoChar(buf, '`');
+}
+
+/*
+ * The ClickHouse type without Nullable(...) / LowCardinality(...) around it.
+ */
+static const char *
+base_type(const char *chtype, char *buf, size_t buflen)
+{
+	for (;;)
+	{
+		size_t		len = strlen(chtype);
+
+		if (strncmp(chtype, "Nullable(", 9) == 0 && chtype[len - 1] == ')')
+		{
+			strlcpy(buf, chtype + 9, Min(buflen, len - 9));
+			chtype = buf;
+		}
+		else if (strncmp(chtype, "LowCardinality(", 15) == 0 && chtype[len - 1] == ')')
+		{
+			strlcpy(buf, chtype + 15, Min(buflen, len - 15));
+			chtype = buf;
+		}
+		else
+			return chtype;
+	}
+}
+
+static bool
+looks_like_uuid(const char *s)
+{
+	int			i;
+
+	if (strlen(s) != 36)
+		return false;
+	for (i = 0; i < 36; i++)
+	{
+		if (i == 8 || i == 13 || i == 18 || i == 23)
+		{
+			if (s[i] != '-')
+				return false;
+		}
+		else if (!isxdigit((unsigned char) s[i]))
+			return false;
+	}
+	return true;
+}
+
+static bool
+looks_like_timestamp(const char *s)
+{
+	return strlen(s) >= 19 && isdigit((unsigned char) s[0]) && s[4] == '-' &&
+		s[7] == '-' && (s[10] == 'T' || s[10] == ' ') && s[13] == ':';
+}
+
+/*
+ * Append placeholder {name}, wrapped in the conversion its column's type
+ * needs so that ClickHouse compares like with like.
+ */
+static void
+append_typed_placeholder(StringInfo buf, const char *name, const char *chtype,
+						 json_object *value)
+{
+	const char *fn = NULL;
+
+	if (chtype)
+	{
+		char		tbuf[128];
+		const char *t = base_type(chtype, tbuf, sizeof(tbuf));
+
+		if (strncmp(t, "DateTime", 8) == 0)
+			fn = "toDateTime";
+		else if (strncmp(t, "Date", 4) == 0)
+			fn = "toDate";
+		else if (strcmp(t, "UUID") == 0)
+			fn = "toUUID";
+	}
+	else if (json_object_is_type(value, json_type_string))
+	{
+		const char *s = json_object_get_string(value);
+
+		if (looks_like_uuid(s))
+			fn = "toUUID";
+		else if (looks_like_timestamp(s))
+			fn = "toDateTime";
+	}
+	if (fn)
+		appendStringInfo(buf, "%s({%s})", fn, name);
+	else
+		appendStringInfo(buf, "{%s}", name);
+}
+
+/*
+ * The HogQL for one page: the window on the cursor column, the keyset
+ * condition (rows after the last row of the previous page), the order and
+ * the limit.  A custom query is wrapped as a subquery.
+ */
+char *
+hogql_build(PhsyncQuery *q, PhsyncKeyset *after)
+{
+	StringInfoData buf;
+	int			i;
+
+	initStringInfo(&buf);
+	if (q->base == NULL)
+	{
+		appendStringInfoString(&buf, "SELECT ");
+		for (i = 0; phsync_builtin_columns[i]; i++)
+			appendStringInfo(&buf, "%s%s", i ? ", " : "", phsync_builtin_columns[i]);
+		appendStringInfoString(&buf, "\nFROM events\nWHERE ");
+	}
+	else
+		appendStringInfo(&buf, "SELECT *\nFROM (\n%s\n) AS phsync_q\nWHERE ", q->base);
+
+	append_ident(&buf, q->cursor);
+	appendStringInfoString(&buf, " >= toDateTime({since}) AND ");
+	append_ident(&buf, q->cursor);
+	appendStringInfoString(&buf, " < toDateTime({until})");
+	if (q->base == NULL && strcmp(q->cursor, "timestamp") != 0)
+		appendStringInfoString(&buf, "\n  AND timestamp >= toDateTime({timestamp_since})");
+
+	if (after && after->valid)
+	{
+		int			n;
+
+		/* (c > v0) OR (c = v0 AND k1 > v1) OR ... */
+		appendStringInfoString(&buf, "\n  AND (");
+		for (n = 0; n < after->nvalues; n++)
+		{
+			if (n > 0)
+				appendStringInfoString(&buf, "\n    OR ");
+			appendStringInfoChar(&buf, '(');
+			for (i = 0; i <= n; i++)
+			{
+				char		pname[32];
+
+				snprintf(pname, sizeof(pname), "after_%d", i);
+				if (i > 0)
+					appendStringInfoString(&buf, " AND ");
+				append_ident(&buf, i == 0 ? q->cursor : q->keys[i - 1]);
+				appendStringInfoString(&buf, i < n ? " = " : " > ");
+				append_typed_placeholder(&buf, pname, after->chtypes[i],
+										 after->values[i]);
+			}
+			appendStringInfoChar(&buf, ')');
+		}
+		appendStringInfoChar(&buf, ')');
+	}
+
+	appendStringInfoString(&buf, "\nORDER BY ");
+	append_ident(&buf, q->cursor);
+	for (i = 0; i < q->nkeys; i++)
+	{
+		appendStringInfoString(&buf, ", ");
+		append_ident(&buf, q->keys[i]);
+	}
+	appendStringInfo(&buf, "\nLIMIT %d", q->limit);
+	return buf.data;
+}
+
+/*
+ * RFC 3339 text of a timestamp, in UTC, with the fraction only when it is
+ * not zero (as PostHog writes them).
+ */
+char *
+phsync_format_timestamp(TimestampTz ts)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	if (TIMESTAMP_NOT_FINITE(ts) || timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("timestamp out of range")));
+	if (fsec != 0)
+		return psprintf("%04d-%02d-%02dT%02d:%02d:%02d.%06dZ",
+						tm.tm_year, tm.tm_mon, tm.tm_mday,
+						tm.tm_hour, tm.tm_min, tm.tm_sec, (int) fsec);
+	return psprintf("%04d-%02d-%02dT%02d:%02d:%02dZ",
+					tm.tm_year, tm.tm_mon, tm.tm_mday,
+					tm.tm_hour, tm.tm_min, tm.tm_sec);
+}
+
+/*
+ * The JSON body of a query request.  Palloc'd.
+ */
+char *
+hogql_request_body(const char *hogql, TimestampTz since, TimestampTz until,
+				   PhsyncKeyset *after, const char *name,
+				   const char *client_query_id)
+{
+	json_object *root = json_object_new_object();
+	json_object *query = json_object_new_object();
+	json_object *values = json_object_new_object();
+	char	   *result;
+
+	json_object_object_add(query, "kind", json_object_new_string("HogQLQuery"));
+	json_object_object_add(query, "query", json_object_new_string(hogql));
+	json_object_object_add(values, "since",
+						   json_object_new_string(phsync_format_timestamp(since)));
+	json_object_object_add(values, "until",
+						   json_object_new_string(phsync_format_timestamp(until)));
+	if (strstr(hogql, "{timestamp_since}"))
+		json_object_object_add(values, "timestamp_since",
+							   json_object_new_string(phsync_format_timestamp(since - TIMESTAMP_SLACK_USECS)));
+	if (after && after->valid)
+	{
+		int			i;
+
+		for (i = 0; i < after->nvalues; i++)
+		{
+			char		pname[32];
+
+			snprintf(pname, sizeof(pname), "after_%d", i);
+			json_object_object_add(values, pname, json_object_get(after->values[i]));
+		}
+	}
+	json_object_object_add(query, "values", values);
+	json_object_object_add(root, "query", query);
+	json_object_object_add(root, "refresh", json_object_new_string("force_blocking"));
+	json_object_object_add(root, "name", json_object_new_string(name));
+	json_object_object_add(root, "client_query_id", json_object_new_string(client_query_id));
+
+	result = pstrdup(json_object_to_json_string_ext(root, JSON_C_TO_STRING_PLAIN));
+	json_object_put(root);
+	return result;
+}
+
+static void
+bad_response(const char *what) pg_attribute_noreturn();
+
+static void
+bad_response(const char *what)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+			 errmsg("PostHog sent a response phsync cannot read"),
+			 errdetail("%s", what)));
+}
+
+/*
+ * Point page at the parts of a 200 response: results, columns, types.
+ * The page takes ownership of response.
+ */
+void
+hogql_read_page(json_object *response, PhsyncPage *page)
+{
+	json_object *columns;
+	json_object *types;
+	int			i;
+
+	memset(page, 0, sizeof(*page));
+	page->response = response;
+
+	if (!json_object_is_type(response, json_type_object))
+		bad_response("The response is not a JSON object.");
+	if (!json_object_object_get_ex(response, "results", &page->results) ||
+		!json_object_is_type(page->results, json_type_array))
+		bad_response("The response has no \"results\" array.");
+	if (!json_object_object_get_ex(response, "columns", &columns) ||
+		!json_object_is_type(columns, json_type_array))
+		bad_response("The response has no \"columns\" array.");
+
+	page->nrows = (int) json_object_array_length(page->results);
+	page->ncolumns = (int) json_object_array_length(columns);
+	page->columns = palloc0(sizeof(char *) * (page->ncolumns + 1));
+	page->chtypes = palloc0(sizeof(char *) * (page->ncolumns + 1));
+	for (i = 0; i < page->ncolumns; i++)
+	{
+		json_object *c = json_object_array_get_idx(columns, i);
+
+		if (!json_object_is_type(c, json_type_string))
+			bad_response("A column name is not a string.");
+		page->columns[i] = json_object_get_string(c);
+	}
+
+	/* types: [[name, type], ...] in column order; optional */
+	if (json_object_object_get_ex(response, "types", &types) &&
+		json_object_is_type(types, json_type_array) &&
+		json_object_array_length(types) == (size_t) page->ncolumns)
+	{
+		for (i = 0; i < page->ncolumns; i++)
+		{
+			json_object *t = json_object_array_get_idx(types, i);
+			json_object *tn;
+
+			if (json_object_is_type(t, json_type_array) &&
+				json_object_array_length(t) == 2 &&
+				(tn = json_object_array_get_idx(t, 1)) != NULL &&
+				json_object_is_type(tn, json_type_string))
+				page->chtypes[i] = json_object_get_string(tn);
+		}
+	}
+}
+
+void
+hogql_keyset_reset(PhsyncKeyset *keyset)
+{
+	int			i;
+
+	if (keyset->values)
+	{
+		for (i = 0; i < keyset->nvalues; i++)
+			if (keyset->values[i])
+				json_object_put(keyset->values[i]);
+		pfree(keyset->values);
+	}
+	if (keyset->chtypes)
+	{
+		for (i = 0; i < keyset->nvalues; i++)
+			if (keyset->chtypes[i])
+				pfree(keyset->chtypes[i]);
+		pfree(keyset->chtypes);
+	}
+	memset(keyset, 0, sizeof(*keyset));
+}
+
+static int
+page_column(PhsyncPage *page, const char *name)
+{
+	int			i;
+
+	for (i = 0; i < page->ncolumns; i++)
+		if (strcmp(page->columns[i], name) == 0)
+			return i;
+	ereport(ERROR,
+			(errcode(ERRCODE_UNDEFINED_COLUMN),
+			 errmsg("the query's results have no column \"%s\"", name),
+			 errhint("A custom query must return the cursor column and every column of the target's unique key.")));
+	return -1;					/* keep compiler quiet */
+}
+
+/*
+ * Keyset position for the next page: the cursor and key values of the last
+ * row, exactly as PostHog sent them (PostgreSQL's idea of order does not
+ * matter: ClickHouse orders UUIDs differently).  Errors if the position did
+ * not move forward, which would otherwise loop forever.
+ */
+void
+hogql_keyset_from_last_row(PhsyncPage *page, PhsyncQuery *q, PhsyncKeyset *keyset)
+{
+	json_object *last = json_object_array_get_idx(page->results, page->nrows - 1);
+	char	   *previous = NULL;
+	char	   *current;
+	int			i;
+	StringInfoData buf;
+
+	if (keyset->valid)
+	{
+		initStringInfo(&buf);
+		for (i = 0; i < keyset->nvalues; i++)
+			appendStringInfo(&buf, "%s|", json_object_to_json_string(keyset->values[i]));
+		previous = buf.data;
+	}
+	hogql_keyset_reset(keyset);
+
+	if (!json_object_is_type(last, json_type_array))
+		bad_response("A row is not an array.");
+
+	keyset->nvalues = 1 + q->nkeys;
+	keyset->values = palloc0(sizeof(json_object *) * keyset->nvalues);
+	keyset->chtypes = palloc0(sizeof(char *) * keyset->nvalues);
+	initStringInfo(&buf);
+	for (i = 0; i < keyset->nvalues; i++)
+	{
+		int			col = page_column(page, i == 0 ? q->cursor : q->keys[i - 1]);
+		json_object *v = json_object_array_get_idx(last, col);
+
+		if (v == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_NOT_NULL_VIOLATION),
+					 errmsg("column \"%s\" is null in PostHog's results", page->columns[col]),
+					 errdetail("phsync pages through results by the cursor column and the unique key, so they must not be null.")));
+		keyset->values[i] = json_object_get(v);
+		keyset->chtypes[i] = page->chtypes[col] ? pstrdup(page->chtypes[col]) : NULL;
+		appendStringInfo(&buf, "%s|", json_object_to_json_string(v));
+	}
+	keyset->valid = true;
+	current = buf.data;
+	if (previous && strcmp(previous, current) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("PostHog returned a page that does not move past the previous one"),
+				 errdetail("The last row of two pages in a row has the same cursor and key: %s", current),
+				 errhint("Check that the target's unique key really is unique in PostHog's results.")));
+}
+
+/*
+ * Read a custom HogQL query from a file (absolute, or relative to the data
+ * directory).  Trailing white space and a final semicolon are dropped, since
+ * the query is wrapped in a subquery.
+ */
+char *
+hogql_read_query_file(const char *path)
+{
+	char	   *full;
+	FILE	   *f;
+	StringInfoData buf;
+	char		chunk[8192];
+	size_t		n;
+
+	full = is_absolute_path(path) ? pstrdup(path) : psprintf("%s/%s", DataDir, path);
+	f = AllocateFile(full, "r");
+	if (f == NULL)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open query file \"%s\": %m", full),
+				 errhint("Check phsync.query_file.")));
+	initStringInfo(&buf);
+	while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
+	{
+		if (buf.len + n > QUERY_FILE_MAX)
+		{
+			FreeFile(f);
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("query file \"%s\" is larger than %d bytes", full, QUERY_FILE_MAX)));
+		}
+		appendBinaryStringInfo(&buf, chunk, (int) n);
+	}
+	if (ferror(f))
+	{
+		FreeFile(f);
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not read query file \"%s\": %m", full)));
+	}
+	FreeFile(f);
+
+	pg_verifymbstr(buf.data, buf.len, false);
+	while (buf.len > 0 && (isspace((unsigned char) buf.data[buf.len - 1]) ||
+						   buf.data[buf.len - 1] == ';'))
+		buf.data[--buf.len] = '\0';
+	if (buf.len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("query file \"%s\" is empty", full)));
+	return buf.data;
+}

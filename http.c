@@ -1,0 +1,327 @@
+/*-------------------------------------------------------------------------
+ *
+ * http.c
+ *		libcurl client for PostHog's query API.
+ *
+ * One PhsyncHttp (one curl handle) serves a whole run, so the connection is
+ * kept alive across pages.  The response body is fed to json-c's tokener as
+ * it arrives, so the raw body is never held in memory as a whole.  Nothing
+ * here ereports from inside a libcurl callback: callbacks set a flag and
+ * return an abort code, and the error is raised once curl has returned.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <curl/curl.h>
+
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "utils/memutils.h"
+
+#include "phsync.h"
+
+/* how much of an error body to keep for the error message */
+#define RAW_PREFIX_MAX 1024
+
+struct PhsyncHttp
+{
+	CURL	   *curl;
+	char		errbuf[CURL_ERROR_SIZE];
+	/* per request */
+	json_tokener *tok;
+	json_object *parsed;
+	enum json_tokener_error tok_error;
+	bool		json_done;
+	bool		json_failed;
+	size_t		received;
+	char		raw[RAW_PREFIX_MAX + 1];
+	size_t		rawlen;
+};
+
+static bool curl_initialized = false;
+
+/*
+ * libcurl write callback: feed the chunk to the JSON tokener.
+ */
+static size_t
+http_write(char *data, size_t size, size_t nmemb, void *userdata)
+{
+	PhsyncHttp *http = (PhsyncHttp *) userdata;
+	size_t		len = size * nmemb;
+
+	http->received += len;
+	if (http->rawlen < RAW_PREFIX_MAX)
+	{
+		size_t		n = Min(len, RAW_PREFIX_MAX - http->rawlen);
+
+		memcpy(http->raw + http->rawlen, data, n);
+		http->rawlen += n;
+		http->raw[http->rawlen] = '\0';
+	}
+
+	if (http->json_done || http->json_failed)
+		return len;				/* trailing bytes: ignored, or already bad */
+
+	http->parsed = json_tokener_parse_ex(http->tok, data, (int) len);
+	http->tok_error = json_tokener_get_error(http->tok);
+	if (http->parsed != NULL)
+		http->json_done = true;
+	else if (http->tok_error != json_tokener_continue)
+		http->json_failed = true;
+	return len;
+}
+
+/*
+ * libcurl progress callback: abort the transfer when PostgreSQL wants us to
+ * stop (SIGTERM, cancel), so that a slow request never delays shutdown.
+ */
+static int
+http_progress(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
+			  curl_off_t ultotal, curl_off_t ulnow)
+{
+	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
+}
+
+#define SETOPT(h, opt, val) \
+	do { \
+		CURLcode	rc_ = curl_easy_setopt((h), (opt), (val)); \
+		if (rc_ != CURLE_OK) \
+			ereport(ERROR, \
+					(errcode(ERRCODE_INTERNAL_ERROR), \
+					 errmsg("could not set libcurl option %s", #opt), \
+					 errdetail("%s", curl_easy_strerror(rc_)))); \
+	} while (0)
+
+/*
+ * Reject a host we must not talk to, with an error in PostgreSQL's style.
+ * (phsync.host's check hook already refuses these when set; this guards the
+ * value in effect at run time.)
+ */
+void
+phsync_check_host(const char *host)
+{
+	if (strncmp(host, "https://", 8) != 0 && strncmp(host, "http://", 7) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("phsync.host must be an https:// URL")));
+}
+
+/*
+ * A curl handle set up for PostHog: TLS verified, no redirects, gzip,
+ * interruptible.
+ */
+PhsyncHttp *
+http_open(void)
+{
+	PhsyncHttp *http;
+
+	if (!curl_initialized)
+	{
+		if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("could not initialize libcurl")));
+		curl_initialized = true;
+	}
+
+	http = MemoryContextAllocZero(TopMemoryContext, sizeof(PhsyncHttp));
+	http->curl = curl_easy_init();
+	if (http->curl == NULL)
+	{
+		pfree(http);
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not create a libcurl handle")));
+	}
+	return http;
+}
+
+void
+http_close(PhsyncHttp *http)
+{
+	if (http == NULL)
+		return;
+	if (http->tok)
+		json_tokener_free(http->tok);
+	if (http->parsed)
+		json_object_put(http->parsed);
+	if (http->curl)
+		curl_easy_cleanup(http->curl);
+	pfree(http);
+}
+
+/*
+ * Hint for an HTTP status PostHog gives.
+ */
+static const char *
+status_hint(long status)
+{
+	switch (status)
+	{
+		case 400:
+			return "Check the HogQL query (phsync.query_file) and phsync.cursor_column.";
+		case 401:
+			return "Check phsync.api_key: PostHog does not accept it.";
+		case 402:
+			return "The PostHog organization is over its billing quota.";
+		case 403:
+			return "Check that phsync.api_key has the \"Query Read\" scope and access to phsync.project_id.";
+		case 404:
+			return "Check phsync.host and phsync.project_id.";
+		default:
+			return NULL;
+	}
+}
+
+static int
+status_errcode(long status)
+{
+	switch (status)
+	{
+		case 400:
+			return ERRCODE_INVALID_PARAMETER_VALUE;
+		case 401:
+			return ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+		case 403:
+			return ERRCODE_INSUFFICIENT_PRIVILEGE;
+		default:
+			return ERRCODE_CONNECTION_FAILURE;
+	}
+}
+
+/*
+ * PostHog's "detail" from an error body, else the start of the raw body.
+ * Palloc'd.
+ */
+static char *
+error_detail(PhsyncHttp *http)
+{
+	json_object *detail;
+
+	if (http->parsed &&
+		json_object_is_type(http->parsed, json_type_object) &&
+		json_object_object_get_ex(http->parsed, "detail", &detail) &&
+		json_object_is_type(detail, json_type_string))
+		return pstrdup(json_object_get_string(detail));
+	if (http->rawlen > 0)
+		return pg_any_to_server(http->raw, (int) http->rawlen, PG_UTF8);
+	return pstrdup("The response had no body.");
+}
+
+/*
+ * POST a query body to url and return the parsed JSON response of a 200
+ * answer (the caller owns it: json_object_put).  Any other outcome raises
+ * an error carrying PostHog's detail.
+ */
+json_object *
+http_post_query(PhsyncHttp *http, const char *url, const char *body)
+{
+	struct curl_slist *headers = NULL;
+	char	   *auth;
+	volatile CURLcode rc = CURLE_OK;
+	long		status = 0;
+	json_object *result;
+	const char *key = phsync_api_key();
+
+	if (strpbrk(key, "\r\n") != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("phsync.api_key contains a line break")));
+
+	curl_easy_reset(http->curl);
+	http->errbuf[0] = '\0';
+	if (http->tok)
+		json_tokener_free(http->tok);
+	http->tok = json_tokener_new_ex(JSON_TOKENER_DEFAULT_DEPTH);
+	if (http->tok == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	if (http->parsed)
+		json_object_put(http->parsed);
+	http->parsed = NULL;
+	http->json_done = false;
+	http->json_failed = false;
+	http->received = 0;
+	http->rawlen = 0;
+	http->raw[0] = '\0';
+
+	auth = psprintf("Authorization: Bearer %s", key);
+	headers = curl_slist_append(headers, "Content-Type: application/json");
+	headers = curl_slist_append(headers, "Accept: application/json");
+	headers = curl_slist_append(headers, auth);
+
+	PG_TRY();
+	{
+		SETOPT(http->curl, CURLOPT_URL, url);
+		SETOPT(http->curl, CURLOPT_POST, 1L);
+		SETOPT(http->curl, CURLOPT_POSTFIELDS, body);
+		SETOPT(http->curl, CURLOPT_HTTPHEADER, headers);
+		SETOPT(http->curl, CURLOPT_USERAGENT, "phsync/" PHSYNC_VERSION);
+		SETOPT(http->curl, CURLOPT_ACCEPT_ENCODING, "");
+		SETOPT(http->curl, CURLOPT_ERRORBUFFER, http->errbuf);
+		SETOPT(http->curl, CURLOPT_NOSIGNAL, 1L);
+		SETOPT(http->curl, CURLOPT_FOLLOWLOCATION, 0L);
+		SETOPT(http->curl, CURLOPT_PROTOCOLS_STR, "https,http");
+		SETOPT(http->curl, CURLOPT_SSL_VERIFYPEER, 1L);
+		SETOPT(http->curl, CURLOPT_SSL_VERIFYHOST, 2L);
+		if (phsync_ca_file && phsync_ca_file[0])
+			SETOPT(http->curl, CURLOPT_CAINFO, phsync_ca_file);
+		SETOPT(http->curl, CURLOPT_TIMEOUT_MS, (long) phsync_request_timeout);
+		SETOPT(http->curl, CURLOPT_CONNECTTIMEOUT_MS,
+			   (long) Min(phsync_request_timeout, 30000));
+		SETOPT(http->curl, CURLOPT_WRITEFUNCTION, http_write);
+		SETOPT(http->curl, CURLOPT_WRITEDATA, http);
+		SETOPT(http->curl, CURLOPT_NOPROGRESS, 0L);
+		SETOPT(http->curl, CURLOPT_XFERINFOFUNCTION, http_progress);
+		SETOPT(http->curl, CURLOPT_XFERINFODATA, http);
+
+		rc = curl_easy_perform(http->curl);
+	}
+	PG_FINALLY();
+	{
+		curl_slist_free_all(headers);
+		/* the header held the key: do not leave it in freed memory */
+		explicit_bzero(auth, strlen(auth));
+		pfree(auth);
+	}
+	PG_END_TRY();
+
+	/* a cancel or shutdown made the progress callback abort: act on it */
+	CHECK_FOR_INTERRUPTS();
+
+	if (rc != CURLE_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("could not reach PostHog at %s", phsync_host),
+				 errdetail("%s", http->errbuf[0] ? http->errbuf : curl_easy_strerror(rc)),
+				 (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CACERT_BADFILE ||
+				  rc == CURLE_SSL_CONNECT_ERROR) ?
+				 errhint("The TLS certificate could not be verified; phsync.ca_file can add a CA.") :
+				 errhint("Check phsync.host and the network.")));
+
+	curl_easy_getinfo(http->curl, CURLINFO_RESPONSE_CODE, &status);
+	if (status != 200)
+	{
+		const char *hint = status_hint(status);
+
+		ereport(ERROR,
+				(errcode(status_errcode(status)),
+				 errmsg("PostHog request failed with HTTP status %ld", status),
+				 errdetail("%s", error_detail(http)),
+				 hint ? errhint("%s", hint) : 0));
+	}
+
+	if (!http->json_done)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("PostHog sent a response that is not valid JSON"),
+				 errdetail("%s after %zu bytes.",
+						   http->json_failed ? json_tokener_error_desc(http->tok_error) :
+						   "The body ended early", http->received)));
+
+	result = http->parsed;
+	http->parsed = NULL;
+	return result;
+}

@@ -1,0 +1,70 @@
+/* phsync--0.1.sql: install script for phsync 0.1 */
+
+-- complain if script is sourced in psql, rather than via CREATE EXTENSION
+\echo Use "CREATE EXTENSION phsync" to load this file. \quit
+
+/*
+ * The background worker connects to one database (phsync.database); the
+ * extension only makes sense there.  Refuse anywhere else, as pg_cron does.
+ * phsync.database may be a placeholder here when the library is not loaded
+ * in this session yet, so fall back to its default.
+ */
+DO $phsync$
+DECLARE
+	target_db text := coalesce(current_setting('phsync.database', true), 'postgres');
+BEGIN
+	IF current_database() OPERATOR(pg_catalog.<>) target_db THEN
+		RAISE EXCEPTION 'can only create extension "phsync" in database "%"', target_db
+			USING ERRCODE = 'object_not_in_prerequisite_state',
+				  DETAIL = format('phsync.database is set to "%s".', target_db),
+				  HINT = format('Create the extension in database "%s", or set phsync.database = ''%s'' in postgresql.conf and restart the server.',
+								target_db, current_database());
+	END IF;
+END
+$phsync$;
+
+CREATE SCHEMA phsync;
+COMMENT ON SCHEMA phsync IS 'phsync run history';
+
+CREATE TABLE phsync.runs (
+	id				bigserial PRIMARY KEY,
+	trigger			text NOT NULL CHECK (trigger IN ('schedule', 'manual')),
+	started_at		timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	finished_at		timestamptz,
+	status			text NOT NULL DEFAULT 'running'
+					CHECK (status IN ('running', 'succeeded', 'failed')),
+	target			text NOT NULL,
+	window_from		timestamptz,
+	window_until	timestamptz,
+	pages			integer NOT NULL DEFAULT 0,
+	rows_received	bigint NOT NULL DEFAULT 0,
+	rows_inserted	bigint NOT NULL DEFAULT 0,
+	error			text
+);
+CREATE INDEX runs_trigger_started_at_idx ON phsync.runs (trigger, started_at);
+
+COMMENT ON TABLE phsync.runs IS 'one row per phsync run, written by the phsync background worker';
+COMMENT ON COLUMN phsync.runs.trigger IS 'schedule (phsync.run_at/phsync.interval) or manual (phsync_run_now())';
+COMMENT ON COLUMN phsync.runs.status IS 'running, succeeded or failed';
+COMMENT ON COLUMN phsync.runs.target IS 'target table of the run';
+COMMENT ON COLUMN phsync.runs.window_from IS 'start of the window read from PostHog (inclusive)';
+COMMENT ON COLUMN phsync.runs.window_until IS 'end of the window read from PostHog (exclusive), fixed when the run started';
+COMMENT ON COLUMN phsync.runs.pages IS 'PostHog result pages loaded';
+COMMENT ON COLUMN phsync.runs.rows_received IS 'rows PostHog returned';
+COMMENT ON COLUMN phsync.runs.rows_inserted IS 'rows inserted into the target (duplicates are skipped)';
+COMMENT ON COLUMN phsync.runs.error IS 'why the run failed';
+
+-- run history is user data: keep it in pg_dump output
+SELECT pg_catalog.pg_extension_config_dump('phsync.runs', '');
+SELECT pg_catalog.pg_extension_config_dump('phsync.runs_id_seq', '');
+
+CREATE FUNCTION @extschema@.phsync_run_now()
+RETURNS phsync.runs
+AS 'MODULE_PATHNAME', 'phsync_run_now'
+LANGUAGE C VOLATILE STRICT
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_run_now() IS
+	'asks the phsync worker to sync now, waits for the run and returns its phsync.runs row';
+
+REVOKE ALL ON FUNCTION @extschema@.phsync_run_now() FROM PUBLIC;

@@ -1,0 +1,519 @@
+/*-------------------------------------------------------------------------
+ *
+ * phsync.c
+ *		Entry point of phsync: _PG_init, the settings and the SQL-callable
+ *		functions.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <ctype.h>
+
+#include "access/xlog.h"
+#include "commands/dbcommands.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/latch.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/varlena.h"
+#include "utils/wait_event.h"
+
+#include "phsync.h"
+
+PG_MODULE_MAGIC;
+
+char	   *phsync_database = NULL;
+char	   *phsync_host = NULL;
+char	   *phsync_project_id = NULL;
+char	   *phsync_target_table = NULL;
+char	   *phsync_query_file = NULL;
+char	   *phsync_cursor_column = NULL;
+char	   *phsync_initial_since = NULL;
+char	   *phsync_run_at = NULL;
+char	   *phsync_ca_file = NULL;
+int			phsync_lookback = 600;
+int			phsync_interval = 86400;
+int			phsync_page_size = 10000;
+int			phsync_request_timeout = 60000;
+
+/*
+ * The API key.  The GUC variable itself only ever holds API_KEY_MASK: when a
+ * reload changes a setting, PostgreSQL logs "parameter ... changed to ..."
+ * with the new text, but only if the stored value differs from the old one.
+ * Storing the same mask whatever the key is keeps the key out of the log; the
+ * real key travels in the check hook's "extra" and lands in api_key_value.
+ */
+#define API_KEY_MASK "********"
+static char *api_key_shown = NULL;
+static char *api_key_value = NULL;
+
+static int	run_at_seconds = 2 * 3600;
+
+PG_FUNCTION_INFO_V1(phsync_run_now);
+
+void		_PG_init(void);
+
+/*
+ * The real API key ("" when unset).
+ */
+const char *
+phsync_api_key(void)
+{
+	return api_key_value ? api_key_value : "";
+}
+
+/*
+ * phsync.run_at as seconds after midnight UTC.
+ */
+int
+phsync_run_at_seconds(void)
+{
+	return run_at_seconds;
+}
+
+/* ---------- check and assign hooks ---------- */
+
+static bool
+check_api_key(char **newval, void **extra, GucSource source)
+{
+	char	   *key = malloc(strlen(*newval) + 1);
+	char	   *mask = malloc(sizeof(API_KEY_MASK));
+
+	if (key == NULL || mask == NULL)
+	{
+		free(key);
+		free(mask);
+		return false;
+	}
+	strcpy(key, *newval);
+	strcpy(mask, API_KEY_MASK);
+	free(*newval);
+	*newval = mask;
+	*extra = key;
+	return true;
+}
+
+static void
+assign_api_key(const char *newval, void *extra)
+{
+	api_key_value = (char *) extra;
+}
+
+/*
+ * Parse "HH:MM" or "HH:MM:SS" into seconds; -1 if malformed.
+ */
+static int
+parse_time_of_day(const char *s)
+{
+	int			h,
+				m,
+				sec = 0,
+				n = 0;
+
+	if (sscanf(s, "%2d:%2d%n", &h, &m, &n) != 2)
+		return -1;
+	if (s[n] == ':')
+	{
+		int			n2 = 0;
+
+		if (sscanf(s + n + 1, "%2d%n", &sec, &n2) != 1 || n2 != 2)
+			return -1;
+		n += 1 + n2;
+	}
+	if (s[n] != '\0' || n < 5 || h < 0 || h > 23 || m < 0 || m > 59 ||
+		sec < 0 || sec > 59)
+		return -1;
+	return h * 3600 + m * 60 + sec;
+}
+
+static bool
+check_run_at(char **newval, void **extra, GucSource source)
+{
+	int		   *secs;
+	int			v = parse_time_of_day(*newval);
+
+	if (v < 0)
+	{
+		GUC_check_errdetail("phsync.run_at must be a time of day in UTC, as HH:MM or HH:MM:SS.");
+		return false;
+	}
+	secs = malloc(sizeof(int));
+	if (secs == NULL)
+		return false;
+	*secs = v;
+	*extra = secs;
+	return true;
+}
+
+static void
+assign_run_at(const char *newval, void *extra)
+{
+	run_at_seconds = *(int *) extra;
+}
+
+static bool
+check_project_id(char **newval, void **extra, GucSource source)
+{
+	const char *p;
+
+	for (p = *newval; *p; p++)
+	{
+		if (!isdigit((unsigned char) *p))
+		{
+			GUC_check_errdetail("phsync.project_id must be the numeric id of a PostHog project.");
+			return false;
+		}
+	}
+	return true;
+}
+
+static bool
+check_host(char **newval, void **extra, GucSource source)
+{
+	const char *s = *newval;
+	const char *host;
+	size_t		hostlen;
+	bool		https;
+
+	if (strncmp(s, "https://", 8) == 0)
+		https = true;
+	else if (strncmp(s, "http://", 7) == 0)
+		https = false;
+	else
+	{
+		GUC_check_errdetail("phsync.host must start with https://.");
+		return false;
+	}
+	host = s + (https ? 8 : 7);
+	if (*host == '[')
+		hostlen = strcspn(host, "]") + 1;
+	else
+		hostlen = strcspn(host, ":/?#");
+	if (hostlen == 0 || strpbrk(host, "?#@ \t\r\n") != NULL)
+	{
+		GUC_check_errdetail("phsync.host must be a base URL such as https://eu.posthog.com, without user, query or fragment.");
+		return false;
+	}
+	if (!https &&
+		!(hostlen == 9 && strncmp(host, "localhost", 9) == 0) &&
+		!(hostlen == 5 && strncmp(host, "[::1]", 5) == 0) &&
+		!(hostlen >= 4 && strncmp(host, "127.", 4) == 0 &&
+		  strspn(host, "0123456789.") == hostlen))
+	{
+		GUC_check_errdetail("Plain http:// is only allowed to a loopback address; use https://.");
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Accept what a person writes for a point in time: YYYY-MM-DD, optionally
+ * followed by a time (T or space) and a zone (Z or +HH[:MM]).  The value is
+ * converted by timestamptz input at run time; this only catches typos early
+ * (and, unlike the datetime parser, needs no time zone set up, which the
+ * postmaster may not have yet while reading postgresql.conf).
+ */
+static bool
+check_initial_since(char **newval, void **extra, GucSource source)
+{
+	const char *s = *newval;
+	int			y,
+				mo,
+				d,
+				n = 0;
+
+	if (*s == '\0')
+		return true;
+	if (sscanf(s, "%4d-%2d-%2d%n", &y, &mo, &d, &n) != 3 || n != 10 ||
+		mo < 1 || mo > 12 || d < 1 || d > 31)
+	{
+		GUC_check_errdetail("phsync.initial_since must be a timestamp such as 2026-01-01 or 2026-01-01T00:00:00Z.");
+		return false;
+	}
+	s += n;
+	if (*s == 'T' || *s == ' ')
+	{
+		s++;
+		if (strspn(s, "0123456789:.") < 5 || parse_time_of_day(pnstrdup(s, 5)) < 0)
+		{
+			GUC_check_errdetail("phsync.initial_since must be a timestamp such as 2026-01-01 or 2026-01-01T00:00:00Z.");
+			return false;
+		}
+		s += strspn(s, "0123456789:.");
+		if (*s == 'Z' || *s == 'z')
+			s++;
+		else if (*s == '+' || *s == '-')
+			s += 1 + strspn(s + 1, "0123456789:");
+	}
+	if (*s != '\0')
+	{
+		GUC_check_errdetail("phsync.initial_since must be a timestamp such as 2026-01-01 or 2026-01-01T00:00:00Z.");
+		return false;
+	}
+	return true;
+}
+
+static bool
+check_target_table(char **newval, void **extra, GucSource source)
+{
+	char	   *copy = pstrdup(*newval);
+	List	   *names;
+	bool		ok = SplitIdentifierString(copy, '.', &names);
+
+	if (!ok || list_length(names) < 1 || list_length(names) > 2)
+	{
+		GUC_check_errdetail("phsync.target_table must be a table name, optionally schema-qualified.");
+		return false;
+	}
+	return true;
+}
+
+static bool
+check_cursor_column(char **newval, void **extra, GucSource source)
+{
+	if (**newval == '\0')
+	{
+		GUC_check_errdetail("phsync.cursor_column must name a column of the target table.");
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Module load: settings always; the worker and shared memory only when
+ * loaded through shared_preload_libraries.
+ */
+void
+_PG_init(void)
+{
+	DefineCustomStringVariable("phsync.database",
+							   "Database the phsync background worker connects to.",
+							   NULL, &phsync_database, "postgres",
+							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("phsync.host",
+							   "PostHog base URL (US, EU or self-hosted).",
+							   NULL, &phsync_host, "https://us.posthog.com",
+							   PGC_SIGHUP, 0, check_host, NULL, NULL);
+	DefineCustomStringVariable("phsync.project_id",
+							   "PostHog project id.",
+							   NULL, &phsync_project_id, "",
+							   PGC_SIGHUP, 0, check_project_id, NULL, NULL);
+	DefineCustomStringVariable("phsync.api_key",
+							   "PostHog personal API key (needs the Query Read scope).",
+							   "Shown as " API_KEY_MASK " whatever its value.",
+							   &api_key_shown, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   check_api_key, assign_api_key, NULL);
+	DefineCustomStringVariable("phsync.target_table",
+							   "Table the synced rows go into.",
+							   NULL, &phsync_target_table, "public.posthog_events",
+							   PGC_SIGHUP, 0, check_target_table, NULL, NULL);
+	DefineCustomStringVariable("phsync.query_file",
+							   "File holding a custom HogQL query; empty means the built-in events query.",
+							   "Absolute, or relative to the data directory.",
+							   &phsync_query_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("phsync.cursor_column",
+							   "Column of the target table whose max() is the watermark.",
+							   NULL, &phsync_cursor_column, "created_at",
+							   PGC_SIGHUP, 0, check_cursor_column, NULL, NULL);
+	DefineCustomIntVariable("phsync.lookback",
+							"How far before the watermark each run starts re-reading.",
+							NULL, &phsync_lookback, 600, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomStringVariable("phsync.initial_since",
+							   "Where the first run starts when the target is empty; empty means 30 days before the run.",
+							   NULL, &phsync_initial_since, "",
+							   PGC_SIGHUP, 0, check_initial_since, NULL, NULL);
+	DefineCustomStringVariable("phsync.run_at",
+							   "Time of day (UTC) of the scheduled run, HH:MM.",
+							   NULL, &phsync_run_at, "02:00",
+							   PGC_SIGHUP, 0, check_run_at, assign_run_at, NULL);
+	DefineCustomIntVariable("phsync.interval",
+							"Time between scheduled runs, counted from phsync.run_at.",
+							NULL, &phsync_interval, 86400, 60, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("phsync.page_size",
+							"Rows per PostHog request.",
+							NULL, &phsync_page_size, 10000, 1, 50000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("phsync.request_timeout",
+							"Limit for one HTTP request.",
+							NULL, &phsync_request_timeout, 60000, 100, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomStringVariable("phsync.ca_file",
+							   "Extra CA bundle for TLS verification.",
+							   NULL, &phsync_ca_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("phsync");
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	phsync_shmem_init();
+	phsync_register_worker();
+}
+
+/* ---------- phsync_run_now() ---------- */
+
+static void
+check_callable_here(void)
+{
+	char	   *dbname;
+
+	if (phsync_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("phsync is not loaded through shared_preload_libraries"),
+				 errhint("Add phsync to shared_preload_libraries in postgresql.conf and restart the server.")));
+	if (RecoveryInProgress())
+		ereport(ERROR,
+				(errcode(ERRCODE_READ_ONLY_SQL_TRANSACTION),
+				 errmsg("phsync cannot run during recovery"),
+				 errhint("Call phsync_run_now() on the primary server.")));
+	dbname = get_database_name(MyDatabaseId);
+	if (dbname == NULL || strcmp(dbname, phsync_database) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("phsync runs in database \"%s\", not in this one", phsync_database),
+				 errhint("Connect to database \"%s\", or set phsync.database and restart the server.",
+						 phsync_database)));
+}
+
+/*
+ * Withdraw a request the worker has not taken yet (the caller was cancelled
+ * before the run started): nobody is waiting for it any more.
+ */
+static void
+withdraw_request(uint64 my_request)
+{
+	SpinLockAcquire(&phsync_shared->mutex);
+	if (phsync_shared->requests == my_request &&
+		phsync_shared->requests_done < my_request &&
+		phsync_shared->requester_latch == MyLatch &&
+		!phsync_shared->running)
+	{
+		phsync_shared->requests_done = my_request;
+		phsync_shared->requester_latch = NULL;
+	}
+	else if (phsync_shared->requester_latch == MyLatch)
+		phsync_shared->requester_latch = NULL;
+	SpinLockRelease(&phsync_shared->mutex);
+}
+
+/*
+ * phsync_run_now() RETURNS phsync.runs
+ *
+ * Asks the worker for a run, waits for it to end and returns its row.  A
+ * failed run raises its error (same SQLSTATE and hint as in the worker).
+ */
+Datum
+phsync_run_now(PG_FUNCTION_ARGS)
+{
+	uint64		my_request;
+	int64		busy_run = 0;
+	bool		busy;
+	Latch	   *worker_latch;
+	int64		run_id = 0;
+	bool		ok = false;
+	int			sqlerrcode = 0;
+	char		message[PHSYNC_MAX_MESSAGE];
+	char		hint[PHSYNC_MAX_MESSAGE];
+	TupleDesc	tupdesc;
+	Datum		result;
+	Oid			argtypes[1] = {INT8OID};
+	Datum		args[1];
+	int			ret;
+
+	check_callable_here();
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	SpinLockAcquire(&phsync_shared->mutex);
+	busy = phsync_shared->running ||
+		phsync_shared->requests != phsync_shared->requests_done;
+	if (busy)
+		busy_run = phsync_shared->running_run_id;
+	else
+	{
+		my_request = ++phsync_shared->requests;
+		phsync_shared->requester_latch = MyLatch;
+	}
+	worker_latch = phsync_shared->worker_latch;
+	SpinLockRelease(&phsync_shared->mutex);
+
+	if (busy)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_IN_USE),
+				 errmsg("a phsync run is already in progress"),
+				 busy_run ? errdetail("Run %lld has not finished yet.", (long long) busy_run) : 0,
+				 errhint("Wait for it to end; SELECT * FROM phsync.runs ORDER BY id DESC shows its progress.")));
+
+	if (worker_latch)
+		SetLatch(worker_latch);
+
+	PG_TRY();
+	{
+		for (;;)
+		{
+			bool		done;
+
+			SpinLockAcquire(&phsync_shared->mutex);
+			done = phsync_shared->requests_done >= my_request;
+			if (done)
+			{
+				run_id = phsync_shared->result_run_id;
+				ok = phsync_shared->result_ok;
+				sqlerrcode = phsync_shared->result_sqlerrcode;
+				strlcpy(message, phsync_shared->result_message, sizeof(message));
+				strlcpy(hint, phsync_shared->result_hint, sizeof(hint));
+			}
+			SpinLockRelease(&phsync_shared->mutex);
+			if (done)
+				break;
+
+			(void) WaitLatch(MyLatch,
+							 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 1000L, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			CHECK_FOR_INTERRUPTS();
+		}
+	}
+	PG_CATCH();
+	{
+		withdraw_request(my_request);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+
+	if (!ok)
+	{
+		if (sqlerrcode == 0)
+			sqlerrcode = ERRCODE_INTERNAL_ERROR;
+		ereport(ERROR,
+				(errcode(sqlerrcode),
+				 errmsg_internal("%s", message),
+				 run_id ? errdetail("phsync run %lld failed.", (long long) run_id) : 0,
+				 hint[0] ? errhint("%s", hint) : 0));
+	}
+
+	/* The run committed in the worker; a fresh snapshot sees its row. */
+	SPI_connect();
+	args[0] = Int64GetDatum(run_id);
+	ret = SPI_execute_with_args("SELECT * FROM phsync.runs WHERE id = $1",
+								1, argtypes, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("phsync run %lld finished, but its phsync.runs row is not visible", (long long) run_id),
+				 errhint("Call phsync_run_now() in a READ COMMITTED transaction.")));
+	result = PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], tupdesc));
+	SPI_finish();
+
+	PG_RETURN_DATUM(result);
+}

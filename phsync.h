@@ -1,0 +1,192 @@
+/*-------------------------------------------------------------------------
+ *
+ * phsync.h
+ *		Declarations shared between phsync's source files.
+ *
+ * Each concern lives in its own file:
+ *	phsync.c	 _PG_init, settings (GUCs) and SQL-callable functions
+ *	scheduler.c  background worker: shared state, latch loop, due times
+ *	sync.c		 one run: window, page loop, error recording
+ *	http.c		 libcurl client for PostHog's query API
+ *	hogql.c		 HogQL text and request body; reading the response
+ *	load.c		 target table: creation, inspection, inserting pages via SPI
+ *	runlog.c	 the phsync.runs table
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef PHSYNC_H
+#define PHSYNC_H
+
+#include "postgres.h"
+
+#include "access/attnum.h"
+#include "storage/latch.h"
+#include "storage/spin.h"
+#include "utils/timestamp.h"
+
+/*
+ * PostgreSQL's fmgrprotos.h declares a SQL function called json_object,
+ * which clashes with json-c's type of that name.  Give json-c's struct
+ * another name (only the C type name changes, not any linked symbol).
+ * Include this header after all PostgreSQL headers.
+ */
+#define json_object phsync_json_object
+#include <json.h>
+
+#define PHSYNC_VERSION "0.1"
+
+/* ---------- settings (phsync.c) ---------- */
+extern char *phsync_database;
+extern char *phsync_host;
+extern char *phsync_project_id;
+extern char *phsync_target_table;
+extern char *phsync_query_file;
+extern char *phsync_cursor_column;
+extern char *phsync_initial_since;
+extern char *phsync_run_at;
+extern char *phsync_ca_file;
+extern int	phsync_lookback;		/* seconds */
+extern int	phsync_interval;		/* seconds */
+extern int	phsync_page_size;
+extern int	phsync_request_timeout; /* milliseconds */
+
+extern const char *phsync_api_key(void);
+extern int	phsync_run_at_seconds(void);
+
+/* ---------- shared state and worker (scheduler.c) ---------- */
+#define PHSYNC_MAX_MESSAGE 1024
+
+typedef struct PhsyncShared
+{
+	slock_t		mutex;
+	pid_t		worker_pid;		/* 0 while no worker is attached */
+	Latch	   *worker_latch;
+	uint64		requests;		/* manual runs asked for */
+	uint64		requests_done;	/* manual runs finished (or refused) */
+	Latch	   *requester_latch;	/* whom to wake when a manual run ends */
+	bool		running;		/* a run is in progress */
+	int64		running_run_id; /* its phsync.runs id, once known */
+	/* outcome of the last manual run, for phsync_run_now() */
+	int64		result_run_id;
+	bool		result_ok;
+	int			result_sqlerrcode;
+	char		result_message[PHSYNC_MAX_MESSAGE];
+	char		result_hint[PHSYNC_MAX_MESSAGE];
+} PhsyncShared;
+
+extern PhsyncShared *phsync_shared;
+
+extern void phsync_shmem_init(void);
+extern void phsync_register_worker(void);
+extern PGDLLEXPORT void phsync_worker_main(Datum main_arg);
+
+/* ---------- one run (sync.c) ---------- */
+typedef struct PhsyncOutcome
+{
+	int64		run_id;			/* 0 if not even the run row could be made */
+	bool		ok;
+	int			sqlerrcode;
+	char	   *message;		/* the run's error, NULL on success */
+	char	   *hint;
+} PhsyncOutcome;
+
+extern void phsync_run(const char *trigger, PhsyncOutcome *outcome);
+extern void phsync_xact_begin(void);
+extern void phsync_xact_commit(void);
+
+/* ---------- HTTP (http.c) ---------- */
+typedef struct PhsyncHttp PhsyncHttp;
+
+extern PhsyncHttp *http_open(void);
+extern void http_close(PhsyncHttp *http);
+extern json_object *http_post_query(PhsyncHttp *http, const char *url,
+									const char *body);
+extern void phsync_check_host(const char *host);
+
+/* ---------- HogQL (hogql.c) ---------- */
+typedef struct PhsyncQuery
+{
+	char	   *base;			/* custom query text, or NULL for built-in */
+	char	   *cursor;			/* cursor column name */
+	int			nkeys;			/* key columns, cursor excluded */
+	char	  **keys;
+	int			limit;
+} PhsyncQuery;
+
+/* keyset position: the last row of the previous page, as PostHog sent it */
+typedef struct PhsyncKeyset
+{
+	bool		valid;
+	int			nvalues;		/* 1 + nkeys: cursor first */
+	json_object **values;		/* owned references */
+	char	  **chtypes;		/* ClickHouse types, or NULL when unknown */
+} PhsyncKeyset;
+
+typedef struct PhsyncPage
+{
+	json_object *response;		/* owns everything below */
+	json_object *results;		/* array of row arrays */
+	int			nrows;
+	int			ncolumns;
+	const char **columns;
+	const char **chtypes;		/* per column, NULL when unknown */
+} PhsyncPage;
+
+extern const char *phsync_builtin_columns[];
+extern char *hogql_build(PhsyncQuery *q, PhsyncKeyset *after);
+extern char *hogql_request_body(const char *hogql, TimestampTz since,
+								TimestampTz until, PhsyncKeyset *after,
+								const char *name, const char *client_query_id);
+extern void hogql_read_page(json_object *response, PhsyncPage *page);
+extern void hogql_keyset_from_last_row(PhsyncPage *page, PhsyncQuery *q,
+									   PhsyncKeyset *keyset);
+extern void hogql_keyset_reset(PhsyncKeyset *keyset);
+extern char *phsync_format_timestamp(TimestampTz ts);
+extern char *hogql_read_query_file(const char *path);
+
+/* ---------- target table (load.c) ---------- */
+typedef struct PhsyncColumn
+{
+	char	   *name;
+	AttrNumber	attnum;
+	Oid			typid;
+	int32		typmod;
+	Oid			arraytypid;
+	Oid			typinput;
+	Oid			typioparam;
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+} PhsyncColumn;
+
+typedef struct PhsyncTarget
+{
+	Oid			relid;
+	char	   *display;		/* schema.table, quoted as needed */
+	int			ncols;
+	PhsyncColumn *cols;
+	int			cursor;			/* index into cols */
+	int			nkeys;			/* unique key columns, cursor excluded */
+	int		   *keys;			/* indexes into cols */
+} PhsyncTarget;
+
+typedef struct PhsyncLoader PhsyncLoader;
+
+extern PhsyncTarget *target_prepare(const char *name, const char *cursor,
+									bool builtin);
+extern bool target_watermark(PhsyncTarget *target, TimestampTz *watermark);
+extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncPage *page);
+extern bool loader_matches(PhsyncLoader *loader, PhsyncPage *page);
+extern uint64 loader_insert(PhsyncLoader *loader, PhsyncPage *page);
+extern void loader_free(PhsyncLoader *loader);
+
+/* ---------- phsync.runs (runlog.c) ---------- */
+extern int64 runlog_start(const char *trigger, const char *target);
+extern void runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until);
+extern void runlog_progress(int64 run_id, int pages, int64 received,
+							int64 inserted);
+extern void runlog_finish(int64 run_id, bool ok, const char *error);
+extern int	runlog_fail_orphans(void);
+extern bool runlog_last_scheduled(TimestampTz *last);
+
+#endif							/* PHSYNC_H */

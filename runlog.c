@@ -1,0 +1,138 @@
+/*-------------------------------------------------------------------------
+ *
+ * runlog.c
+ *		The phsync.runs table: one row per run, written by the worker.
+ *
+ * runlog_start, runlog_finish, runlog_fail_orphans and runlog_last_scheduled
+ * run in a transaction of their own; runlog_set_window and runlog_progress
+ * run inside the caller's, so that a page's counters commit with its rows.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "utils/builtins.h"
+
+#include "phsync.h"
+
+/*
+ * Execute one statement with parameters; error if it does not do what a
+ * run-log statement must.
+ */
+static void
+runlog_exec(const char *sql, int nargs, Oid *types, Datum *values,
+			const char *nulls, int expected)
+{
+	int			ret = SPI_execute_with_args(sql, nargs, types, values, nulls,
+											false, 0);
+
+	if (ret < 0 || (expected >= 0 && SPI_processed != (uint64) expected))
+		elog(ERROR, "phsync run log statement failed: %s", SPI_result_code_string(ret));
+}
+
+/*
+ * Insert a 'running' row and return its id.
+ */
+int64
+runlog_start(const char *trigger, const char *target)
+{
+	Oid			types[2] = {TEXTOID, TEXTOID};
+	Datum		values[2];
+	bool		isnull;
+	int64		id;
+
+	phsync_xact_begin();
+	values[0] = CStringGetTextDatum(trigger);
+	values[1] = CStringGetTextDatum(target);
+	if (SPI_execute_with_args("INSERT INTO phsync.runs (trigger, target) "
+							  "VALUES ($1, $2) RETURNING id",
+							  2, types, values, NULL, false, 1) != SPI_OK_INSERT_RETURNING ||
+		SPI_processed != 1)
+		elog(ERROR, "could not insert into phsync.runs");
+	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+									 SPI_tuptable->tupdesc, 1, &isnull));
+	phsync_xact_commit();
+	return id;
+}
+
+void
+runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until)
+{
+	Oid			types[3] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Datum		values[3] = {Int64GetDatum(run_id), TimestampTzGetDatum(from),
+	TimestampTzGetDatum(until)};
+
+	runlog_exec("UPDATE phsync.runs SET window_from = $2, window_until = $3 WHERE id = $1",
+				3, types, values, NULL, 1);
+}
+
+void
+runlog_progress(int64 run_id, int pages, int64 received, int64 inserted)
+{
+	Oid			types[4] = {INT8OID, INT4OID, INT8OID, INT8OID};
+	Datum		values[4] = {Int64GetDatum(run_id), Int32GetDatum(pages),
+	Int64GetDatum(received), Int64GetDatum(inserted)};
+
+	runlog_exec("UPDATE phsync.runs SET pages = $2, rows_received = $3, "
+				"rows_inserted = $4 WHERE id = $1",
+				4, types, values, NULL, 1);
+}
+
+/*
+ * Mark the run succeeded or failed, with its error.
+ */
+void
+runlog_finish(int64 run_id, bool ok, const char *error)
+{
+	Oid			types[3] = {INT8OID, TEXTOID, TEXTOID};
+	Datum		values[3];
+	char		nulls[3] = {' ', ' ', error ? ' ' : 'n'};
+
+	phsync_xact_begin();
+	values[0] = Int64GetDatum(run_id);
+	values[1] = CStringGetTextDatum(ok ? "succeeded" : "failed");
+	values[2] = error ? CStringGetTextDatum(error) : (Datum) 0;
+	runlog_exec("UPDATE phsync.runs SET status = $2, error = $3, "
+				"finished_at = clock_timestamp() WHERE id = $1",
+				3, types, values, nulls, 1);
+	phsync_xact_commit();
+}
+
+/*
+ * Runs still 'running' when the worker starts were cut short by a crash or
+ * a shutdown: nothing is running them any more.
+ */
+int
+runlog_fail_orphans(void)
+{
+	int			n;
+
+	phsync_xact_begin();
+	runlog_exec("UPDATE phsync.runs SET status = 'failed', finished_at = clock_timestamp(), "
+				"error = 'the phsync worker stopped before the run finished (crash or shutdown)' "
+				"WHERE status = 'running'", 0, NULL, NULL, NULL, -1);
+	n = (int) SPI_processed;
+	phsync_xact_commit();
+	return n;
+}
+
+/*
+ * Start time of the last scheduled run, if there is one.
+ */
+bool
+runlog_last_scheduled(TimestampTz *last)
+{
+	bool		isnull = true;
+
+	phsync_xact_begin();
+	if (SPI_execute("SELECT max(started_at) FROM phsync.runs WHERE trigger = 'schedule'",
+					true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read phsync.runs");
+	if (SPI_processed == 1)
+		*last = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+												  SPI_tuptable->tupdesc, 1, &isnull));
+	phsync_xact_commit();
+	return !isnull;
+}

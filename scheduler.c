@@ -1,0 +1,399 @@
+/*-------------------------------------------------------------------------
+ *
+ * scheduler.c
+ *		The phsync background worker: shared state, waiting for its database
+ *		and extension, the latch loop, and when the next scheduled run is due.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "commands/dbcommands.h"
+#include "commands/extension.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "phsync.h"
+
+PhsyncShared *phsync_shared = NULL;
+
+/*
+ * Shared state that survives worker restarts (but not a crash reset, which
+ * re-creates shared memory): whether the last attempt to connect to
+ * phsync.database ended the worker.  If so, the next start waits for the
+ * database to exist without connecting, instead of failing again and again.
+ */
+typedef struct PhsyncBoot
+{
+	bool		connect_failed;
+} PhsyncBoot;
+
+static PhsyncBoot *phsync_boot = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+/* how often to look again for a missing database or extension */
+#define PHSYNC_POLL_MS 5000L
+/* the longest single sleep: bounds the effect of a jump of the clock */
+#define PHSYNC_MAX_SLEEP_MS (10 * 60 * 1000L)
+
+static void
+phsync_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(PhsyncShared)) +
+						   MAXALIGN(sizeof(PhsyncBoot)));
+}
+
+static void
+phsync_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	phsync_shared = ShmemInitStruct("phsync", sizeof(PhsyncShared), &found);
+	if (!found)
+	{
+		memset(phsync_shared, 0, sizeof(PhsyncShared));
+		SpinLockInit(&phsync_shared->mutex);
+	}
+	phsync_boot = ShmemInitStruct("phsync boot", sizeof(PhsyncBoot), &found);
+	if (!found)
+		memset(phsync_boot, 0, sizeof(PhsyncBoot));
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * Install the shared memory hooks (called from _PG_init while preloading).
+ */
+void
+phsync_shmem_init(void)
+{
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = phsync_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = phsync_shmem_startup;
+}
+
+/*
+ * Register the one static worker.  It starts once recovery is over, so a
+ * standby never runs it; the postmaster restarts it if it dies.
+ */
+void
+phsync_register_worker(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 5;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "phsync");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "phsync_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "phsync worker");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "phsync worker");
+	RegisterBackgroundWorker(&worker);
+}
+
+/* ---------- time arithmetic ---------- */
+
+/*
+ * The first scheduled slot strictly after t.  Slots are run_at (UTC) on
+ * 2000-01-01 plus whole multiples of the interval: with the default 1 day,
+ * every day at run_at.
+ */
+static TimestampTz
+slot_after(TimestampTz t)
+{
+	int64		step = (int64) phsync_interval * USECS_PER_SEC;
+	int64		anchor = (int64) phsync_run_at_seconds() * USECS_PER_SEC;
+	int64		k;
+
+	if (t < anchor)
+		k = -((anchor - t) / step);
+	else
+		k = (t - anchor) / step + 1;
+	while (anchor + k * step <= t)
+		k++;
+	return anchor + k * step;
+}
+
+/*
+ * When the next scheduled run is due: the first slot after the last
+ * scheduled run recorded in phsync.runs, so that a restart neither repeats
+ * a run nor skips one, and runs missed while the server was down collapse
+ * into one at start-up.  With no scheduled run yet, the first slot from now.
+ */
+static TimestampTz
+next_due(void)
+{
+	TimestampTz last;
+
+	if (runlog_last_scheduled(&last))
+		return slot_after(last);
+	return slot_after(GetCurrentTimestamp() - 1);
+}
+
+/* ---------- catalog probes ---------- */
+
+static bool
+extension_exists(void)
+{
+	bool		exists;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	exists = OidIsValid(get_extension_oid("phsync", true));
+	CommitTransactionCommand();
+	return exists;
+}
+
+static void
+report_activity(const char *fmt,...) pg_attribute_printf(1, 2);
+
+static void
+report_activity(const char *fmt,...)
+{
+	char		buf[256];
+	va_list		ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	pgstat_report_activity(STATE_IDLE, buf);
+}
+
+/*
+ * Connected to no database: sleep until phsync.database exists, then exit so
+ * that the postmaster starts us again and we connect to it.  Quiet: nothing
+ * is logged while waiting.
+ */
+static void
+wait_for_database(void)
+{
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	report_activity("waiting for database \"%s\" to be created", phsync_database);
+
+	for (;;)
+	{
+		bool		exists;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		StartTransactionCommand();
+		exists = OidIsValid(get_database_oid(phsync_database, true));
+		CommitTransactionCommand();
+		if (exists)
+		{
+			phsync_boot->connect_failed = false;
+			ereport(LOG,
+					(errmsg("phsync worker found database \"%s\" and restarts to connect to it",
+							phsync_database)));
+			proc_exit(1);
+		}
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 PHSYNC_POLL_MS, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
+
+static void
+detach_from_shared(int code, Datum arg)
+{
+	SpinLockAcquire(&phsync_shared->mutex);
+	phsync_shared->worker_pid = 0;
+	phsync_shared->worker_latch = NULL;
+	phsync_shared->running = false;
+	phsync_shared->running_run_id = 0;
+	SpinLockRelease(&phsync_shared->mutex);
+}
+
+/*
+ * Answer the manual request we took, and wake whoever asked.
+ */
+static void
+answer_request(uint64 request, PhsyncOutcome *outcome)
+{
+	Latch	   *requester;
+
+	SpinLockAcquire(&phsync_shared->mutex);
+	phsync_shared->running = false;
+	phsync_shared->running_run_id = 0;
+	phsync_shared->result_run_id = outcome->run_id;
+	phsync_shared->result_ok = outcome->ok;
+	phsync_shared->result_sqlerrcode = outcome->sqlerrcode;
+	strlcpy(phsync_shared->result_message, outcome->message ? outcome->message : "",
+			PHSYNC_MAX_MESSAGE);
+	strlcpy(phsync_shared->result_hint, outcome->hint ? outcome->hint : "",
+			PHSYNC_MAX_MESSAGE);
+	if (phsync_shared->requests_done < request)
+		phsync_shared->requests_done = request;
+	requester = phsync_shared->requester_latch;
+	phsync_shared->requester_latch = NULL;
+	SpinLockRelease(&phsync_shared->mutex);
+	if (requester)
+		SetLatch(requester);
+}
+
+/*
+ * Take a pending manual request, if any, marking a run as in progress.
+ * Returns the request number, 0 if none.
+ */
+static uint64
+take_request(void)
+{
+	uint64		request = 0;
+
+	SpinLockAcquire(&phsync_shared->mutex);
+	if (phsync_shared->requests > phsync_shared->requests_done)
+	{
+		request = phsync_shared->requests;
+		phsync_shared->running = true;
+	}
+	SpinLockRelease(&phsync_shared->mutex);
+	return request;
+}
+
+/*
+ * Entry point of the background worker.
+ */
+void
+phsync_worker_main(Datum main_arg)
+{
+	bool		orphans_checked = false;
+	MemoryContext loop_cxt;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	if (phsync_boot->connect_failed)
+		wait_for_database();	/* does not return */
+
+	/* If this fails (no such database), the next start waits quietly. */
+	phsync_boot->connect_failed = true;
+	BackgroundWorkerInitializeConnection(phsync_database, NULL, 0);
+	phsync_boot->connect_failed = false;
+
+	/* phsync speaks UTC to PostHog; make timestamp text unambiguous too */
+	SetConfigOption("TimeZone", "UTC", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("application_name", "phsync worker", PGC_USERSET, PGC_S_OVERRIDE);
+
+	SpinLockAcquire(&phsync_shared->mutex);
+	phsync_shared->worker_pid = MyProcPid;
+	phsync_shared->worker_latch = MyLatch;
+	phsync_shared->running = false;
+	phsync_shared->running_run_id = 0;
+	SpinLockRelease(&phsync_shared->mutex);
+	on_shmem_exit(detach_from_shared, (Datum) 0);
+
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "phsync worker loop",
+									 ALLOCSET_DEFAULT_SIZES);
+
+	for (;;)
+	{
+		uint64		request;
+		TimestampTz due;
+		TimestampTz now;
+		long		sleep_ms;
+
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		if (!extension_exists())
+		{
+			/*
+			 * A request can only come from a session that sees the
+			 * extension, so it must not have committed CREATE EXTENSION yet.
+			 */
+			request = take_request();
+			if (request)
+			{
+				PhsyncOutcome outcome = {0};
+
+				outcome.sqlerrcode = ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
+				outcome.message = "the phsync worker does not see extension \"phsync\" yet";
+				outcome.hint = "Commit the transaction that ran CREATE EXTENSION phsync before calling phsync_run_now().";
+				answer_request(request, &outcome);
+			}
+			orphans_checked = false;
+			report_activity("waiting for CREATE EXTENSION phsync in database \"%s\"",
+							phsync_database);
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 PHSYNC_POLL_MS, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			continue;
+		}
+
+		if (!orphans_checked)
+		{
+			int			n = runlog_fail_orphans();
+
+			if (n > 0)
+				ereport(LOG,
+						(errmsg("phsync marked %d interrupted run(s) as failed", n)));
+			orphans_checked = true;
+		}
+
+		request = take_request();
+		if (request)
+		{
+			PhsyncOutcome outcome = {0};
+
+			phsync_run("manual", &outcome);
+			answer_request(request, &outcome);
+			continue;
+		}
+
+		due = next_due();
+		now = GetCurrentTimestamp();
+		if (due <= now)
+		{
+			PhsyncOutcome outcome = {0};
+
+			SpinLockAcquire(&phsync_shared->mutex);
+			phsync_shared->running = true;
+			SpinLockRelease(&phsync_shared->mutex);
+			phsync_run("schedule", &outcome);
+			SpinLockAcquire(&phsync_shared->mutex);
+			phsync_shared->running = false;
+			phsync_shared->running_run_id = 0;
+			SpinLockRelease(&phsync_shared->mutex);
+			continue;
+		}
+
+		report_activity("idle until %s", timestamptz_to_str(due));
+		sleep_ms = (long) Min((due - now + 999) / 1000, PHSYNC_MAX_SLEEP_MS);
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 sleep_ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}

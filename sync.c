@@ -1,0 +1,288 @@
+/*-------------------------------------------------------------------------
+ *
+ * sync.c
+ *		One phsync run: read the watermark, fix the window, fetch it page by
+ *		page with keyset pagination and load each page in its own
+ *		transaction; record the outcome in phsync.runs.
+ *
+ * HTTP happens outside any transaction, so no snapshot or lock is held
+ * while PostHog thinks.  A run that fails half-way keeps every page it
+ * committed; the next run resumes from the table's own max(cursor).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "phsync.h"
+
+/* rows younger than this may still be settling in PostHog */
+#define SETTLE_USECS (30 * USECS_PER_SEC)
+/* first run on an empty table with no phsync.initial_since */
+#define DEFAULT_INITIAL_USECS (30 * USECS_PER_DAY)
+
+/* resources of the run in progress, released on success and on error */
+typedef struct RunState
+{
+	int64		run_id;
+	PhsyncHttp *http;
+	PhsyncPage	page;
+	PhsyncKeyset keyset;
+	PhsyncLoader *loader;
+} RunState;
+
+/*
+ * Begin a worker transaction with SPI and a snapshot (worker_spi's order).
+ */
+void
+phsync_xact_begin(void)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+}
+
+void
+phsync_xact_commit(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+}
+
+static void
+release_run_state(RunState *st)
+{
+	if (st->page.response)
+		json_object_put(st->page.response);
+	st->page.response = NULL;
+	hogql_keyset_reset(&st->keyset);
+	http_close(st->http);
+	st->http = NULL;
+	loader_free(st->loader);
+	st->loader = NULL;
+}
+
+static void
+require_setting(const char *value, const char *name)
+{
+	if (value == NULL || value[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is not set", name),
+				 errhint("Set %s in postgresql.conf and reload the configuration.", name)));
+}
+
+static TimestampTz
+initial_since(TimestampTz until)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+	bool		isnull;
+
+	if (phsync_initial_since == NULL || phsync_initial_since[0] == '\0')
+		return until - DEFAULT_INITIAL_USECS;
+	/* the worker's TimeZone is UTC: a value without an offset is UTC */
+	values[0] = CStringGetTextDatum(phsync_initial_since);
+	if (SPI_execute_with_args("SELECT $1::timestamptz", 1, types, values, NULL,
+							  true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read phsync.initial_since");
+	return DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+static char *
+query_url(void)
+{
+	size_t		len = strlen(phsync_host);
+
+	while (len > 0 && phsync_host[len - 1] == '/')
+		len--;
+	return psprintf("%.*s/api/projects/%s/query/", (int) len, phsync_host,
+					phsync_project_id);
+}
+
+/*
+ * The body of a run; errors propagate to phsync_run.
+ */
+static void
+run_pages(RunState *st, MemoryContext run_cxt)
+{
+	PhsyncQuery q;
+	PhsyncTarget *target;
+	TimestampTz until = GetCurrentTimestamp() - SETTLE_USECS;
+	TimestampTz since;
+	TimestampTz watermark;
+	bool		builtin = (phsync_query_file == NULL || phsync_query_file[0] == '\0');
+	char	   *url;
+	char	   *name;
+	int			pages = 0;
+	int64		received = 0;
+	int64		inserted = 0;
+	int			i;
+
+	require_setting(phsync_project_id, "phsync.project_id");
+	require_setting(phsync_api_key(), "phsync.api_key");
+	phsync_check_host(phsync_host);
+
+	memset(&q, 0, sizeof(q));
+	q.cursor = pstrdup(phsync_cursor_column);
+	q.limit = phsync_page_size;
+	q.base = builtin ? NULL : hogql_read_query_file(phsync_query_file);
+
+	/* the window: from the table's own watermark, up to a fixed "until" */
+	phsync_xact_begin();
+	MemoryContextSwitchTo(run_cxt);
+	target = target_prepare(phsync_target_table, q.cursor, builtin);
+	if (target_watermark(target, &watermark))
+		since = watermark - (int64) phsync_lookback * USECS_PER_SEC;
+	else
+		since = initial_since(until);
+	runlog_set_window(st->run_id, since, until);
+	phsync_xact_commit();
+	MemoryContextSwitchTo(run_cxt);
+
+	q.nkeys = target->nkeys;
+	q.keys = palloc(sizeof(char *) * Max(q.nkeys, 1));
+	for (i = 0; i < q.nkeys; i++)
+		q.keys[i] = target->cols[target->keys[i]].name;
+
+	url = query_url();
+	name = psprintf("phsync %s", target->display);
+	st->http = http_open();
+
+	while (since < until)
+	{
+		char	   *hogql;
+		char	   *body;
+		char		client_id[64];
+		json_object *response;
+		uint64		n;
+
+		CHECK_FOR_INTERRUPTS();
+		snprintf(client_id, sizeof(client_id), "phsync-%lld-%d-%016llx",
+				 (long long) st->run_id, pages + 1,
+				 (unsigned long long) pg_prng_uint64(&pg_global_prng_state));
+		hogql = hogql_build(&q, &st->keyset);
+		body = hogql_request_body(hogql, since, until, &st->keyset, name, client_id);
+
+		pgstat_report_activity(STATE_RUNNING,
+								psprintf("phsync %s: fetching page %d, %lld rows so far",
+										 target->display, pages + 1, (long long) received));
+		response = http_post_query(st->http, url, body);
+		hogql_read_page(response, &st->page);
+		pages++;
+		received += st->page.nrows;
+
+		if (st->loader == NULL)
+			st->loader = loader_create(target, &st->page);
+		else if (!loader_matches(st->loader, &st->page))
+			ereport(ERROR,
+					(errcode(ERRCODE_DATA_EXCEPTION),
+					 errmsg("PostHog returned different columns on page %d", pages)));
+
+		pgstat_report_activity(STATE_RUNNING,
+							   psprintf("phsync %s: loading page %d (%d rows), %lld rows so far",
+										target->display, pages, st->page.nrows,
+										(long long) received));
+		phsync_xact_begin();
+		n = loader_insert(st->loader, &st->page);
+		inserted += n;
+		runlog_progress(st->run_id, pages, received, inserted);
+		phsync_xact_commit();
+		MemoryContextSwitchTo(run_cxt);
+
+		elog(DEBUG1, "phsync run %lld: page %d, %d rows received, " UINT64_FORMAT " inserted",
+			 (long long) st->run_id, pages, st->page.nrows, n);
+
+		/* a short page is the last one; a full one means there may be more */
+		if (st->page.nrows < q.limit)
+			break;
+		hogql_keyset_from_last_row(&st->page, &q, &st->keyset);
+		json_object_put(st->page.response);
+		st->page.response = NULL;
+	}
+
+	ereport(LOG,
+			(errmsg("phsync run %lld into %s: %d pages, %lld rows received, %lld inserted",
+					(long long) st->run_id, target->display, pages,
+					(long long) received, (long long) inserted)));
+}
+
+/*
+ * Perform one run, triggered by "schedule" or "manual".  Never raises an
+ * error (except FATAL on shutdown): a failure is logged, recorded in
+ * phsync.runs and described in outcome.
+ */
+void
+phsync_run(const char *trigger, PhsyncOutcome *outcome)
+{
+	MemoryContext run_cxt;
+	MemoryContext outer = CurrentMemoryContext;
+	RunState	st;
+
+	memset(outcome, 0, sizeof(*outcome));
+	memset(&st, 0, sizeof(st));
+	run_cxt = AllocSetContextCreate(TopMemoryContext, "phsync run",
+									ALLOCSET_DEFAULT_SIZES);
+	MemoryContextSwitchTo(run_cxt);
+
+	PG_TRY();
+	{
+		st.run_id = runlog_start(trigger, phsync_target_table);
+		outcome->run_id = st.run_id;
+		SpinLockAcquire(&phsync_shared->mutex);
+		phsync_shared->running_run_id = st.run_id;
+		SpinLockRelease(&phsync_shared->mutex);
+		ereport(LOG,
+				(errmsg("phsync run %lld (%s) started", (long long) st.run_id, trigger)));
+		MemoryContextSwitchTo(run_cxt);
+
+		run_pages(&st, run_cxt);
+		release_run_state(&st);
+		runlog_finish(st.run_id, true, NULL);
+		outcome->ok = true;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+		char	   *error;
+
+		HOLD_INTERRUPTS();
+		EmitErrorReport();
+		MemoryContextSwitchTo(outer);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		release_run_state(&st);
+		RESUME_INTERRUPTS();
+
+		error = edata->detail ?
+			psprintf("%s: %s", edata->message, edata->detail) :
+			pstrdup(edata->message);
+		outcome->ok = false;
+		outcome->sqlerrcode = edata->sqlerrcode;
+		outcome->message = error;
+		outcome->hint = edata->hint ? pstrdup(edata->hint) : NULL;
+		if (st.run_id != 0)
+			runlog_finish(st.run_id, false, error);
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+
+	MemoryContextSwitchTo(outer);
+	MemoryContextDelete(run_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}

@@ -16,6 +16,8 @@ REGRESS = phsync_install phsync_settings phsync_security
 REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./test/regress.conf
 
 TAP_TESTS = 1
+PROVE_TESTS = test/t/*.pl
+
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)

@@ -506,7 +506,7 @@ phsync_run_now(PG_FUNCTION_ARGS)
 	SPI_connect();
 	args[0] = Int64GetDatum(run_id);
 	ret = SPI_execute_with_args("SELECT * FROM phsync.runs WHERE id = $1",
-								1, argtypes, args, NULL, true, 1);
+								1, argtypes, args, NULL, false, 1);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),

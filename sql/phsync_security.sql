@@ -1,0 +1,27 @@
+-- The API key is for superusers only; the functions are not for PUBLIC;
+-- the extension lives in phsync.database only.
+SHOW phsync.api_key;
+
+CREATE ROLE phsync_reader LOGIN;
+SET ROLE phsync_reader;
+SHOW phsync.api_key;
+SELECT current_setting('phsync.api_key');
+SELECT count(*) FROM pg_settings WHERE name = 'phsync.api_key';
+SELECT phsync_run_now();
+SELECT count(*) FROM phsync.runs;
+RESET ROLE;
+
+-- granting EXECUTE is enough to run a sync (the function reads phsync.runs
+-- with its owner's rights)
+SELECT has_function_privilege('phsync_reader', 'phsync_run_now()', 'EXECUTE');
+GRANT EXECUTE ON FUNCTION phsync_run_now() TO phsync_reader;
+SELECT has_function_privilege('phsync_reader', 'phsync_run_now()', 'EXECUTE');
+REVOKE EXECUTE ON FUNCTION phsync_run_now() FROM phsync_reader;
+DROP ROLE phsync_reader;
+
+-- CREATE EXTENSION anywhere else than phsync.database is refused
+CREATE DATABASE phsync_elsewhere;
+\c phsync_elsewhere
+CREATE EXTENSION phsync;
+\c contrib_regression
+DROP DATABASE phsync_elsewhere;

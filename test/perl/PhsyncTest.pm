@@ -1,0 +1,211 @@
+# PhsyncTest: shared helpers for phsync's TAP tests.
+#
+# Starts the fake PostHog server (test/fake_posthog.py) over HTTPS with a CA
+# made for the test, talks to its control port, sets up PostgreSQL nodes with
+# phsync preloaded, and compares the target table with the fake's dataset.
+package PhsyncTest;
+
+use strict;
+use warnings;
+
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+use HTTP::Tiny;
+use IPC::Run;
+use JSON::PP;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(usleep);
+
+use Exporter 'import';
+our @EXPORT = qw(make_certs start_fake fake_post fake_get fake_requests
+  phsync_node poll_until source_equals_target target_count run_now
+  last_run $API_KEY);
+
+our $API_KEY = 'phx_secret_test_key_0123456789';
+my $srcdir = abs_path(dirname(__FILE__) . '/../..');
+my @fakes;
+
+# A CA and a server certificate for 127.0.0.1 / localhost, made with openssl.
+sub make_certs
+{
+	my $dir = PostgreSQL::Test::Utils::tempdir();
+	my $run = sub {
+		my @cmd = @_;
+		my ($out, $err);
+		IPC::Run::run(\@cmd, '>', \$out, '2>', \$err)
+		  or die "openssl failed: @cmd\n$err";
+	};
+	open my $ext, '>', "$dir/ext.cnf" or die;
+	print $ext "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+	  . "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+	  . "extendedKeyUsage=serverAuth\n";
+	close $ext;
+	$run->('openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes',
+		'-keyout', "$dir/ca.key", '-out', "$dir/ca.crt", '-days', '2',
+		'-subj', '/CN=phsync test CA');
+	$run->('openssl', 'req', '-newkey', 'rsa:2048', '-nodes',
+		'-keyout', "$dir/server.key", '-out', "$dir/server.csr",
+		'-subj', '/CN=127.0.0.1');
+	$run->('openssl', 'x509', '-req', '-in', "$dir/server.csr",
+		'-CA', "$dir/ca.crt", '-CAkey', "$dir/ca.key", '-CAcreateserial',
+		'-out', "$dir/server.crt", '-days', '2', '-extfile', "$dir/ext.cnf");
+	chmod 0644, "$dir/ca.crt", "$dir/server.crt", "$dir/server.key";
+	return { dir => $dir, ca => "$dir/ca.crt", cert => "$dir/server.crt",
+		key => "$dir/server.key" };
+}
+
+# Start the fake PostHog; returns a hash with url, api_port, control_port.
+# Options: certs (from make_certs; plain HTTP without), project_id, api_key.
+sub start_fake
+{
+	my (%opt) = @_;
+	my $dir = PostgreSQL::Test::Utils::tempdir();
+	my $ready = "$dir/ready.json";
+	my @cmd = ('python3', "$srcdir/test/fake_posthog.py",
+		'--ready-file', $ready,
+		'--api-key', $opt{api_key} // $API_KEY,
+		'--project-id', $opt{project_id} // '1');
+	push @cmd, '--cert', $opt{certs}{cert}, '--key', $opt{certs}{key}
+	  if $opt{certs};
+	my $log = "$PostgreSQL::Test::Utils::log_path/fake_posthog_" . scalar(@fakes) . ".log";
+	my $h = IPC::Run::start(\@cmd, '<', \undef, '>', $log, '2>&1');
+	my $deadline = time() + 30;
+	while (!-e $ready)
+	{
+		die "fake PostHog did not start (see $log)" if time() > $deadline || !$h->pumpable;
+		usleep(50_000);
+	}
+	open my $fh, '<', $ready or die;
+	my $info = decode_json(do { local $/; <$fh> });
+	close $fh;
+	my $scheme = $opt{certs} ? 'https' : 'http';
+	my $fake = { handle => $h, %$info,
+		url => "$scheme://127.0.0.1:$info->{api_port}" };
+	push @fakes, $fake;
+	return $fake;
+}
+
+END
+{
+	# reaping the child would clobber the test's exit status
+	local $?;
+	for my $f (@fakes)
+	{
+		eval { $f->{handle}->kill_kill; };
+	}
+}
+
+my $http = HTTP::Tiny->new(timeout => 60);
+
+sub fake_post
+{
+	my ($fake, $path, $data) = @_;
+	my $res = $http->post("http://127.0.0.1:$fake->{control_port}$path",
+		{ content => encode_json($data // {}),
+		  headers => { 'Content-Type' => 'application/json' } });
+	die "fake control $path failed: $res->{status} $res->{content}" unless $res->{success};
+	return decode_json($res->{content});
+}
+
+sub fake_get
+{
+	my ($fake, $path) = @_;
+	my $res = $http->get("http://127.0.0.1:$fake->{control_port}$path");
+	die "fake control $path failed: $res->{status}" unless $res->{success};
+	return decode_json($res->{content});
+}
+
+sub fake_requests { return fake_get($_[0], '/requests'); }
+
+# A node with phsync preloaded and pointed at the fake.  Extra settings are
+# appended as given (name => value, quoted here).
+sub phsync_node
+{
+	my ($name, $fake, $certs, %settings) = @_;
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	$node->init;
+	my %conf = (
+		shared_preload_libraries => 'phsync',
+		'phsync.host' => $fake ? $fake->{url} : 'https://127.0.0.1:9',
+		'phsync.project_id' => '1',
+		'phsync.api_key' => $API_KEY,
+		'phsync.page_size' => '10',
+		# keep the schedule out of the way unless a test wants it
+		'phsync.run_at' => '00:00',
+		'phsync.interval' => '3650d',
+		%settings);
+	$conf{'phsync.ca_file'} = $certs->{ca} if $certs && !exists $settings{'phsync.ca_file'};
+	$node->append_conf('postgresql.conf',
+		join('', map { my $v = $conf{$_}; $v =~ s/'/''/g; "$_ = '$v'\n" } sort keys %conf));
+	$node->start;
+	return $node;
+}
+
+# Call $code until it returns true, at most $timeout seconds.
+sub poll_until
+{
+	my ($code, $timeout, $what) = @_;
+	$timeout //= 60;
+	my $deadline = time() + $timeout;
+	while (time() <= $deadline)
+	{
+		my $r = $code->();
+		return $r if $r;
+		usleep(100_000);
+	}
+	fail("timed out waiting for $what");
+	return;
+}
+
+# SELECT * FROM phsync_run_now(), as "status|pages|rows_received|rows_inserted".
+sub run_now
+{
+	my ($node, $db) = @_;
+	my ($ret, $out, $err) = $node->psql($db // 'postgres',
+		"SELECT status, pages, rows_received, rows_inserted FROM phsync_run_now()");
+	return $ret == 0 ? $out : "ERROR: $err";
+}
+
+# The last phsync.runs row, as a hashref.
+sub last_run
+{
+	my ($node, $db) = @_;
+	my $out = $node->safe_psql($db // 'postgres',
+		"SELECT row_to_json(r) FROM phsync.runs r ORDER BY id DESC LIMIT 1");
+	return $out eq '' ? undef : decode_json($out);
+}
+
+sub target_count
+{
+	my ($node, $table, $db) = @_;
+	return $node->safe_psql($db // 'postgres', "SELECT count(*) FROM " . ($table // 'posthog_events'));
+}
+
+# Does the target hold exactly the fake's events, row for row (every column,
+# duplicates counted)?  Returns the number of differing rows (0 when equal).
+sub source_equals_target
+{
+	my ($node, $fake, $table, $db) = @_;
+	$table //= 'posthog_events';
+	my $json = encode_json(fake_get($fake, '/source'));
+	$json =~ s/\$phsync_json\$//g;
+	my $diff = $node->safe_psql($db // 'postgres', qq{
+		WITH src AS (
+			SELECT r->>0 AS uuid, r->>1 AS event, (r->>2)::timestamptz AS ts,
+			       r->>3 AS distinct_id, r->>4 AS person_id,
+			       (r->>5)::jsonb AS properties, r->>6 AS elements_chain,
+			       (r->>7)::timestamptz AS created_at
+			FROM jsonb_array_elements(\$phsync_json\$$json\$phsync_json\$::jsonb) r),
+		tgt AS (
+			SELECT uuid::text, event, "timestamp", distinct_id, person_id::text,
+			       properties, elements_chain, created_at
+			FROM $table),
+		a AS (SELECT * FROM src EXCEPT ALL SELECT * FROM tgt),
+		b AS (SELECT * FROM tgt EXCEPT ALL SELECT * FROM src)
+		SELECT (SELECT count(*) FROM a) + (SELECT count(*) FROM b)});
+	return $diff + 0;
+}
+
+1;

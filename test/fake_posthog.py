@@ -122,6 +122,15 @@ def f_start_of(unit):
     return f
 
 
+def f_json_extract_string(doc, key):
+    """ClickHouse's JSONExtractString: '' when missing or not a string."""
+    try:
+        v = json.loads(doc).get(key)
+    except (ValueError, TypeError, AttributeError):
+        return ""
+    return v if isinstance(v, str) else ""
+
+
 def f_to_uuid(v):
     return None if v is None else str(v).lower()
 
@@ -144,6 +153,7 @@ FUNCTIONS = {
     "tostartofhour": "ch_start_of_hour",
     "tostartofday": "ch_start_of_day",
     "now": "ch_now",
+    "jsonextractstring": "ch_json_extract_string",
 }
 
 
@@ -302,6 +312,7 @@ class State:
         self.db.create_function("ch_uuid", 1, f_to_uuid, deterministic=True)
         self.db.create_function("ch_start_of_hour", 1, f_start_of("hour"), deterministic=True)
         self.db.create_function("ch_start_of_day", 1, f_start_of("day"), deterministic=True)
+        self.db.create_function("ch_json_extract_string", 2, f_json_extract_string, deterministic=True)
         self.db.create_function("ch_now", 0, lambda: canon(dt.datetime.now(dt.timezone.utc)))
         self.db.execute("""CREATE TABLE events (
             uuid TEXT COLLATE CHUUID NOT NULL,

@@ -290,10 +290,18 @@ check_cursor_column(char **newval, void **extra, GucSource source)
 void
 _PG_init(void)
 {
+	/*
+	 * phsync.database only matters to the worker, which exists only when
+	 * preloaded; PostgreSQL refuses to define a PGC_POSTMASTER setting after
+	 * start-up, so a session that merely loads the library gets it as a
+	 * reloadable one (CREATE EXTENSION still reads it).
+	 */
 	DefineCustomStringVariable("phsync.database",
 							   "Database the phsync background worker connects to.",
 							   NULL, &phsync_database, "postgres",
-							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+							   process_shared_preload_libraries_in_progress ?
+							   PGC_POSTMASTER : PGC_SIGHUP,
+							   0, NULL, NULL, NULL);
 	DefineCustomStringVariable("phsync.host",
 							   "PostHog base URL (US, EU or self-hosted).",
 							   NULL, &phsync_host, "https://us.posthog.com",

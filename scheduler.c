@@ -43,6 +43,13 @@ typedef struct PhsyncBoot
 
 static PhsyncBoot *phsync_boot = NULL;
 
+/*
+ * When the worker started or last re-read its settings: with no scheduled
+ * run in phsync.runs yet, the first slot after this is due.  (It must not be
+ * "now", or the due time would slide forward as time passes.)
+ */
+static TimestampTz schedule_base = 0;
+
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
@@ -140,7 +147,8 @@ slot_after(TimestampTz t)
  * When the next scheduled run is due: the first slot after the last
  * scheduled run recorded in phsync.runs, so that a restart neither repeats
  * a run nor skips one, and runs missed while the server was down collapse
- * into one at start-up.  With no scheduled run yet, the first slot from now.
+ * into one at start-up.  With no scheduled run yet, the first slot from the
+ * worker's start or its last reload of the settings.
  */
 static TimestampTz
 next_due(void)
@@ -149,7 +157,7 @@ next_due(void)
 
 	if (runlog_last_scheduled(&last))
 		return slot_after(last);
-	return slot_after(GetCurrentTimestamp() - 1);
+	return slot_after(schedule_base - 1);
 }
 
 /* ---------- catalog probes ---------- */
@@ -309,6 +317,7 @@ phsync_worker_main(Datum main_arg)
 	SpinLockRelease(&phsync_shared->mutex);
 	on_shmem_exit(detach_from_shared, (Datum) 0);
 
+	schedule_base = GetCurrentTimestamp();
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "phsync worker loop",
 									 ALLOCSET_DEFAULT_SIZES);
 
@@ -326,6 +335,7 @@ phsync_worker_main(Datum main_arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+			schedule_base = GetCurrentTimestamp();
 		}
 
 		if (!extension_exists())

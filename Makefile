@@ -10,7 +10,8 @@ PGFILEDESC = "phsync - sync PostHog data into PostgreSQL"
 
 SHLIB_LINK = -lcurl -ljson-c
 PG_CPPFLAGS = -I/usr/include/json-c
-PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare -Werror
+# -Wextra minus unused-parameter: hook and fmgr signatures fix the arguments
+PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Werror
 
 REGRESS = phsync_install phsync_settings phsync_security
 REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./test/regress.conf

@@ -20,6 +20,7 @@
 #include "port/pg_bswap.h"
 #include "storage/fd.h"
 #include "utils/datetime.h"
+#include "utils/fmgrprotos.h"
 
 #include "phsync.h"
 
@@ -179,6 +180,14 @@ hogql_build(PhsyncQuery *q, PhsyncKeyset *after)
 	appendStringInfoString(&buf, " < toDateTime({until})");
 	if (q->base == NULL && strcmp(q->cursor, "timestamp") != 0)
 		appendStringInfoString(&buf, "\n  AND timestamp >= toDateTime({timestamp_since})");
+	if (q->chunked)
+	{
+		appendStringInfoString(&buf, "\n  AND ");
+		append_ident(&buf, q->cursor);
+		appendStringInfoString(&buf, " >= toDateTime({chunk_from}) AND ");
+		append_ident(&buf, q->cursor);
+		appendStringInfoString(&buf, " < toDateTime({chunk_until})");
+	}
 
 	if (after && after->valid)
 	{
@@ -246,9 +255,8 @@ phsync_format_timestamp(TimestampTz ts)
  * The JSON body of a query request.  Palloc'd.
  */
 char *
-hogql_request_body(const char *hogql, TimestampTz since, TimestampTz until,
-				   PhsyncKeyset *after, const char *name,
-				   const char *client_query_id)
+hogql_request_body(PhsyncQuery *q, const char *hogql, PhsyncKeyset *after,
+				   const char *name, const char *client_query_id)
 {
 	json_object *root = json_object_new_object();
 	json_object *query = json_object_new_object();
@@ -258,12 +266,19 @@ hogql_request_body(const char *hogql, TimestampTz since, TimestampTz until,
 	json_object_object_add(query, "kind", json_object_new_string("HogQLQuery"));
 	json_object_object_add(query, "query", json_object_new_string(hogql));
 	json_object_object_add(values, "since",
-						   json_object_new_string(phsync_format_timestamp(since)));
+						   json_object_new_string(phsync_format_timestamp(q->since)));
 	json_object_object_add(values, "until",
-						   json_object_new_string(phsync_format_timestamp(until)));
-	if (strstr(hogql, "{timestamp_since}"))
+						   json_object_new_string(phsync_format_timestamp(q->until)));
+	if (q->base == NULL && strcmp(q->cursor, "timestamp") != 0)
 		json_object_object_add(values, "timestamp_since",
-							   json_object_new_string(phsync_format_timestamp(since - TIMESTAMP_SLACK_USECS)));
+							   json_object_new_string(phsync_format_timestamp(q->since - TIMESTAMP_SLACK_USECS)));
+	if (q->chunked)
+	{
+		json_object_object_add(values, "chunk_from",
+							   json_object_new_string(phsync_format_timestamp(q->chunk_from)));
+		json_object_object_add(values, "chunk_until",
+							   json_object_new_string(phsync_format_timestamp(q->chunk_until)));
+	}
 	if (after && after->valid)
 	{
 		int			i;
@@ -444,6 +459,21 @@ hogql_keyset_from_last_row(PhsyncPage *page, PhsyncQuery *q, PhsyncKeyset *keyse
 				 errmsg("PostHog returned a page that does not move past the previous one"),
 				 errdetail("The last row of two pages in a row has the same cursor and key: %s", current),
 				 errhint("Check that the target's unique key really is unique in PostHog's results.")));
+}
+
+/*
+ * The cursor value of a keyset position, as a timestamp (the cursor column
+ * is a timestamp or a date).
+ */
+TimestampTz
+hogql_keyset_cursor(PhsyncKeyset *keyset)
+{
+	const char *s = json_object_get_string(keyset->values[0]);
+
+	return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
+												   CStringGetDatum(s),
+												   ObjectIdGetDatum(InvalidOid),
+												   Int32GetDatum(-1)));
 }
 
 /*

@@ -34,6 +34,9 @@ struct PhsyncHttp
 	enum json_tokener_error tok_error;
 	bool		json_done;
 	bool		json_failed;
+	bool		too_large;
+	size_t		limit;
+	double		retry_after;
 	size_t		received;
 	char		raw[RAW_PREFIX_MAX + 1];
 	size_t		rawlen;
@@ -50,7 +53,13 @@ http_write(char *data, size_t size, size_t nmemb, void *userdata)
 	PhsyncHttp *http = (PhsyncHttp *) userdata;
 	size_t		len = size * nmemb;
 
+	/* bytes after decompression: a gzip bomb is caught too */
 	http->received += len;
+	if (http->received > http->limit)
+	{
+		http->too_large = true;
+		return 0;				/* makes curl abort with CURLE_WRITE_ERROR */
+	}
 	if (http->rawlen < RAW_PREFIX_MAX)
 	{
 		size_t		n = Min(len, RAW_PREFIX_MAX - http->rawlen);
@@ -205,24 +214,58 @@ error_detail(PhsyncHttp *http)
 		json_object_is_type(detail, json_type_string))
 		return pstrdup(json_object_get_string(detail));
 	if (http->rawlen > 0)
-		return pg_any_to_server(http->raw, (int) http->rawlen, PG_UTF8);
+	{
+		char	   *raw = pnstrdup(http->raw, http->rawlen);
+
+		/* a body that is not valid text is not worth showing */
+		if (pg_verifymbstr(raw, (int) strlen(raw), true))
+			return raw;
+		return pstrdup("The response body is not valid UTF-8.");
+	}
 	return pstrdup("The response had no body.");
 }
 
 /*
- * POST a query body to url and return the parsed JSON response of a 200
- * answer (the caller owns it: json_object_put).  Any other outcome raises
- * an error carrying PostHog's detail.
+ * libcurl header callback: remember Retry-After (seconds; an HTTP date is
+ * treated as absent, which means "back off").
  */
-json_object *
-http_post_query(PhsyncHttp *http, const char *url, const char *body)
+static size_t
+http_header(char *data, size_t size, size_t nitems, void *userdata)
+{
+	PhsyncHttp *http = (PhsyncHttp *) userdata;
+	size_t		len = size * nitems;
+
+	if (len > 12 && pg_strncasecmp(data, "Retry-After:", 12) == 0)
+	{
+		char		buf[32];
+		char	   *end;
+		double		v;
+
+		strlcpy(buf, data + 12, Min(sizeof(buf), len - 12 + 1));
+		v = strtod(buf, &end);
+		if (end != buf && v >= 0)
+			http->retry_after = v;
+	}
+	return len;
+}
+
+/*
+ * POST a query body to url.  Never raises for what the network or PostHog
+ * do: the outcome is described in *result, for the retry policy to judge
+ * (and http_raise to report).  Only a cancel or shutdown interrupts.
+ */
+void
+http_post(PhsyncHttp *http, const char *url, const char *body,
+		  PhsyncHttpResult *result)
 {
 	struct curl_slist *headers = NULL;
 	char	   *auth;
 	volatile CURLcode rc = CURLE_OK;
 	long		status = 0;
-	json_object *result;
 	const char *key = phsync_api_key();
+
+	memset(result, 0, sizeof(*result));
+	result->retry_after = -1;
 
 	if (strpbrk(key, "\r\n") != NULL)
 		ereport(ERROR,
@@ -243,9 +286,12 @@ http_post_query(PhsyncHttp *http, const char *url, const char *body)
 	http->parsed = NULL;
 	http->json_done = false;
 	http->json_failed = false;
+	http->too_large = false;
+	http->limit = (size_t) phsync_max_response_size * 1024;
 	http->received = 0;
 	http->rawlen = 0;
 	http->raw[0] = '\0';
+	http->retry_after = -1;
 
 	auth = psprintf("Authorization: Bearer %s", key);
 	headers = curl_slist_append(headers, "Content-Type: application/json");
@@ -273,6 +319,8 @@ http_post_query(PhsyncHttp *http, const char *url, const char *body)
 			   (long) Min(phsync_request_timeout, 30000));
 		SETOPT(http->curl, CURLOPT_WRITEFUNCTION, http_write);
 		SETOPT(http->curl, CURLOPT_WRITEDATA, http);
+		SETOPT(http->curl, CURLOPT_HEADERFUNCTION, http_header);
+		SETOPT(http->curl, CURLOPT_HEADERDATA, http);
 		SETOPT(http->curl, CURLOPT_NOPROGRESS, 0L);
 		SETOPT(http->curl, CURLOPT_XFERINFOFUNCTION, http_progress);
 		SETOPT(http->curl, CURLOPT_XFERINFODATA, http);
@@ -291,37 +339,78 @@ http_post_query(PhsyncHttp *http, const char *url, const char *body)
 	/* a cancel or shutdown made the progress callback abort: act on it */
 	CHECK_FOR_INTERRUPTS();
 
+	curl_easy_getinfo(http->curl, CURLINFO_RESPONSE_CODE, &status);
+	result->status = status;
+	result->curl_code = (int) rc;
+	result->retry_after = http->retry_after;
+
+	if (http->too_large)
+	{
+		result->too_large = true;
+		result->detail = psprintf("The response was larger than phsync.max_response_size (%d kB).",
+								  phsync_max_response_size);
+		return;
+	}
+	if (rc != CURLE_OK)
+	{
+		result->detail = pstrdup(http->errbuf[0] ? http->errbuf : curl_easy_strerror(rc));
+		return;
+	}
+	if (status != 200)
+	{
+		result->detail = error_detail(http);
+		return;
+	}
+	if (!http->json_done)
+	{
+		result->bad_body = true;
+		result->detail = psprintf("%s after %zu bytes.",
+								  http->json_failed ? json_tokener_error_desc(http->tok_error) :
+								  "the body ended early", http->received);
+		result->detail[0] = pg_toupper((unsigned char) result->detail[0]);
+		return;
+	}
+	result->json = http->parsed;
+	http->parsed = NULL;
+}
+
+/*
+ * Raise the error a failed request comes to, in PostgreSQL's style, with
+ * PostHog's detail or curl's message as the detail and a hint where one
+ * helps.
+ */
+void
+http_raise(PhsyncHttpResult *result)
+{
+	CURLcode	rc = (CURLcode) result->curl_code;
+
+	if (result->too_large)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("PostHog response too large"),
+				 errdetail("%s", result->detail),
+				 errhint("Lower phsync.page_size, or raise phsync.max_response_size.")));
 	if (rc != CURLE_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("could not reach PostHog at %s", phsync_host),
-				 errdetail("%s", http->errbuf[0] ? http->errbuf : curl_easy_strerror(rc)),
+				 errdetail("%s", result->detail),
 				 (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CACERT_BADFILE ||
 				  rc == CURLE_SSL_CONNECT_ERROR) ?
 				 errhint("The TLS certificate could not be verified; phsync.ca_file can add a CA.") :
 				 errhint("Check phsync.host and the network.")));
-
-	curl_easy_getinfo(http->curl, CURLINFO_RESPONSE_CODE, &status);
-	if (status != 200)
+	if (result->status != 200)
 	{
-		const char *hint = status_hint(status);
+		const char *hint = status_hint(result->status);
 
 		ereport(ERROR,
-				(errcode(status_errcode(status)),
-				 errmsg("PostHog request failed with HTTP status %ld", status),
-				 errdetail("%s", error_detail(http)),
+				(errcode(status_errcode(result->status)),
+				 errmsg("PostHog request failed with HTTP status %ld", result->status),
+				 errdetail("%s", result->detail),
 				 hint ? errhint("%s", hint) : 0));
 	}
-
-	if (!http->json_done)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-				 errmsg("PostHog sent a response that is not valid JSON"),
-				 errdetail("%s after %zu bytes.",
-						   http->json_failed ? json_tokener_error_desc(http->tok_error) :
-						   "The body ended early", http->received)));
-
-	result = http->parsed;
-	http->parsed = NULL;
-	return result;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+			 errmsg("PostHog sent a response that is not valid JSON"),
+			 errdetail("%s", result->detail)));
 }

@@ -16,6 +16,7 @@
 
 #include "access/htup_details.h"
 #include "access/relation.h"
+#include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_index.h"
@@ -30,6 +31,7 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/regproc.h"
+#include "utils/resowner.h"
 #include "utils/syscache.h"
 #include "utils/varlena.h"
 
@@ -367,12 +369,43 @@ loader_prepare_plan(PhsyncLoader *loader)
 }
 
 /*
+ * Remove \u0000 escapes from JSON text: jsonb refuses them and PostHog's own
+ * exports strip them too.  An escaped backslash followed by "u0000" is text,
+ * not an escape, and is kept.
+ */
+static char *
+strip_json_nul_escapes(const char *s)
+{
+	char	   *out;
+	char	   *o;
+	const char *p;
+
+	if (strstr(s, "\\u0000") == NULL)
+		return (char *) s;
+	out = palloc(strlen(s) + 1);
+	o = out;
+	for (p = s; *p; p++)
+	{
+		if (p[0] == '\\' && p[1] == 'u' && strncmp(p + 2, "0000", 4) == 0)
+		{
+			p += 5;
+			continue;
+		}
+		if (p[0] == '\\' && p[1] != '\0')
+			*o++ = *p++;
+		*o++ = *p;
+	}
+	*o = '\0';
+	return out;
+}
+
+/*
  * Text of one JSON value for a type input function; NULL for JSON null.
  * Strings are checked to be valid in the database encoding (and converted
  * to it): PostHog sends UTF-8.
  */
 static char *
-json_value_text(json_object *v)
+json_value_text(json_object *v, PhsyncColumn *col)
 {
 	switch (json_object_get_type(v))
 	{
@@ -382,12 +415,16 @@ json_value_text(json_object *v)
 			{
 				const char *s = json_object_get_string(v);
 				int			len = json_object_get_string_len(v);
+				char	   *text;
 
 				if ((int) strlen(s) != len)
 					ereport(ERROR,
 							(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
-							 errmsg("PostHog sent a string containing a NUL character")));
-				return pg_any_to_server(s, len, PG_UTF8);
+							 errmsg("value for column \"%s\" contains a NUL character", col->name)));
+				text = pg_any_to_server(s, len, PG_UTF8);
+				if (col->typid == JSONBOID || col->typid == JSONOID)
+					text = strip_json_nul_escapes(text);
+				return text;
 			}
 		case json_type_boolean:
 			return json_object_get_boolean(v) ? "true" : "false";
@@ -399,78 +436,258 @@ json_value_text(json_object *v)
 	}
 }
 
+/* one page's values, column by column, ready to become arrays */
+typedef struct PageValues
+{
+	PhsyncLoader *loader;
+	PhsyncPage *page;
+	Datum	  **values;
+	bool	  **nulls;
+	int			first;			/* rows [first, first + n) of the page */
+	int			n;
+	uint64		inserted;
+} PageValues;
+
+/*
+ * Convert row r of the page into slot `slot` of the column arrays.
+ */
+static void
+convert_row(PageValues *pv, int r, int slot)
+{
+	PhsyncLoader *loader = pv->loader;
+	json_object *row = json_object_array_get_idx(pv->page->results, r);
+	int			ncols = loader->ncolumns;
+	int			c;
+
+	if (!json_object_is_type(row, json_type_array) ||
+		(int) json_object_array_length(row) != ncols)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("PostHog sent a row with %d values, expected %d",
+						json_object_is_type(row, json_type_array) ?
+						(int) json_object_array_length(row) : 0, ncols)));
+	for (c = 0; c < ncols; c++)
+	{
+		PhsyncColumn *col = &loader->target->cols[loader->colmap[c]];
+		char	   *text = json_value_text(json_object_array_get_idx(row, c), col);
+
+		pv->values[c][slot] = InputFunctionCall(&loader->input[c], text,
+												col->typioparam, col->typmod);
+		pv->nulls[c][slot] = (text == NULL);
+	}
+}
+
+/*
+ * Convert and insert rows [first, first + n) with one execution of the plan.
+ */
+static void
+insert_rows(void *arg)
+{
+	PageValues *pv = (PageValues *) arg;
+	PhsyncLoader *loader = pv->loader;
+	PhsyncTarget *target = loader->target;
+	Datum	   *args = palloc(sizeof(Datum) * loader->ncolumns);
+	int			r,
+				c,
+				ret;
+
+	for (r = 0; r < pv->n; r++)
+	{
+		convert_row(pv, pv->first + r, r);
+		if ((r & 1023) == 1023)
+			CHECK_FOR_INTERRUPTS();
+	}
+	for (c = 0; c < loader->ncolumns; c++)
+	{
+		PhsyncColumn *col = &target->cols[loader->colmap[c]];
+		int			dims[1] = {pv->n};
+		int			lbs[1] = {1};
+
+		args[c] = PointerGetDatum(construct_md_array(pv->values[c], pv->nulls[c], 1, dims, lbs,
+													 get_element_type(col->arraytypid),
+													 col->typlen, col->typbyval,
+													 col->typalign));
+	}
+	ret = SPI_execute_plan(loader->plan, args, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "insert into %s failed: %s", target->display,
+			 SPI_result_code_string(ret));
+	pv->inserted = SPI_processed;
+}
+
+/*
+ * Is this an error about the row's data (SQLSTATE class 22, data
+ * exception, or 23, integrity constraint violation), rather than about the
+ * table, the session or the server?
+ */
+static bool
+is_row_error(int sqlerrcode)
+{
+	int			category = ERRCODE_TO_CATEGORY(sqlerrcode);
+
+	return category == ERRCODE_DATA_EXCEPTION ||
+		category == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION;
+}
+
+/*
+ * Run fn(arg) in a subtransaction.  Returns NULL on success; on an error
+ * about the row's data, rolls the subtransaction back and returns the error
+ * text; any other error is raised again.
+ */
+static char *
+try_in_subtransaction(void (*fn) (void *), void *arg)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	char	   *volatile failure = NULL;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		fn(arg);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		if (!is_row_error(edata->sqlerrcode))
+		{
+			FreeErrorData(edata);
+			PG_RE_THROW();
+		}
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		failure = edata->detail ?
+			psprintf("%s: %s", edata->message, edata->detail) :
+			pstrdup(edata->message);
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	return failure;
+}
+
+/*
+ * A row as PostHog sent it, as valid text for phsync.rejects (bytes that
+ * are not UTF-8 become '?').
+ */
+static char *
+raw_row_text(json_object *row)
+{
+	const char *s = row ? json_object_to_json_string_ext(row, JSON_C_TO_STRING_PLAIN) : "null";
+	int			len = (int) strlen(s);
+	char	   *out = palloc(len + 1);
+	int			i = 0;
+
+	while (i < len)
+	{
+		int			l = pg_encoding_verifymbchar(PG_UTF8, s + i, len - i);
+
+		if (l <= 0)
+		{
+			out[i++] = '?';
+			continue;
+		}
+		memcpy(out + i, s + i, l);
+		i += l;
+	}
+	out[len] = '\0';
+	return pg_any_to_server(out, len, PG_UTF8);
+}
+
+static Datum
+page_columns_array(PhsyncPage *page)
+{
+	Datum	   *names = palloc(sizeof(Datum) * Max(page->ncolumns, 1));
+	int			i;
+
+	for (i = 0; i < page->ncolumns; i++)
+		names[i] = CStringGetTextDatum(page->columns[i]);
+	return PointerGetDatum(construct_array(names, page->ncolumns, TEXTOID, -1, false, TYPALIGN_INT));
+}
+
 /*
  * Insert one page.  Runs inside the page's transaction with SPI connected;
  * returns the number of rows inserted (duplicates are skipped).
+ *
+ * With phsync.on_bad_row = reject, the page is tried whole in a
+ * subtransaction; if a row's data is refused, the rows are tried one by one
+ * and each refused row goes to phsync.rejects (counted in *rejected), so
+ * one bad row never blocks the others.  With "fail", the first bad row
+ * fails the run.
  */
 uint64
-loader_insert(PhsyncLoader *loader, PhsyncPage *page)
+loader_insert(PhsyncLoader *loader, PhsyncPage *page, int64 run_id, int64 *rejected)
 {
-	PhsyncTarget *target = loader->target;
+	PageValues	pv;
 	int			ncols = loader->ncolumns;
 	int			nrows = page->nrows;
-	Datum	  **values;
-	bool	  **nulls;
-	Datum	   *args;
-	int			r,
-				c;
-	int			ret;
+	int			c,
+				r;
+	uint64		inserted = 0;
+	int64		refused = 0;
+	Datum		columns = (Datum) 0;
 
 	if (nrows == 0)
 		return 0;
 	if (loader->plan == NULL)
 		loader_prepare_plan(loader);
 
-	values = palloc(sizeof(Datum *) * ncols);
-	nulls = palloc(sizeof(bool *) * ncols);
+	memset(&pv, 0, sizeof(pv));
+	pv.loader = loader;
+	pv.page = page;
+	pv.values = palloc(sizeof(Datum *) * ncols);
+	pv.nulls = palloc(sizeof(bool *) * ncols);
 	for (c = 0; c < ncols; c++)
 	{
-		values[c] = palloc(sizeof(Datum) * nrows);
-		nulls[c] = palloc(sizeof(bool) * nrows);
+		pv.values[c] = palloc(sizeof(Datum) * nrows);
+		pv.nulls[c] = palloc(sizeof(bool) * nrows);
 	}
+	pv.first = 0;
+	pv.n = nrows;
 
+	if (phsync_on_bad_row == PHSYNC_BAD_ROW_FAIL)
+	{
+		insert_rows(&pv);
+		return pv.inserted;
+	}
+	if (try_in_subtransaction(insert_rows, &pv) == NULL)
+		return pv.inserted;
+
+	/* some row is bad: find it (them) one row at a time */
 	for (r = 0; r < nrows; r++)
 	{
-		json_object *row = json_object_array_get_idx(page->results, r);
+		char	   *failure;
 
-		if (!json_object_is_type(row, json_type_array) ||
-			(int) json_object_array_length(row) != ncols)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-					 errmsg("PostHog sent a row with %d values, expected %d",
-							json_object_is_type(row, json_type_array) ?
-							(int) json_object_array_length(row) : 0, ncols)));
-		for (c = 0; c < ncols; c++)
+		CHECK_FOR_INTERRUPTS();
+		pv.first = r;
+		pv.n = 1;
+		pv.inserted = 0;
+		failure = try_in_subtransaction(insert_rows, &pv);
+		if (failure == NULL)
 		{
-			PhsyncColumn *col = &target->cols[loader->colmap[c]];
-			char	   *text = json_value_text(json_object_array_get_idx(row, c));
-
-			values[c][r] = InputFunctionCall(&loader->input[c], text,
-											 col->typioparam, col->typmod);
-			nulls[c][r] = (text == NULL);
+			inserted += pv.inserted;
+			continue;
 		}
-		if ((r & 1023) == 0)
-			CHECK_FOR_INTERRUPTS();
+		if (columns == (Datum) 0)
+			columns = page_columns_array(page);
+		runlog_reject(run_id, loader->target->display, columns,
+					  raw_row_text(json_object_array_get_idx(page->results, r)),
+					  failure);
+		refused++;
 	}
-
-	args = palloc(sizeof(Datum) * ncols);
-	for (c = 0; c < ncols; c++)
-	{
-		PhsyncColumn *col = &target->cols[loader->colmap[c]];
-		int			dims[1] = {nrows};
-		int			lbs[1] = {1};
-
-		args[c] = PointerGetDatum(construct_md_array(values[c], nulls[c], 1, dims, lbs,
-													 get_element_type(col->arraytypid),
-													 col->typlen, col->typbyval,
-													 col->typalign));
-	}
-
-	ret = SPI_execute_plan(loader->plan, args, NULL, false, 0);
-	if (ret != SPI_OK_INSERT)
-		elog(ERROR, "insert into %s failed: %s", target->display,
-			 SPI_result_code_string(ret));
-	return SPI_processed;
+	*rejected += refused;
+	ereport(LOG,
+			(errmsg("phsync run %lld: %lld row(s) refused by %s, kept in phsync.rejects",
+					(long long) run_id, (long long) refused, loader->target->display)));
+	return inserted;
 }
 
 void

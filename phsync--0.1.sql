@@ -39,7 +39,10 @@ CREATE TABLE phsync.runs (
 	pages			integer NOT NULL DEFAULT 0,
 	rows_received	bigint NOT NULL DEFAULT 0,
 	rows_inserted	bigint NOT NULL DEFAULT 0,
-	error			text
+	error			text,
+	requests		integer NOT NULL DEFAULT 0,
+	retries			integer NOT NULL DEFAULT 0,
+	rows_rejected	bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX runs_trigger_started_at_idx ON phsync.runs (trigger, started_at);
 
@@ -53,10 +56,31 @@ COMMENT ON COLUMN phsync.runs.pages IS 'PostHog result pages loaded';
 COMMENT ON COLUMN phsync.runs.rows_received IS 'rows PostHog returned';
 COMMENT ON COLUMN phsync.runs.rows_inserted IS 'rows inserted into the target (duplicates are skipped)';
 COMMENT ON COLUMN phsync.runs.error IS 'why the run failed';
+COMMENT ON COLUMN phsync.runs.requests IS 'HTTP requests made to PostHog, retries included';
+COMMENT ON COLUMN phsync.runs.retries IS 'requests that were retries after a transient failure';
+COMMENT ON COLUMN phsync.runs.rows_rejected IS 'rows the target refused, kept in phsync.rejects';
+
+CREATE TABLE phsync.rejects (
+	id				bigserial PRIMARY KEY,
+	run_id			bigint NOT NULL REFERENCES phsync.runs (id) ON DELETE CASCADE,
+	rejected_at		timestamptz NOT NULL DEFAULT pg_catalog.now(),
+	target			text NOT NULL,
+	columns			text[] NOT NULL,
+	raw_row			text NOT NULL,
+	error			text NOT NULL
+);
+CREATE INDEX rejects_run_id_idx ON phsync.rejects (run_id);
+
+COMMENT ON TABLE phsync.rejects IS 'rows the target refused (dead letters), kept as PostHog sent them';
+COMMENT ON COLUMN phsync.rejects.columns IS 'the query''s column names, in the order of raw_row';
+COMMENT ON COLUMN phsync.rejects.raw_row IS 'the row as PostHog sent it: a JSON array in the order of the query''s columns';
+COMMENT ON COLUMN phsync.rejects.error IS 'why the target refused it';
 
 -- run history is user data: keep it in pg_dump output
 SELECT pg_catalog.pg_extension_config_dump('phsync.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('phsync.runs_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('phsync.rejects', '');
+SELECT pg_catalog.pg_extension_config_dump('phsync.rejects_id_seq', '');
 
 CREATE FUNCTION @extschema@.phsync_run_now()
 RETURNS phsync.runs

@@ -39,6 +39,19 @@ int			phsync_lookback = 600;
 int			phsync_interval = 86400;
 int			phsync_page_size = 10000;
 int			phsync_request_timeout = 60000;
+int			phsync_max_retries = 5;
+int			phsync_retry_base_delay = 1000;
+int			phsync_max_retry_delay = 300000;
+int			phsync_max_requests_per_minute = 30;
+int			phsync_max_response_size = 256 * 1024;
+int			phsync_on_bad_row = PHSYNC_BAD_ROW_REJECT;
+char	   *phsync_role = NULL;
+
+static const struct config_enum_entry on_bad_row_options[] = {
+	{"reject", PHSYNC_BAD_ROW_REJECT, false},
+	{"fail", PHSYNC_BAD_ROW_FAIL, false},
+	{NULL, 0, false}
+};
 
 /*
  * The API key.  The GUC variable itself only ever holds API_KEY_MASK: when a
@@ -357,6 +370,37 @@ _PG_init(void)
 							   "Extra CA bundle for TLS verification.",
 							   NULL, &phsync_ca_file, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("phsync.max_retries",
+							"Retries of one request after a transient failure.",
+							NULL, &phsync_max_retries, 5, 0, 100,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("phsync.retry_base_delay",
+							"First backoff delay; it doubles with each retry (with jitter).",
+							NULL, &phsync_retry_base_delay, 1000, 1, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("phsync.max_retry_delay",
+							"Longest wait before a retry, Retry-After included.",
+							NULL, &phsync_max_retry_delay, 300000, 1, 24 * 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("phsync.max_requests_per_minute",
+							"Most PostHog requests phsync starts in a minute; 0 means no limit.",
+							NULL, &phsync_max_requests_per_minute, 30, 0, 60000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("phsync.max_response_size",
+							"Largest PostHog response accepted (after decompression).",
+							NULL, &phsync_max_response_size, 256 * 1024, 64, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
+	DefineCustomEnumVariable("phsync.on_bad_row",
+							 "What to do with a row the target refuses: reject (keep it in phsync.rejects) or fail the run.",
+							 NULL, &phsync_on_bad_row, PHSYNC_BAD_ROW_REJECT,
+							 on_bad_row_options, PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("phsync.role",
+							   "Role the worker runs as; empty means the bootstrap superuser.",
+							   NULL, &phsync_role, "",
+							   process_shared_preload_libraries_in_progress ?
+							   PGC_POSTMASTER : PGC_SIGHUP,
+							   0, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("phsync");
 

@@ -49,6 +49,19 @@ extern int	phsync_lookback;		/* seconds */
 extern int	phsync_interval;		/* seconds */
 extern int	phsync_page_size;
 extern int	phsync_request_timeout; /* milliseconds */
+extern int	phsync_max_retries;
+extern int	phsync_retry_base_delay;	/* milliseconds */
+extern int	phsync_max_retry_delay; /* milliseconds */
+extern int	phsync_max_requests_per_minute;
+extern int	phsync_max_response_size;	/* kilobytes */
+extern int	phsync_on_bad_row;
+extern char *phsync_role;
+
+typedef enum PhsyncBadRow
+{
+	PHSYNC_BAD_ROW_REJECT,		/* keep it in phsync.rejects, load the rest */
+	PHSYNC_BAD_ROW_FAIL			/* fail the run */
+} PhsyncBadRow;
 
 extern const char *phsync_api_key(void);
 extern int	phsync_run_at_seconds(void);
@@ -97,11 +110,30 @@ extern void phsync_xact_commit(void);
 /* ---------- HTTP (http.c) ---------- */
 typedef struct PhsyncHttp PhsyncHttp;
 
+/* what one request came to; nothing is raised by http_post */
+typedef struct PhsyncHttpResult
+{
+	json_object *json;			/* the parsed body of a 200, owned by caller */
+	long		status;			/* HTTP status, 0 if no response */
+	int			curl_code;		/* CURLE_OK if the transfer completed */
+	bool		bad_body;		/* 200 but the body is not complete JSON */
+	bool		too_large;		/* aborted at phsync.max_response_size */
+	double		retry_after;	/* seconds from Retry-After, -1 if absent */
+	char	   *detail;			/* PostHog's detail, curl's error, or why */
+} PhsyncHttpResult;
+
 extern PhsyncHttp *http_open(void);
 extern void http_close(PhsyncHttp *http);
-extern json_object *http_post_query(PhsyncHttp *http, const char *url,
-									const char *body);
+extern void http_post(PhsyncHttp *http, const char *url, const char *body,
+					  PhsyncHttpResult *result);
+extern void http_raise(PhsyncHttpResult *result) pg_attribute_noreturn();
 extern void phsync_check_host(const char *host);
+
+/* ---------- retry policy and pacing (retry.c) ---------- */
+extern bool retry_is_transient(PhsyncHttpResult *result, bool *ask_for_less);
+extern void retry_wait(int64 run_id, int retry, PhsyncHttpResult *result);
+extern void pace_requests(void);
+extern void phsync_sleep(long ms);
 
 /* ---------- HogQL (hogql.c) ---------- */
 typedef struct PhsyncQuery
@@ -110,7 +142,13 @@ typedef struct PhsyncQuery
 	char	   *cursor;			/* cursor column name */
 	int			nkeys;			/* key columns, cursor excluded */
 	char	  **keys;
-	int			limit;
+	int			limit;			/* rows per request, now */
+	TimestampTz since;			/* the run's window, {since} and {until} */
+	TimestampTz until;
+	/* a narrower slice of the window, after PostHog said "too big" */
+	bool		chunked;
+	TimestampTz chunk_from;
+	TimestampTz chunk_until;
 } PhsyncQuery;
 
 /* keyset position: the last row of the previous page, as PostHog sent it */
@@ -134,9 +172,10 @@ typedef struct PhsyncPage
 
 extern const char *phsync_builtin_columns[];
 extern char *hogql_build(PhsyncQuery *q, PhsyncKeyset *after);
-extern char *hogql_request_body(const char *hogql, TimestampTz since,
-								TimestampTz until, PhsyncKeyset *after,
-								const char *name, const char *client_query_id);
+extern char *hogql_request_body(PhsyncQuery *q, const char *hogql,
+								PhsyncKeyset *after, const char *name,
+								const char *client_query_id);
+extern TimestampTz hogql_keyset_cursor(PhsyncKeyset *keyset);
 extern void hogql_read_page(json_object *response, PhsyncPage *page);
 extern void hogql_keyset_from_last_row(PhsyncPage *page, PhsyncQuery *q,
 									   PhsyncKeyset *keyset);
@@ -177,15 +216,28 @@ extern PhsyncTarget *target_prepare(const char *name, const char *cursor,
 extern bool target_watermark(PhsyncTarget *target, TimestampTz *watermark);
 extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncPage *page);
 extern bool loader_matches(PhsyncLoader *loader, PhsyncPage *page);
-extern uint64 loader_insert(PhsyncLoader *loader, PhsyncPage *page);
+extern uint64 loader_insert(PhsyncLoader *loader, PhsyncPage *page,
+							int64 run_id, int64 *rejected);
 extern void loader_free(PhsyncLoader *loader);
 
 /* ---------- phsync.runs (runlog.c) ---------- */
 extern int64 runlog_start(const char *trigger, const char *target);
 extern void runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until);
-extern void runlog_progress(int64 run_id, int pages, int64 received,
-							int64 inserted);
-extern void runlog_finish(int64 run_id, bool ok, const char *error);
+typedef struct PhsyncCounters
+{
+	int			pages;
+	int			requests;
+	int			retries;
+	int64		received;
+	int64		inserted;
+	int64		rejected;
+} PhsyncCounters;
+
+extern void runlog_progress(int64 run_id, PhsyncCounters *c);
+extern void runlog_reject(int64 run_id, const char *target, Datum columns,
+						  const char *row, const char *error);
+extern void runlog_finish(int64 run_id, bool ok, const char *error,
+						  PhsyncCounters *c);
 extern int	runlog_fail_orphans(void);
 extern bool runlog_last_scheduled(TimestampTz *last);
 

@@ -68,35 +68,81 @@ runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until)
 				3, types, values, NULL, 1);
 }
 
-void
-runlog_progress(int64 run_id, int pages, int64 received, int64 inserted)
-{
-	Oid			types[4] = {INT8OID, INT4OID, INT8OID, INT8OID};
-	Datum		values[4] = {Int64GetDatum(run_id), Int32GetDatum(pages),
-	Int64GetDatum(received), Int64GetDatum(inserted)};
+#define COUNTERS_SET "pages = $2, requests = $3, retries = $4, rows_received = $5, " \
+	"rows_inserted = $6, rows_rejected = $7"
 
-	runlog_exec("UPDATE phsync.runs SET pages = $2, rows_received = $3, "
-				"rows_inserted = $4 WHERE id = $1",
-				4, types, values, NULL, 1);
+static void
+counter_args(int64 run_id, PhsyncCounters *c, Oid *types, Datum *values)
+{
+	types[0] = INT8OID;
+	values[0] = Int64GetDatum(run_id);
+	types[1] = INT4OID;
+	values[1] = Int32GetDatum(c->pages);
+	types[2] = INT4OID;
+	values[2] = Int32GetDatum(c->requests);
+	types[3] = INT4OID;
+	values[3] = Int32GetDatum(c->retries);
+	types[4] = INT8OID;
+	values[4] = Int64GetDatum(c->received);
+	types[5] = INT8OID;
+	values[5] = Int64GetDatum(c->inserted);
+	types[6] = INT8OID;
+	values[6] = Int64GetDatum(c->rejected);
 }
 
 /*
- * Mark the run succeeded or failed, with its error.
+ * Store the run's counters (inside the page's transaction).
  */
 void
-runlog_finish(int64 run_id, bool ok, const char *error)
+runlog_progress(int64 run_id, PhsyncCounters *c)
 {
-	Oid			types[3] = {INT8OID, TEXTOID, TEXTOID};
-	Datum		values[3];
-	char		nulls[3] = {' ', ' ', error ? ' ' : 'n'};
+	Oid			types[7];
+	Datum		values[7];
+
+	counter_args(run_id, c, types, values);
+	runlog_exec("UPDATE phsync.runs SET " COUNTERS_SET " WHERE id = $1",
+				7, types, values, NULL, 1);
+}
+
+/*
+ * Keep a row the target refused, as PostHog sent it, with the reason
+ * (inside the page's transaction).
+ */
+void
+runlog_reject(int64 run_id, const char *target, Datum columns, const char *row,
+			  const char *error)
+{
+	Oid			types[5] = {INT8OID, TEXTOID, TEXTARRAYOID, TEXTOID, TEXTOID};
+	Datum		values[5];
+
+	values[0] = Int64GetDatum(run_id);
+	values[1] = CStringGetTextDatum(target);
+	values[2] = columns;
+	values[3] = CStringGetTextDatum(row);
+	values[4] = CStringGetTextDatum(error);
+	runlog_exec("INSERT INTO phsync.rejects (run_id, target, columns, raw_row, error) "
+				"VALUES ($1, $2, $3, $4, $5)", 5, types, values, NULL, 1);
+}
+
+/*
+ * Mark the run succeeded or failed, with its error and final counters.
+ */
+void
+runlog_finish(int64 run_id, bool ok, const char *error, PhsyncCounters *c)
+{
+	Oid			types[9];
+	Datum		values[9];
+	char		nulls[9] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', error ? ' ' : 'n'};
 
 	phsync_xact_begin();
-	values[0] = Int64GetDatum(run_id);
-	values[1] = CStringGetTextDatum(ok ? "succeeded" : "failed");
-	values[2] = error ? CStringGetTextDatum(error) : (Datum) 0;
-	runlog_exec("UPDATE phsync.runs SET status = $2, error = $3, "
+	counter_args(run_id, c, types, values);
+	types[7] = TEXTOID;
+	values[7] = CStringGetTextDatum(ok ? "succeeded" : "failed");
+	types[8] = TEXTOID;
+	values[8] = error ? CStringGetTextDatum(error) : (Datum) 0;
+	runlog_exec("UPDATE phsync.runs SET " COUNTERS_SET ", status = $8, error = $9, "
 				"finished_at = clock_timestamp() WHERE id = $1",
-				3, types, values, nulls, 1);
+				9, types, values, nulls, 1);
 	phsync_xact_commit();
 }
 

@@ -302,7 +302,8 @@ phsync_worker_main(Datum main_arg)
 
 	/* If this fails (no such database), the next start waits quietly. */
 	phsync_boot->connect_failed = true;
-	BackgroundWorkerInitializeConnection(phsync_database, NULL, 0);
+	BackgroundWorkerInitializeConnection(phsync_database,
+										 phsync_role[0] ? phsync_role : NULL, 0);
 	phsync_boot->connect_failed = false;
 
 	/* phsync speaks UTC to PostHog; make timestamp text unambiguous too */

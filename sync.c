@@ -31,7 +31,12 @@
 /* first run on an empty table with no phsync.initial_since */
 #define DEFAULT_INITIAL_USECS (30 * USECS_PER_DAY)
 
-/* resources of the run in progress, released on success and on error */
+/* the narrowest slice of the window phsync shrinks to after a 504/512 */
+#define MIN_SPAN_USECS USECS_PER_SEC
+/* consecutive successes after which a shrunken request grows back */
+#define GROW_AFTER 2
+
+/* resources and progress of the run in progress */
 typedef struct RunState
 {
 	int64		run_id;
@@ -39,6 +44,10 @@ typedef struct RunState
 	PhsyncPage	page;
 	PhsyncKeyset keyset;
 	PhsyncLoader *loader;
+	PhsyncCounters counters;
+	/* asking for less after "too big" answers */
+	int64		span;			/* width of the slice of the window */
+	int			successes;		/* in a row, since the last shrink */
 } RunState;
 
 /*
@@ -115,6 +124,107 @@ query_url(void)
 }
 
 /*
+ * Place the slice [chunk_from, chunk_until) of the window: it starts at
+ * `from` and is st->span wide (the whole rest of the window when not
+ * shrunk).
+ */
+static void
+place_slice(RunState *st, PhsyncQuery *q, TimestampTz from)
+{
+	q->chunk_from = from;
+	q->chunk_until = (st->span >= q->until - from) ? q->until : from + st->span;
+	q->chunked = (q->chunk_from > q->since || q->chunk_until < q->until);
+}
+
+/*
+ * PostHog said the query was too big: halve the slice of the window and
+ * the page.  Mid-slice, the new slice starts at the keyset position's
+ * cursor, so no row after it is skipped.
+ */
+static void
+ask_for_less(RunState *st, PhsyncQuery *q)
+{
+	TimestampTz from = st->keyset.valid ? hogql_keyset_cursor(&st->keyset) : q->chunk_from;
+
+	st->span = Max(Min(st->span, q->until - from) / 2, MIN_SPAN_USECS);
+	q->limit = Max(q->limit / 2, Min(100, phsync_page_size));
+	st->successes = 0;
+	place_slice(st, q, from);
+	ereport(LOG,
+			(errmsg("phsync run %lld: asking PostHog for less: %lld s of the window, %d rows a page",
+					(long long) st->run_id, (long long) (st->span / USECS_PER_SEC), q->limit)));
+}
+
+/*
+ * After enough successes in a row, grow a shrunken request back.
+ */
+static void
+grow_back(RunState *st, PhsyncQuery *q)
+{
+	if (!q->chunked && q->limit >= phsync_page_size)
+		return;
+	if (++st->successes < GROW_AFTER)
+		return;
+	st->successes = 0;
+	st->span = (st->span > (q->until - q->since) / 2) ? (q->until - q->since) : st->span * 2;
+	q->limit = Min(q->limit * 2, phsync_page_size);
+	place_slice(st, q, q->chunk_from);
+}
+
+/*
+ * Fetch one page, retrying transient failures; raises when PostHog refuses
+ * or the retries are used up.
+ */
+static json_object *
+fetch_page(RunState *st, PhsyncQuery *q, const char *url, const char *name,
+		   const char *display)
+{
+	int			retry = 0;
+
+	for (;;)
+	{
+		PhsyncHttpResult res;
+		char		client_id[64];
+		char	   *hogql;
+		char	   *body;
+		bool		less;
+
+		CHECK_FOR_INTERRUPTS();
+		snprintf(client_id, sizeof(client_id), "phsync-%lld-%d-%016llx",
+				 (long long) st->run_id, st->counters.requests + 1,
+				 (unsigned long long) pg_prng_uint64(&pg_global_prng_state));
+		hogql = hogql_build(q, &st->keyset);
+		body = hogql_request_body(q, hogql, &st->keyset, name, client_id);
+
+		pace_requests();
+		pgstat_report_activity(STATE_RUNNING,
+							   psprintf("phsync %s: fetching page %d, %lld rows so far%s",
+										display, st->counters.pages + 1,
+										(long long) st->counters.received,
+										retry ? psprintf(" (retry %d)", retry) : ""));
+		http_post(st->http, url, body, &res);
+		st->counters.requests++;
+		if (res.json)
+			return res.json;
+
+		if (!retry_is_transient(&res, &less))
+			http_raise(&res);
+		if (retry >= phsync_max_retries)
+		{
+			ereport(LOG,
+					(errmsg("phsync run %lld: giving up on page %d after %d retries",
+							(long long) st->run_id, st->counters.pages + 1, retry)));
+			http_raise(&res);
+		}
+		retry++;
+		st->counters.retries++;
+		if (less)
+			ask_for_less(st, q);
+		retry_wait(st->run_id, retry, &res);
+	}
+}
+
+/*
  * The body of a run; errors propagate to phsync_run.
  */
 static void
@@ -122,15 +232,10 @@ run_pages(RunState *st, MemoryContext run_cxt)
 {
 	PhsyncQuery q;
 	PhsyncTarget *target;
-	TimestampTz until = GetCurrentTimestamp() - SETTLE_USECS;
-	TimestampTz since;
 	TimestampTz watermark;
 	bool		builtin = (phsync_query_file == NULL || phsync_query_file[0] == '\0');
 	char	   *url;
 	char	   *name;
-	int			pages = 0;
-	int64		received = 0;
-	int64		inserted = 0;
 	int			i;
 
 	require_setting(phsync_project_id, "phsync.project_id");
@@ -141,16 +246,17 @@ run_pages(RunState *st, MemoryContext run_cxt)
 	q.cursor = pstrdup(phsync_cursor_column);
 	q.limit = phsync_page_size;
 	q.base = builtin ? NULL : hogql_read_query_file(phsync_query_file);
+	q.until = GetCurrentTimestamp() - SETTLE_USECS;
 
 	/* the window: from the table's own watermark, up to a fixed "until" */
 	phsync_xact_begin();
 	MemoryContextSwitchTo(run_cxt);
 	target = target_prepare(phsync_target_table, q.cursor, builtin);
 	if (target_watermark(target, &watermark))
-		since = watermark - (int64) phsync_lookback * USECS_PER_SEC;
+		q.since = watermark - (int64) phsync_lookback * USECS_PER_SEC;
 	else
-		since = initial_since(until);
-	runlog_set_window(st->run_id, since, until);
+		q.since = initial_since(q.until);
+	runlog_set_window(st->run_id, q.since, q.until);
 	phsync_xact_commit();
 	MemoryContextSwitchTo(run_cxt);
 
@@ -162,63 +268,64 @@ run_pages(RunState *st, MemoryContext run_cxt)
 	url = query_url();
 	name = psprintf("phsync %s", target->display);
 	st->http = http_open();
+	st->span = q.until - q.since;
+	place_slice(st, &q, q.since);
 
-	while (since < until)
+	while (q.since < q.until)
 	{
-		char	   *hogql;
-		char	   *body;
-		char		client_id[64];
 		json_object *response;
 		uint64		n;
 
-		CHECK_FOR_INTERRUPTS();
-		snprintf(client_id, sizeof(client_id), "phsync-%lld-%d-%016llx",
-				 (long long) st->run_id, pages + 1,
-				 (unsigned long long) pg_prng_uint64(&pg_global_prng_state));
-		hogql = hogql_build(&q, &st->keyset);
-		body = hogql_request_body(hogql, since, until, &st->keyset, name, client_id);
-
-		pgstat_report_activity(STATE_RUNNING,
-								psprintf("phsync %s: fetching page %d, %lld rows so far",
-										 target->display, pages + 1, (long long) received));
-		response = http_post_query(st->http, url, body);
+		response = fetch_page(st, &q, url, name, target->display);
 		hogql_read_page(response, &st->page);
-		pages++;
-		received += st->page.nrows;
+		st->counters.pages++;
+		st->counters.received += st->page.nrows;
 
 		if (st->loader == NULL)
 			st->loader = loader_create(target, &st->page);
 		else if (!loader_matches(st->loader, &st->page))
 			ereport(ERROR,
 					(errcode(ERRCODE_DATA_EXCEPTION),
-					 errmsg("PostHog returned different columns on page %d", pages)));
+					 errmsg("PostHog returned different columns on page %d", st->counters.pages)));
 
 		pgstat_report_activity(STATE_RUNNING,
 							   psprintf("phsync %s: loading page %d (%d rows), %lld rows so far",
-										target->display, pages, st->page.nrows,
-										(long long) received));
+										target->display, st->counters.pages, st->page.nrows,
+										(long long) st->counters.received));
 		phsync_xact_begin();
-		n = loader_insert(st->loader, &st->page);
-		inserted += n;
-		runlog_progress(st->run_id, pages, received, inserted);
+		n = loader_insert(st->loader, &st->page, st->run_id, &st->counters.rejected);
+		st->counters.inserted += n;
+		runlog_progress(st->run_id, &st->counters);
 		phsync_xact_commit();
 		MemoryContextSwitchTo(run_cxt);
 
 		elog(DEBUG1, "phsync run %lld: page %d, %d rows received, " UINT64_FORMAT " inserted",
-			 (long long) st->run_id, pages, st->page.nrows, n);
+			 (long long) st->run_id, st->counters.pages, st->page.nrows, n);
 
-		/* a short page is the last one; a full one means there may be more */
-		if (st->page.nrows < q.limit)
-			break;
-		hogql_keyset_from_last_row(&st->page, &q, &st->keyset);
+		if (st->page.nrows >= q.limit)
+		{
+			/* a full page: there may be more in this slice */
+			hogql_keyset_from_last_row(&st->page, &q, &st->keyset);
+			grow_back(st, &q);
+		}
+		else if (q.chunk_until >= q.until)
+			break;				/* a short page at the end of the window */
+		else
+		{
+			/* a short page ends a slice: on to the next one */
+			hogql_keyset_reset(&st->keyset);
+			grow_back(st, &q);
+			place_slice(st, &q, q.chunk_until);
+		}
 		json_object_put(st->page.response);
 		st->page.response = NULL;
 	}
 
 	ereport(LOG,
-			(errmsg("phsync run %lld into %s: %d pages, %lld rows received, %lld inserted",
-					(long long) st->run_id, target->display, pages,
-					(long long) received, (long long) inserted)));
+			(errmsg("phsync run %lld into %s: %d pages, %lld rows received, %lld inserted, %lld rejected, %d retries",
+					(long long) st->run_id, target->display, st->counters.pages,
+					(long long) st->counters.received, (long long) st->counters.inserted,
+					(long long) st->counters.rejected, st->counters.retries)));
 }
 
 /*
@@ -252,7 +359,7 @@ phsync_run(const char *trigger, PhsyncOutcome *outcome)
 
 		run_pages(&st, run_cxt);
 		release_run_state(&st);
-		runlog_finish(st.run_id, true, NULL);
+		runlog_finish(st.run_id, true, NULL, &st.counters);
 		outcome->ok = true;
 	}
 	PG_CATCH();
@@ -277,7 +384,7 @@ phsync_run(const char *trigger, PhsyncOutcome *outcome)
 		outcome->message = error;
 		outcome->hint = edata->hint ? pstrdup(edata->hint) : NULL;
 		if (st.run_id != 0)
-			runlog_finish(st.run_id, false, error);
+			runlog_finish(st.run_id, false, error, &st.counters);
 		FreeErrorData(edata);
 	}
 	PG_END_TRY();

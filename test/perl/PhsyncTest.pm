@@ -133,6 +133,10 @@ sub phsync_node
 		'phsync.project_id' => '1',
 		'phsync.api_key' => $API_KEY,
 		'phsync.page_size' => '10',
+		# fast retries and no pacing, unless a test wants them
+		'phsync.max_requests_per_minute' => '0',
+		'phsync.retry_base_delay' => '10ms',
+		'phsync.max_retry_delay' => '2s',
 		# keep the schedule out of the way unless a test wants it
 		'phsync.run_at' => '00:00',
 		'phsync.interval' => '3650d',

@@ -312,10 +312,12 @@ run_pages(RunState *st, MemoryContext run_cxt)
 			break;				/* a short page at the end of the window */
 		else
 		{
-			/* a short page ends a slice: on to the next one */
+			/* a short page ends a slice: on to the next one, from its end */
+			TimestampTz next_from = q.chunk_until;
+
 			hogql_keyset_reset(&st->keyset);
 			grow_back(st, &q);
-			place_slice(st, &q, q.chunk_until);
+			place_slice(st, &q, next_from);
 		}
 		json_object_put(st->page.response);
 		st->page.response = NULL;

@@ -15,6 +15,9 @@ Two listeners on 127.0.0.1:
       POST /events      add events (JSON list of objects)
       POST /generate    add N synthetic events {"count", "seed", "created_from", "step_ms", ...}
       POST /faults      queue injected failures (JSON list; see Fault below)
+      POST /config      {"max_window_seconds": N}: answer 504 to any query whose
+                        window ({chunk_from}..{chunk_until}, else {since}..{until})
+                        is wider, as PostHog does when a query runs too long
       GET  /requests    the query requests received (never the API key)
       POST /reset       forget requests and faults ({"data": true} also drops events)
       GET  /source      every event, formatted as the API would return it
@@ -161,6 +164,10 @@ class HogQLError(Exception):
     pass
 
 
+class QueryTooBig(Exception):
+    pass
+
+
 TOKEN_RE = re.compile(r"""
     (?P<ws>\s+)
   | (?P<comment>--[^\n]*)
@@ -285,6 +292,9 @@ class Fault:
     retry_after: Retry-After header value
     delay_ms: wait this long before answering (status or not)
     truncate: answer the real result but cut the body after this many bytes
+    reset: close the connection without answering
+    raw_body: answer 200 with this text verbatim (malformed JSON, say)
+    row_patch: {"index": i, "row": [...]} replace row i of the real result
     count: how many requests it applies to (default 1)
     """
 
@@ -297,6 +307,9 @@ class Fault:
         self.retry_after = spec.get("retry_after")
         self.delay_ms = spec.get("delay_ms", 0)
         self.truncate = spec.get("truncate")
+        self.reset = spec.get("reset", False)
+        self.raw_body = spec.get("raw_body")
+        self.row_patch = spec.get("row_patch")
         self.count = spec.get("count", 1)
 
 
@@ -321,11 +334,18 @@ class State:
         self.db.execute("CREATE INDEX events_created ON events (created_at, uuid)")
         self.faults = []
         self.requests = []
+        self.max_window = None
 
     # ----- data -----
     def add_events(self, events):
         rows = []
         for e in events:
+            if e.get("raw"):
+                # stored verbatim: lets a test send values PostgreSQL refuses
+                rows.append(tuple(e.get(c) for c in
+                                  ["uuid", "event", "properties", "timestamp", "distinct_id",
+                                   "person_id", "elements_chain"]) + (canon(e["created_at"]),))
+                continue
             props = e.get("properties", {})
             if not isinstance(props, str):
                 props = json.dumps(props, ensure_ascii=False, separators=(",", ":"))
@@ -392,6 +412,11 @@ class State:
         if extra:
             raise HogQLError("Extra inputs are not permitted: query.%s" % ", ".join(sorted(extra)))
         values = query.get("values") or {}
+        if self.max_window is not None:
+            lo = values.get("chunk_from", values.get("since"))
+            hi = values.get("chunk_until", values.get("until"))
+            if lo and hi and (parse_time(hi) - parse_time(lo)).total_seconds() > self.max_window:
+                raise QueryTooBig()
         sql, params, had_limit = translate(query.get("query", ""), values)
         with self.lock:
             try:
@@ -431,7 +456,9 @@ def make_handler(state, kind):
             pass
 
         def send_json(self, status, obj, headers=None, truncate=None):
-            data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            # surrogatepass: a test can make us send invalid UTF-8, as a broken
+            # upstream might
+            data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
             gz = "gzip" in (self.headers.get("Accept-Encoding") or "")
             if gz:
                 data = gzip.compress(data, compresslevel=1)
@@ -471,6 +498,7 @@ def make_handler(state, kind):
             auth = self.headers.get("Authorization") or ""
             with state.lock:
                 state.requests.append({
+                    "time": time.time(),
                     "path": self.path,
                     "auth_ok": auth == "Bearer " + state.api_key,
                     "accept_encoding": self.headers.get("Accept-Encoding"),
@@ -489,6 +517,21 @@ def make_handler(state, kind):
             fault = state.next_fault()
             if fault and fault.delay_ms:
                 time.sleep(fault.delay_ms / 1000.0)
+            if fault and fault.reset:
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(2)
+                except OSError:
+                    pass
+                return
+            if fault and fault.raw_body is not None:
+                data = fault.raw_body.encode("utf-8", "surrogatepass")
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             if fault and fault.status:
                 headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
                 if fault.body is not None:
@@ -500,6 +543,13 @@ def make_handler(state, kind):
                 result = state.run_query(body)
             except HogQLError as e:
                 return self.error(400, str(e))
+            except QueryTooBig:
+                return self.error(504, "Query timed out. Try a narrower time range.",
+                                  "server_error", "query_timeout")
+            if fault and fault.row_patch:
+                i = fault.row_patch["index"]
+                if i < len(result["results"]):
+                    result["results"][i] = fault.row_patch["row"]
             self.send_json(200, result, truncate=fault.truncate if fault else None)
 
         # ----- control -----
@@ -514,6 +564,11 @@ def make_handler(state, kind):
                 with state.lock:
                     state.faults.extend(Fault(s) for s in arg)
                 return self.send_json(200, {"queued": len(arg)})
+            if method == "POST" and self.path == "/config":
+                with state.lock:
+                    if "max_window_seconds" in arg:
+                        state.max_window = arg["max_window_seconds"]
+                return self.send_json(200, {"ok": True})
             if method == "GET" and self.path == "/requests":
                 with state.lock:
                     reqs = list(state.requests)

@@ -19,7 +19,8 @@ use Test::More;
 use Time::HiRes qw(usleep);
 
 use Exporter 'import';
-our @EXPORT = qw(make_certs start_fake fake_post fake_get fake_requests
+our @EXPORT = qw(make_certs start_fake fake_post fake_post_raw fake_get fake_requests
+  set_conf iso_ago
   phsync_node poll_until source_equals_target target_count run_now
   last_run $API_KEY);
 
@@ -110,6 +111,17 @@ sub fake_post
 	return decode_json($res->{content});
 }
 
+# POST JSON text as is (for what Perl's encoder will not produce, such as
+# a lone surrogate that becomes invalid UTF-8 on the wire).
+sub fake_post_raw
+{
+	my ($fake, $path, $text) = @_;
+	my $res = $http->post("http://127.0.0.1:$fake->{control_port}$path",
+		{ content => $text, headers => { 'Content-Type' => 'application/json' } });
+	die "fake control $path failed: $res->{status} $res->{content}" unless $res->{success};
+	return decode_json($res->{content});
+}
+
 sub fake_get
 {
 	my ($fake, $path) = @_;
@@ -146,6 +158,35 @@ sub phsync_node
 		join('', map { my $v = $conf{$_}; $v =~ s/'/''/g; "$_ = '$v'\n" } sort keys %conf));
 	$node->start;
 	return $node;
+}
+
+# Append settings and reload; wait until a new session sees the last one
+# (the worker reloads on the same SIGHUP).
+sub set_conf
+{
+	my ($node, %settings) = @_;
+	my $conf = '';
+	for my $k (sort keys %settings)
+	{
+		(my $v = $settings{$k}) =~ s/'/''/g;
+		$conf .= "$k = '$v'\n";
+	}
+	$node->append_conf('postgresql.conf', $conf);
+	$node->reload;
+	my ($k) = (sort keys %settings)[-1];
+	my $want = $k eq 'phsync.api_key' ? '********' : $settings{$k};
+	poll_until(sub { $node->safe_psql('postgres', "SELECT current_setting('$k')") eq $want }, 30, "reload of $k")
+	  unless $want =~ /^\d+(ms|s|min|h|d|kB|MB)$/;
+	# the worker handles SIGHUP between runs; one more moment for it
+	return;
+}
+
+# RFC 3339 text of now() minus an interval, from the node's clock.
+sub iso_ago
+{
+	my ($node, $interval) = @_;
+	return $node->safe_psql('postgres',
+		"SELECT to_char(now() - interval '$interval', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
 }
 
 # Call $code until it returns true, at most $timeout seconds.

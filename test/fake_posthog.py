@@ -294,7 +294,8 @@ class Fault:
     truncate: answer the real result but cut the body after this many bytes
     reset: close the connection without answering
     raw_body: answer 200 with this text verbatim (malformed JSON, say)
-    row_patch: {"index": i, "row": [...]} replace row i of the real result
+    row_patch: {"index": i, "row": [...]} (or a list of them): replace row i
+               of the real result
     count: how many requests it applies to (default 1)
     """
 
@@ -547,9 +548,10 @@ def make_handler(state, kind):
                 return self.error(504, "Query timed out. Try a narrower time range.",
                                   "server_error", "query_timeout")
             if fault and fault.row_patch:
-                i = fault.row_patch["index"]
-                if i < len(result["results"]):
-                    result["results"][i] = fault.row_patch["row"]
+                patches = fault.row_patch
+                for p in (patches if isinstance(patches, list) else [patches]):
+                    if p["index"] < len(result["results"]):
+                        result["results"][p["index"]] = p["row"]
             self.send_json(200, result, truncate=fault.truncate if fault else None)
 
         # ----- control -----

@@ -23,3 +23,6 @@ PROVE_TESTS = test/t/*.pl
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# every object depends on the private header (PGXS does not track headers)
+$(OBJS): phsync.h

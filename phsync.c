@@ -459,6 +459,25 @@ withdraw_request(uint64 my_request)
 }
 
 /*
+ * Error context while phsync_run_now() waits: a cancel (statement_timeout,
+ * Ctrl-C) stops the waiting, not a run the worker has started.
+ */
+static void
+run_now_wait_context(void *arg)
+{
+	int64		run_id;
+
+	SpinLockAcquire(&phsync_shared->mutex);
+	run_id = phsync_shared->running_run_id;
+	SpinLockRelease(&phsync_shared->mutex);
+	if (run_id)
+		errcontext("while waiting for phsync run %lld, which goes on in the background",
+				   (long long) run_id);
+	else
+		errcontext("while waiting for the phsync worker to start a run");
+}
+
+/*
  * phsync_run_now() RETURNS phsync.runs
  *
  * Asks the worker for a run, waits for it to end and returns its row.  A
@@ -511,6 +530,13 @@ phsync_run_now(PG_FUNCTION_ARGS)
 
 	PG_TRY();
 	{
+		ErrorContextCallback errcallback;
+
+		errcallback.callback = run_now_wait_context;
+		errcallback.arg = NULL;
+		errcallback.previous = error_context_stack;
+		error_context_stack = &errcallback;
+
 		for (;;)
 		{
 			bool		done;
@@ -535,6 +561,7 @@ phsync_run_now(PG_FUNCTION_ARGS)
 			ResetLatch(MyLatch);
 			CHECK_FOR_INTERRUPTS();
 		}
+		error_context_stack = errcallback.previous;
 	}
 	PG_CATCH();
 	{

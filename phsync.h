@@ -76,6 +76,7 @@ typedef struct PhsyncShared
 	Latch	   *worker_latch;
 	uint64		requests;		/* manual runs asked for */
 	uint64		requests_done;	/* manual runs finished (or refused) */
+	uint64		request_taken;	/* the request the worker is running, or 0 */
 	Latch	   *requester_latch;	/* whom to wake when a manual run ends */
 	bool		running;		/* a run is in progress */
 	int64		running_run_id; /* its phsync.runs id, once known */

@@ -227,15 +227,41 @@ wait_for_database(void)
 	}
 }
 
+/*
+ * Worker exit (shutdown, pg_terminate_backend, FATAL): leave shared state
+ * clean, and answer a manual run cut short, so that its caller gets an
+ * error instead of waiting for a run that will never end.
+ */
 static void
 detach_from_shared(int code, Datum arg)
 {
+	Latch	   *requester = NULL;
+
 	SpinLockAcquire(&phsync_shared->mutex);
+	if (phsync_shared->request_taken)
+	{
+		phsync_shared->result_run_id = phsync_shared->running_run_id;
+		phsync_shared->result_ok = false;
+		phsync_shared->result_sqlerrcode = ERRCODE_ADMIN_SHUTDOWN;
+		strlcpy(phsync_shared->result_message,
+				"the phsync worker stopped before the run finished",
+				PHSYNC_MAX_MESSAGE);
+		strlcpy(phsync_shared->result_hint,
+				"The next run resumes from the table's watermark; call phsync_run_now() again.",
+				PHSYNC_MAX_MESSAGE);
+		if (phsync_shared->requests_done < phsync_shared->request_taken)
+			phsync_shared->requests_done = phsync_shared->request_taken;
+		phsync_shared->request_taken = 0;
+		requester = phsync_shared->requester_latch;
+		phsync_shared->requester_latch = NULL;
+	}
 	phsync_shared->worker_pid = 0;
 	phsync_shared->worker_latch = NULL;
 	phsync_shared->running = false;
 	phsync_shared->running_run_id = 0;
 	SpinLockRelease(&phsync_shared->mutex);
+	if (requester)
+		SetLatch(requester);
 }
 
 /*
@@ -258,6 +284,7 @@ answer_request(uint64 request, PhsyncOutcome *outcome)
 			PHSYNC_MAX_MESSAGE);
 	if (phsync_shared->requests_done < request)
 		phsync_shared->requests_done = request;
+	phsync_shared->request_taken = 0;
 	requester = phsync_shared->requester_latch;
 	phsync_shared->requester_latch = NULL;
 	SpinLockRelease(&phsync_shared->mutex);
@@ -278,6 +305,7 @@ take_request(void)
 	if (phsync_shared->requests > phsync_shared->requests_done)
 	{
 		request = phsync_shared->requests;
+		phsync_shared->request_taken = request;
 		phsync_shared->running = true;
 	}
 	SpinLockRelease(&phsync_shared->mutex);

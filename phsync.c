@@ -477,6 +477,56 @@ run_now_wait_context(void *arg)
 		errcontext("while waiting for the phsync worker to start a run");
 }
 
+/* what the worker answered a manual run with */
+typedef struct RunAnswer
+{
+	int64		run_id;
+	bool		ok;
+	int			sqlerrcode;
+	char		message[PHSYNC_MAX_MESSAGE];
+	char		hint[PHSYNC_MAX_MESSAGE];
+} RunAnswer;
+
+/*
+ * Wait until the worker has answered request my_request.
+ */
+static void
+wait_for_run(uint64 my_request, RunAnswer *answer)
+{
+	ErrorContextCallback errcallback;
+
+	errcallback.callback = run_now_wait_context;
+	errcallback.arg = NULL;
+	errcallback.previous = error_context_stack;
+	error_context_stack = &errcallback;
+
+	for (;;)
+	{
+		bool		done;
+
+		SpinLockAcquire(&phsync_shared->mutex);
+		done = phsync_shared->requests_done >= my_request;
+		if (done)
+		{
+			answer->run_id = phsync_shared->result_run_id;
+			answer->ok = phsync_shared->result_ok;
+			answer->sqlerrcode = phsync_shared->result_sqlerrcode;
+			strlcpy(answer->message, phsync_shared->result_message, PHSYNC_MAX_MESSAGE);
+			strlcpy(answer->hint, phsync_shared->result_hint, PHSYNC_MAX_MESSAGE);
+		}
+		SpinLockRelease(&phsync_shared->mutex);
+		if (done)
+			break;
+
+		(void) WaitLatch(MyLatch,
+						 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 1000L, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+	error_context_stack = errcallback.previous;
+}
+
 /*
  * phsync_run_now() RETURNS phsync.runs
  *
@@ -486,15 +536,16 @@ run_now_wait_context(void *arg)
 Datum
 phsync_run_now(PG_FUNCTION_ARGS)
 {
-	uint64		my_request;
+	volatile uint64 my_request = 0;
 	int64		busy_run = 0;
 	bool		busy;
 	Latch	   *worker_latch;
-	int64		run_id = 0;
-	bool		ok = false;
-	int			sqlerrcode = 0;
-	char		message[PHSYNC_MAX_MESSAGE];
-	char		hint[PHSYNC_MAX_MESSAGE];
+	RunAnswer	answer;
+	int64		run_id;
+	bool		ok;
+	int			sqlerrcode;
+	const char *message;
+	const char *hint;
 	TupleDesc	tupdesc;
 	Datum		result;
 	Oid			argtypes[1] = {INT8OID};
@@ -530,38 +581,7 @@ phsync_run_now(PG_FUNCTION_ARGS)
 
 	PG_TRY();
 	{
-		ErrorContextCallback errcallback;
-
-		errcallback.callback = run_now_wait_context;
-		errcallback.arg = NULL;
-		errcallback.previous = error_context_stack;
-		error_context_stack = &errcallback;
-
-		for (;;)
-		{
-			bool		done;
-
-			SpinLockAcquire(&phsync_shared->mutex);
-			done = phsync_shared->requests_done >= my_request;
-			if (done)
-			{
-				run_id = phsync_shared->result_run_id;
-				ok = phsync_shared->result_ok;
-				sqlerrcode = phsync_shared->result_sqlerrcode;
-				strlcpy(message, phsync_shared->result_message, sizeof(message));
-				strlcpy(hint, phsync_shared->result_hint, sizeof(hint));
-			}
-			SpinLockRelease(&phsync_shared->mutex);
-			if (done)
-				break;
-
-			(void) WaitLatch(MyLatch,
-							 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 1000L, PG_WAIT_EXTENSION);
-			ResetLatch(MyLatch);
-			CHECK_FOR_INTERRUPTS();
-		}
-		error_context_stack = errcallback.previous;
+		wait_for_run(my_request, &answer);
 	}
 	PG_CATCH();
 	{
@@ -569,6 +589,12 @@ phsync_run_now(PG_FUNCTION_ARGS)
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
+
+	run_id = answer.run_id;
+	ok = answer.ok;
+	sqlerrcode = answer.sqlerrcode;
+	message = answer.message;
+	hint = answer.hint;
 
 	if (!ok)
 	{

@@ -21,11 +21,16 @@ Two listeners on 127.0.0.1:
       GET  /requests    the query requests received (never the API key)
       POST /reset       forget requests and faults ({"data": true} also drops events)
       GET  /source      every event, formatted as the API would return it
+      POST /synthetic   {"count": N, "seed", "step_ms"}: serve N pre-rendered events
+                        (benchmark mode; see Synthetic)
+      POST /export_copy {"path": p}: write the synthetic events as a COPY file
+      GET  /stats       {"busy_seconds", "requests"}: time spent answering queries
 
 Start-up writes {"api_port": ..., "control_port": ...} to --ready-file.
 """
 
 import argparse
+import bisect
 import datetime as dt
 import gzip
 import http.server
@@ -314,6 +319,98 @@ class Fault:
         self.count = spec.get("count", 1)
 
 
+BUILTIN_HEAD = ("SELECT uuid, event, timestamp, distinct_id, person_id, properties, "
+                "elements_chain, created_at\nFROM events\nWHERE created_at >= toDateTime({since}) "
+                "AND created_at < toDateTime({until})")
+
+
+class Synthetic:
+    """N realistic events, rendered once, for the benchmark.
+
+    Event i is created at base + i * step (so created_at is unique and the
+    order is by i), with a client timestamp up to 5 s earlier and properties
+    of 0.5 to 2 KB (nested, unicode, escapes).  Only the query phsync builds
+    for the built-in events sync is served (window, keyset, slices, LIMIT),
+    by bisection: the server costs milliseconds a page, so the benchmark
+    measures phsync.  Anything else is answered 400.
+    """
+
+    WORDS = ["alpha", "caf\u00e9", "\u65e5\u672c\u8a9e", "na\u00efve", "emoji \U0001f680",
+             'say "hi"', "back\\slash", "tab\tand\nnewline", "plain", "checkout"]
+
+    def __init__(self, count, seed=1, base=None, step_ms=50):
+        self.count = count
+        self.step = dt.timedelta(milliseconds=step_ms)
+        self.base = parse_time(base) if base else \
+            dt.datetime.now(dt.timezone.utc) - self.step * count - dt.timedelta(minutes=5)
+        rng = random.Random(seed)
+        self.created = []
+        self.rows = []
+        names = ["$pageview", "$autocapture", "$pageleave", "signed_up", "purchase", "$identify"]
+        for i in range(count):
+            created = self.base + self.step * i
+            c = created.strftime("%Y-%m-%d %H:%M:%S.%f")
+            ts = (created - dt.timedelta(seconds=rng.random() * 5)).strftime("%Y-%m-%d %H:%M:%S.%f")
+            if i % 3 == 0:
+                ts = ts[:20] + "000000"   # some timestamps without a fraction
+            props = self.properties(rng, i)
+            row = [str(uuidlib.UUID(int=rng.getrandbits(128), version=4)),
+                   names[i % len(names)], rfc3339(ts), "user-%d" % rng.randint(1, 50000),
+                   str(uuidlib.UUID(int=rng.getrandbits(128), version=4)),
+                   json.dumps(props, ensure_ascii=False, separators=(",", ":")),
+                   "", rfc3339(c)]
+            self.created.append(c)
+            self.rows.append(json.dumps(row, ensure_ascii=False).encode("utf-8"))
+
+    def properties(self, rng, i):
+        if not hasattr(self, "pool"):
+            # pieces of about 110 bytes of JSON each, drawn from for every row
+            self.pool = [("prop_%d" % k,
+                          {"text": " ".join(rng.choice(self.WORDS) for _ in range(6)),
+                           "values": [rng.randint(0, 10 ** 6) for _ in range(4)]})
+                         for k in range(400)]
+        props = {"$browser": rng.choice(["Chrome", "Firefox", "Safari", "Edge"]),
+                 "$os": rng.choice(["Mac OS X", "Windows", "Linux", "iOS", "Android"]),
+                 "$current_url": "https://example.com/p/%d?q=%s" % (i, rng.choice(self.WORDS)),
+                 "n": i, "price": round(rng.random() * 100, 2), "flag": rng.random() < 0.5,
+                 "$set": {"plan": rng.choice(["free", "pro", "team"]), "seats": rng.randint(1, 90)}}
+        # about 300 bytes so far; 0.5 to 2 KB in all
+        for k, v in rng.sample(self.pool, rng.randint(2, 16)):
+            props[k] = v
+        return props
+
+    def query(self, text, values):
+        if not text.startswith(BUILTIN_HEAD):
+            raise HogQLError("the synthetic dataset only serves phsync's built-in events query")
+        m = re.search(r"\nLIMIT (\d+)$", text)
+        limit = min(int(m.group(1)), MAX_LIMIT) if m else DEFAULT_LIMIT
+        lo = canon(values["since"])
+        hi = canon(values["until"])
+        if "chunk_from" in values:
+            lo = max(lo, canon(values["chunk_from"]))
+            hi = min(hi, canon(values["chunk_until"]))
+        start = bisect.bisect_left(self.created, lo)
+        if "after_0" in values:
+            # created_at is unique here, so the keyset is "after this created_at"
+            start = max(start, bisect.bisect_right(self.created, canon(values["after_0"])))
+        end = min(bisect.bisect_left(self.created, hi), start + limit)
+        body = (b'{"columns":' + json.dumps(EVENT_COLUMNS).encode() +
+                b',"types":' + json.dumps([[c, KNOWN_TYPES[c]] for c in EVENT_COLUMNS]).encode() +
+                b',"is_cached":false,"results":[' + b",".join(self.rows[start:end]) + b"]}")
+        return body
+
+    def export_copy(self, path):
+        """The same rows as a COPY text file, for the benchmark's reference."""
+        def esc(v):
+            if v is None:
+                return "\\N"
+            return (str(v).replace("\\", "\\\\").replace("\n", "\\n")
+                    .replace("\t", "\\t").replace("\r", "\\r"))
+        with open(path, "w", encoding="utf-8") as f:
+            for raw in self.rows:
+                f.write("\t".join(esc(v) for v in json.loads(raw)) + "\n")
+
+
 class State:
     def __init__(self, api_key, project_id):
         self.api_key = api_key
@@ -336,6 +433,9 @@ class State:
         self.faults = []
         self.requests = []
         self.max_window = None
+        self.synthetic = None
+        self.busy = 0.0
+        self.served = 0
 
     # ----- data -----
     def add_events(self, events):
@@ -490,6 +590,29 @@ def make_handler(state, kind):
 
         # ----- API -----
         def api_post(self):
+            t0 = time.perf_counter()
+            try:
+                self.api_post_inner()
+            finally:
+                with state.lock:
+                    state.busy += time.perf_counter() - t0
+                    state.served += 1
+
+        def send_raw_json(self, data):
+            if "gzip" in (self.headers.get("Accept-Encoding") or ""):
+                data = gzip.compress(data, compresslevel=1)
+                gz = True
+            else:
+                gz = False
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            if gz:
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def api_post_inner(self):
             raw = self.read_body()
             m = re.match(r"^/api/(projects|environments)/([^/]+)/query/?$", self.path)
             try:
@@ -540,6 +663,12 @@ def make_handler(state, kind):
                 return self.error(fault.status, fault.detail, fault.type, fault.code, headers)
             if body is None:
                 return self.error(400, "Malformed JSON body.", "validation_error", "parse_error")
+            if state.synthetic is not None:
+                try:
+                    q = body["query"]
+                    return self.send_raw_json(state.synthetic.query(q["query"], q.get("values") or {}))
+                except (HogQLError, KeyError) as e:
+                    return self.error(400, str(e))
             try:
                 result = state.run_query(body)
             except HogQLError as e:
@@ -570,6 +699,23 @@ def make_handler(state, kind):
                 with state.lock:
                     if "max_window_seconds" in arg:
                         state.max_window = arg["max_window_seconds"]
+                return self.send_json(200, {"ok": True})
+            if method == "POST" and self.path == "/synthetic":
+                syn = Synthetic(arg["count"], arg.get("seed", 1), arg.get("base"), arg.get("step_ms", 50))
+                with state.lock:
+                    state.synthetic = syn
+                return self.send_json(200, {"count": syn.count, "first": syn.created[0] if syn.count else None,
+                                            "last": syn.created[-1] if syn.count else None})
+            if method == "POST" and self.path == "/export_copy":
+                state.synthetic.export_copy(arg["path"])
+                return self.send_json(200, {"ok": True})
+            if method == "GET" and self.path == "/stats":
+                with state.lock:
+                    return self.send_json(200, {"busy_seconds": state.busy, "requests": state.served})
+            if method == "POST" and self.path == "/stats/reset":
+                with state.lock:
+                    state.busy = 0.0
+                    state.served = 0
                 return self.send_json(200, {"ok": True})
             if method == "GET" and self.path == "/requests":
                 with state.lock:

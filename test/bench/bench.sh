@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# phsync benchmark: phsync against PostgreSQL's COPY and a naive per-row
+# insert, on the same synthetic PostHog events, on this machine.
+#
+#   ./test/bench/bench.sh                  # N = 1,000,000 (and 4N)
+#   ./test/bench/bench.sh --rows 200000    # a quicker look
+#
+# Run as root on Debian 12 (installs what it needs).  Not part of the tests.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/../.." && pwd)
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+"$here/test/install-deps.sh"
+dpkg-query -W -f='${Status}' python3-psycopg2 2>/dev/null | grep -q "install ok installed" || \
+	{ apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-psycopg2 >/dev/null; }
+work=$(mktemp -d /tmp/phsync-bench.XXXXXX)
+chown postgres:postgres "$work"
+runuser -u postgres -- env PATH="/usr/lib/postgresql/15/bin:$PATH" \
+	python3 "$here/test/bench/bench.py" --work "$work" --fake "$here/test/fake_posthog.py" "$@"

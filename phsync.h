@@ -191,12 +191,10 @@ typedef struct PhsyncColumn
 	AttrNumber	attnum;
 	Oid			typid;
 	int32		typmod;
-	Oid			arraytypid;
 	Oid			typinput;
 	Oid			typioparam;
 	int16		typlen;
 	bool		typbyval;
-	char		typalign;
 } PhsyncColumn;
 
 typedef struct PhsyncTarget

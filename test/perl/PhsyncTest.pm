@@ -53,13 +53,18 @@ sub make_certs
 	$run->('openssl', 'x509', '-req', '-in', "$dir/server.csr",
 		'-CA', "$dir/ca.crt", '-CAkey', "$dir/ca.key", '-CAcreateserial',
 		'-out', "$dir/server.crt", '-days', '2', '-extfile', "$dir/ext.cnf");
-	chmod 0644, "$dir/ca.crt", "$dir/server.crt", "$dir/server.key";
+	# the same, expired yesterday
+	$run->('openssl', 'x509', '-req', '-in', "$dir/server.csr",
+		'-CA', "$dir/ca.crt", '-CAkey', "$dir/ca.key", '-CAcreateserial',
+		'-out', "$dir/expired.crt", '-days', '-1', '-extfile', "$dir/ext.cnf");
+	chmod 0644, "$dir/ca.crt", "$dir/server.crt", "$dir/server.key", "$dir/expired.crt";
 	return { dir => $dir, ca => "$dir/ca.crt", cert => "$dir/server.crt",
-		key => "$dir/server.key" };
+		key => "$dir/server.key", expired => "$dir/expired.crt" };
 }
 
 # Start the fake PostHog; returns a hash with url, api_port, control_port.
-# Options: certs (from make_certs; plain HTTP without), project_id, api_key.
+# Options: certs (from make_certs; plain HTTP without), expired (serve the
+# expired certificate), project_id, api_key.
 sub start_fake
 {
 	my (%opt) = @_;
@@ -69,7 +74,8 @@ sub start_fake
 		'--ready-file', $ready,
 		'--api-key', $opt{api_key} // $API_KEY,
 		'--project-id', $opt{project_id} // '1');
-	push @cmd, '--cert', $opt{certs}{cert}, '--key', $opt{certs}{key}
+	push @cmd, '--cert', $opt{expired} ? $opt{certs}{expired} : $opt{certs}{cert},
+	  '--key', $opt{certs}{key}
 	  if $opt{certs};
 	my $log = "$PostgreSQL::Test::Utils::log_path/fake_posthog_" . scalar(@fakes) . ".log";
 	my $h = IPC::Run::start(\@cmd, '<', \undef, '>', $log, '2>&1');
@@ -133,12 +139,14 @@ sub fake_get
 sub fake_requests { return fake_get($_[0], '/requests'); }
 
 # A node with phsync preloaded and pointed at the fake.  Extra settings are
-# appended as given (name => value, quoted here).
+# appended as given (name => value, quoted here); allows_streaming => 1 makes
+# a primary a standby can be made from.
 sub phsync_node
 {
 	my ($name, $fake, $certs, %settings) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init;
+	my $streaming = delete $settings{allows_streaming};
+	$node->init($streaming ? (allows_streaming => 1) : ());
 	my %conf = (
 		shared_preload_libraries => 'phsync',
 		'phsync.host' => $fake ? $fake->{url} : 'https://127.0.0.1:9',

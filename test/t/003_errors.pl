@@ -74,6 +74,13 @@ set_and_reload('phsync.host', $other);
 like(run_now($node), qr/ERROR:  could not reach PostHog at https:\/\/localhost:\d+: SSL: no alternative certificate subject name matches target host name 'localhost'/,
 	'wrong host name: verification error');
 is(target_count($node), 0, 'nothing inserted');
+
+# TLS: right CA, right name, but expired
+my $stale = start_fake(certs => $certs, expired => 1);
+set_and_reload('phsync.host', $stale->{url});
+like(run_now($node), qr/ERROR:  could not reach PostHog at https:\/\/127\.0\.0\.1:\d+: SSL certificate problem: certificate has expired/,
+	'expired certificate: verification error');
+is(target_count($node), 0, 'nothing inserted');
 set_and_reload('phsync.host', $fake->{url});
 
 # and now it works

@@ -92,3 +92,39 @@ COMMENT ON FUNCTION @extschema@.phsync_run_now() IS
 	'asks the phsync worker to sync now, waits for the run and returns its phsync.runs row';
 
 REVOKE ALL ON FUNCTION @extschema@.phsync_run_now() FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.phsync_worker_state(
+	OUT target text, OUT watermark timestamptz, OUT next_run timestamptz,
+	OUT running boolean, OUT run_id bigint, OUT pages integer, OUT rows_received bigint)
+AS 'MODULE_PATHNAME', 'phsync_worker_state'
+LANGUAGE C VOLATILE STRICT
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_worker_state() IS
+	'the target''s watermark and the phsync worker''s state (next run, run in progress), for phsync.status';
+
+REVOKE ALL ON FUNCTION @extschema@.phsync_worker_state() FROM PUBLIC;
+
+CREATE VIEW phsync.status AS
+SELECT 'default'::text AS sync,
+	   true AS enabled,
+	   s.target,
+	   r.id AS last_run_id,
+	   r.status AS last_status,
+	   r.started_at AS last_started_at,
+	   r.finished_at AS last_finished_at,
+	   r.rows_inserted AS last_rows_inserted,
+	   r.error AS last_error,
+	   s.watermark,
+	   pg_catalog.now() - s.watermark AS lag,
+	   s.next_run,
+	   s.running,
+	   s.run_id,
+	   s.pages,
+	   s.rows_received
+FROM @extschema@.phsync_worker_state() s
+LEFT JOIN LATERAL (SELECT * FROM phsync.runs WHERE status OPERATOR(pg_catalog.<>) 'running'
+				   ORDER BY id DESC LIMIT 1) r ON true;
+
+COMMENT ON VIEW phsync.status IS
+	'one row per sync: last finished run, watermark and lag, next scheduled run, run in progress';

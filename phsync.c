@@ -10,14 +10,20 @@
 
 #include <ctype.h>
 
+#include "access/htup_details.h"
 #include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "commands/dbcommands.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/latch.h"
+#include "nodes/makefuncs.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/regproc.h"
+#include "utils/timestamp.h"
 #include "utils/guc.h"
 #include "utils/varlena.h"
 #include "utils/wait_event.h"
@@ -46,6 +52,11 @@ int			phsync_max_requests_per_minute = 30;
 int			phsync_max_response_size = 256 * 1024;
 int			phsync_on_bad_row = PHSYNC_BAD_ROW_REJECT;
 char	   *phsync_role = NULL;
+int			phsync_history_days = 90;
+bool		phsync_progress_notices = true;
+
+/* at most one progress NOTICE this often from phsync_run_now() */
+#define PROGRESS_NOTICE_MS 5000
 
 static const struct config_enum_entry on_bad_row_options[] = {
 	{"reject", PHSYNC_BAD_ROW_REJECT, false},
@@ -67,6 +78,7 @@ static char *api_key_value = NULL;
 static int	run_at_seconds = 2 * 3600;
 
 PG_FUNCTION_INFO_V1(phsync_run_now);
+PG_FUNCTION_INFO_V1(phsync_worker_state);
 
 void		_PG_init(void);
 
@@ -402,6 +414,15 @@ _PG_init(void)
 							   PGC_POSTMASTER : PGC_SIGHUP,
 							   0, NULL, NULL, NULL);
 
+	DefineCustomIntVariable("phsync.history_days",
+							"Days of run history kept in phsync.runs (and phsync.rejects); 0 keeps all.",
+							NULL, &phsync_history_days, 90, 0, 100000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("phsync.progress_notices",
+							 "Whether phsync_run_now() reports progress as NOTICEs while it waits.",
+							 NULL, &phsync_progress_notices, true,
+							 PGC_USERSET, 0, NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("phsync");
 
 	if (!process_shared_preload_libraries_in_progress)
@@ -494,6 +515,8 @@ static void
 wait_for_run(uint64 my_request, RunAnswer *answer)
 {
 	ErrorContextCallback errcallback;
+	TimestampTz last_notice = GetCurrentTimestamp();
+	int			noticed_pages = 0;
 
 	errcallback.callback = run_now_wait_context;
 	errcallback.arg = NULL;
@@ -517,6 +540,28 @@ wait_for_run(uint64 my_request, RunAnswer *answer)
 		SpinLockRelease(&phsync_shared->mutex);
 		if (done)
 			break;
+
+		if (phsync_progress_notices &&
+			TimestampDifferenceExceeds(last_notice, GetCurrentTimestamp(), PROGRESS_NOTICE_MS))
+		{
+			int64		run_id;
+			int			pages;
+			int64		received;
+
+			SpinLockAcquire(&phsync_shared->mutex);
+			run_id = phsync_shared->running_run_id;
+			pages = phsync_shared->progress_pages;
+			received = phsync_shared->progress_received;
+			SpinLockRelease(&phsync_shared->mutex);
+			if (run_id && pages > noticed_pages)
+			{
+				ereport(NOTICE,
+						(errmsg("phsync run %lld: %d pages, %lld rows so far",
+								(long long) run_id, pages, (long long) received)));
+				noticed_pages = pages;
+			}
+			last_notice = GetCurrentTimestamp();
+		}
 
 		(void) WaitLatch(MyLatch,
 						 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
@@ -621,4 +666,73 @@ phsync_run_now(PG_FUNCTION_ARGS)
 	SPI_finish();
 
 	PG_RETURN_DATUM(result);
+}
+
+/*
+ * phsync_worker_state() RETURNS TABLE (target, watermark, next_run, running,
+ * run_id, pages, rows_received)
+ *
+ * What the phsync.status view needs from outside phsync.runs: the target's
+ * watermark (its max(cursor), NULL while it does not exist) and the
+ * worker's shared state.
+ */
+Datum
+phsync_worker_state(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[7];
+	bool		nulls[7] = {false, true, true, false, true, false, false};
+	List	   *names;
+	RangeVar   *rv;
+	Oid			relid;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	tupdesc = BlessTupleDesc(tupdesc);
+
+	values[0] = CStringGetTextDatum(phsync_target_table);
+	names = stringToQualifiedNameList(phsync_target_table);
+	rv = makeRangeVarFromNameList(names);
+	/* the worker's search_path is the default one: an unqualified name is in public */
+	if (rv->schemaname == NULL)
+		rv->schemaname = "public";
+	relid = RangeVarGetRelid(rv, AccessShareLock, true);
+	if (OidIsValid(relid) && get_attnum(relid, phsync_cursor_column) != InvalidAttrNumber)
+	{
+		char	   *sql = psprintf("SELECT max(%s)::timestamptz FROM %s",
+								   quote_identifier(phsync_cursor_column),
+								   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+															  get_rel_name(relid)));
+
+		SPI_connect();
+		if (SPI_execute(sql, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+			values[1] = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &nulls[1]);
+		SPI_finish();
+	}
+
+	if (phsync_shared)
+	{
+		SpinLockAcquire(&phsync_shared->mutex);
+		if (phsync_shared->next_due != 0)
+		{
+			values[2] = TimestampTzGetDatum(phsync_shared->next_due);
+			nulls[2] = false;
+		}
+		values[3] = BoolGetDatum(phsync_shared->running);
+		if (phsync_shared->running && phsync_shared->running_run_id)
+		{
+			values[4] = Int64GetDatum(phsync_shared->running_run_id);
+			nulls[4] = false;
+		}
+		values[5] = Int32GetDatum(phsync_shared->running ? phsync_shared->progress_pages : 0);
+		values[6] = Int64GetDatum(phsync_shared->running ? phsync_shared->progress_received : 0);
+		SpinLockRelease(&phsync_shared->mutex);
+	}
+	else
+	{
+		values[3] = BoolGetDatum(false);
+		values[5] = Int32GetDatum(0);
+		values[6] = Int64GetDatum(0);
+	}
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

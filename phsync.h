@@ -56,6 +56,8 @@ extern int	phsync_max_requests_per_minute;
 extern int	phsync_max_response_size;	/* kilobytes */
 extern int	phsync_on_bad_row;
 extern char *phsync_role;
+extern int	phsync_history_days;
+extern bool phsync_progress_notices;
 
 typedef enum PhsyncBadRow
 {
@@ -80,6 +82,9 @@ typedef struct PhsyncShared
 	Latch	   *requester_latch;	/* whom to wake when a manual run ends */
 	bool		running;		/* a run is in progress */
 	int64		running_run_id; /* its phsync.runs id, once known */
+	int			progress_pages; /* and how far it got */
+	int64		progress_received;
+	TimestampTz next_due;		/* next scheduled run, 0 if unknown */
 	/* outcome of the last manual run, for phsync_run_now() */
 	int64		result_run_id;
 	bool		result_ok;
@@ -238,6 +243,7 @@ extern void runlog_reject(int64 run_id, const char *target, Datum columns,
 extern void runlog_finish(int64 run_id, bool ok, const char *error,
 						  PhsyncCounters *c);
 extern int	runlog_fail_orphans(void);
+extern int64 runlog_prune(int days);
 extern bool runlog_last_scheduled(TimestampTz *last);
 
 #endif							/* PHSYNC_H */

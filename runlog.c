@@ -13,6 +13,7 @@
 
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
 
 #include "phsync.h"
@@ -181,4 +182,34 @@ runlog_last_scheduled(TimestampTz *last)
 												  SPI_tuptable->tupdesc, 1, &isnull));
 	phsync_xact_commit();
 	return !isnull;
+}
+
+/*
+ * Delete runs (and, by cascade, their rejects) that started more than
+ * `days` days ago, a thousand at a time, each batch in its own transaction
+ * so that nothing is locked for long.  Returns how many went.
+ */
+int64
+runlog_prune(int days)
+{
+	Oid			types[1] = {INT4OID};
+	Datum		values[1] = {Int32GetDatum(days)};
+	int64		total = 0;
+	uint64		n;
+
+	if (days <= 0)
+		return 0;
+	do
+	{
+		CHECK_FOR_INTERRUPTS();
+		phsync_xact_begin();
+		runlog_exec("DELETE FROM phsync.runs WHERE id IN ("
+					"SELECT id FROM phsync.runs WHERE status <> 'running' "
+					"AND started_at < now() - make_interval(days => $1) ORDER BY id LIMIT 1000)",
+					1, types, values, NULL, -1);
+		n = SPI_processed;
+		total += n;
+		phsync_xact_commit();
+	} while (n == 1000);
+	return total;
 }

@@ -313,6 +313,41 @@ take_request(void)
 }
 
 /*
+ * Keep phsync.history_days of run history.  Housekeeping: a failure (say,
+ * phsync.role may not delete) is a WARNING, never the end of the worker.
+ */
+static void
+prune_history(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	PG_TRY();
+	{
+		int64		n = runlog_prune(phsync_history_days);
+
+		if (n > 0)
+			ereport(LOG,
+					(errmsg("phsync deleted %lld run(s) older than %d days from phsync.runs",
+							(long long) n, phsync_history_days)));
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("phsync could not delete old runs: %s", edata->message),
+				 errhint("The worker's role needs DELETE on phsync.runs and phsync.rejects; phsync.history_days = 0 keeps all history.")));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+}
+
+/*
  * Entry point of the background worker.
  */
 void
@@ -384,6 +419,9 @@ phsync_worker_main(Datum main_arg)
 				answer_request(request, &outcome);
 			}
 			orphans_checked = false;
+			SpinLockAcquire(&phsync_shared->mutex);
+			phsync_shared->next_due = 0;
+			SpinLockRelease(&phsync_shared->mutex);
 			report_activity("waiting for CREATE EXTENSION phsync in database \"%s\"",
 							phsync_database);
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
@@ -400,6 +438,7 @@ phsync_worker_main(Datum main_arg)
 				ereport(LOG,
 						(errmsg("phsync marked %d interrupted run(s) as failed", n)));
 			orphans_checked = true;
+			prune_history();
 		}
 
 		request = take_request();
@@ -409,6 +448,7 @@ phsync_worker_main(Datum main_arg)
 
 			phsync_run("manual", &outcome);
 			answer_request(request, &outcome);
+			prune_history();
 			continue;
 		}
 
@@ -426,8 +466,13 @@ phsync_worker_main(Datum main_arg)
 			phsync_shared->running = false;
 			phsync_shared->running_run_id = 0;
 			SpinLockRelease(&phsync_shared->mutex);
+			prune_history();
 			continue;
 		}
+
+		SpinLockAcquire(&phsync_shared->mutex);
+		phsync_shared->next_due = due;
+		SpinLockRelease(&phsync_shared->mutex);
 
 		report_activity("idle until %s", timestamptz_to_str(due));
 		sleep_ms = (long) Min((due - now + 999) / 1000, PHSYNC_MAX_SLEEP_MS);

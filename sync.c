@@ -299,6 +299,11 @@ run_pages(RunState *st, MemoryContext run_cxt)
 		phsync_xact_commit();
 		MemoryContextSwitchTo(run_cxt);
 
+		SpinLockAcquire(&phsync_shared->mutex);
+		phsync_shared->progress_pages = st->counters.pages;
+		phsync_shared->progress_received = st->counters.received;
+		SpinLockRelease(&phsync_shared->mutex);
+
 		elog(DEBUG1, "phsync run %lld: page %d, %d rows received, " UINT64_FORMAT " inserted",
 			 (long long) st->run_id, st->counters.pages, st->page.nrows, n);
 
@@ -354,6 +359,8 @@ phsync_run(const char *trigger, PhsyncOutcome *outcome)
 		outcome->run_id = st.run_id;
 		SpinLockAcquire(&phsync_shared->mutex);
 		phsync_shared->running_run_id = st.run_id;
+		phsync_shared->progress_pages = 0;
+		phsync_shared->progress_received = 0;
 		SpinLockRelease(&phsync_shared->mutex);
 		ereport(LOG,
 				(errmsg("phsync run %lld (%s) started", (long long) st.run_id, trigger)));

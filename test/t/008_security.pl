@@ -46,6 +46,9 @@ like(run_now($node), qr/ERROR:  permission denied for table posthog_events\nDETA
 is($node->safe_psql('postgres', 'SELECT count(*) FROM posthog_events'), '12', 'nothing inserted');
 is($node->safe_psql('postgres', "SELECT usename FROM pg_stat_activity WHERE backend_type = 'phsync worker'"),
 	'phsync_runner', 'the worker runs as phsync.role');
+ok(slurp_file($node->logfile) =~ /WARNING:  phsync could not delete old runs: permission denied for table runs/,
+	'without DELETE on phsync.runs, history retention warns and the worker carries on');
+$node->safe_psql('postgres', 'GRANT DELETE ON phsync.runs, phsync.rejects TO phsync_runner');
 $node->safe_psql('postgres', 'GRANT INSERT ON public.posthog_events TO phsync_runner');
 like(run_now($node), qr/^succeeded\|\d+\|\d+\|5$/, 'with INSERT and SELECT on the target, the run succeeds');
 is(source_equals_target($node, $fake), 0, 'target equals source');

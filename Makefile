@@ -2,7 +2,7 @@
 # Built with PGXS; see README.md for the test and demo commands.
 
 MODULE_big = phsync
-OBJS = phsync.o scheduler.o sync.o retry.o http.o hogql.o load.o runlog.o
+OBJS = phsync.o scheduler.o sync.o retry.o http.o hogql.o load.o runlog.o doctor.o
 
 EXTENSION = phsync
 DATA = phsync--0.1.sql

@@ -27,6 +27,7 @@
 struct PhsyncHttp
 {
 	CURL	   *curl;
+	long		timeout_ms;		/* 0: phsync.request_timeout */
 	char		errbuf[CURL_ERROR_SIZE];
 	/* per request */
 	json_tokener *tok;
@@ -144,6 +145,61 @@ http_open(void)
 				 errmsg("could not create a libcurl handle")));
 	}
 	return http;
+}
+
+/*
+ * Use a shorter limit than phsync.request_timeout for this handle's
+ * requests (phsync_doctor()).
+ */
+void
+http_set_timeout(PhsyncHttp *http, long timeout_ms)
+{
+	http->timeout_ms = timeout_ms;
+}
+
+/*
+ * Connect to url and stop there: TCP for http://, TCP and a verified TLS
+ * handshake for https://.  Returns curl's code; *detail gets its message.
+ */
+int
+http_probe(const char *url, long timeout_ms, char **detail)
+{
+	CURL	   *curl;
+	char		errbuf[CURL_ERROR_SIZE];
+	CURLcode	rc;
+
+	if (!curl_initialized)
+	{
+		if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("could not initialize libcurl")));
+		curl_initialized = true;
+	}
+	curl = curl_easy_init();
+	if (curl == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not create a libcurl handle")));
+	errbuf[0] = '\0';
+	curl_easy_setopt(curl, CURLOPT_URL, url);
+	curl_easy_setopt(curl, CURLOPT_CONNECT_ONLY, 1L);
+	curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, errbuf);
+	curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "https,http");
+	curl_easy_setopt(curl, CURLOPT_SSL_VERIFYPEER, 1L);
+	curl_easy_setopt(curl, CURLOPT_SSL_VERIFYHOST, 2L);
+	if (phsync_ca_file && phsync_ca_file[0])
+		curl_easy_setopt(curl, CURLOPT_CAINFO, phsync_ca_file);
+	curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, timeout_ms);
+	curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms);
+	curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
+	curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, http_progress);
+	rc = curl_easy_perform(curl);
+	*detail = pstrdup(errbuf[0] ? errbuf : curl_easy_strerror(rc));
+	curl_easy_cleanup(curl);
+	CHECK_FOR_INTERRUPTS();
+	return (int) rc;
 }
 
 void
@@ -314,9 +370,10 @@ http_post(PhsyncHttp *http, const char *url, const char *body,
 		SETOPT(http->curl, CURLOPT_SSL_VERIFYHOST, 2L);
 		if (phsync_ca_file && phsync_ca_file[0])
 			SETOPT(http->curl, CURLOPT_CAINFO, phsync_ca_file);
-		SETOPT(http->curl, CURLOPT_TIMEOUT_MS, (long) phsync_request_timeout);
+		SETOPT(http->curl, CURLOPT_TIMEOUT_MS,
+			   http->timeout_ms ? http->timeout_ms : (long) phsync_request_timeout);
 		SETOPT(http->curl, CURLOPT_CONNECTTIMEOUT_MS,
-			   (long) Min(phsync_request_timeout, 30000));
+			   Min(http->timeout_ms ? http->timeout_ms : (long) phsync_request_timeout, 30000L));
 		SETOPT(http->curl, CURLOPT_WRITEFUNCTION, http_write);
 		SETOPT(http->curl, CURLOPT_WRITEDATA, http);
 		SETOPT(http->curl, CURLOPT_HEADERFUNCTION, http_header);

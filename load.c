@@ -745,3 +745,91 @@ loader_free(PhsyncLoader *loader)
 		SPI_freeplan(loader->single_plan);
 	loader->batch_plan = loader->single_plan = NULL;
 }
+
+/*
+ * Inspect a target without creating or changing anything (phsync_doctor()).
+ * Returns "ok", "warning" or "error", with a detail and maybe a hint; the
+ * key columns (cursor excluded) are returned when the table exists.
+ */
+const char *
+target_check(const char *name, const char *cursor, bool builtin,
+			 char **detail, char **hint, char ***keys, int *nkeys)
+{
+	List	   *names = stringToQualifiedNameList(name);
+	RangeVar   *rv = makeRangeVarFromNameList(names);
+	Oid			relid;
+	Relation	rel;
+	AttrNumber *keyatts = NULL;
+	AttrNumber	cursor_att;
+	int			n,
+				i;
+	bool		indexed = false;
+	List	   *indexes;
+	ListCell   *lc;
+	char	   *display;
+
+	*hint = NULL;
+	*keys = NULL;
+	*nkeys = 0;
+	if (rv->schemaname == NULL)
+		rv->schemaname = "public";	/* the worker's default search_path */
+	relid = RangeVarGetRelid(rv, AccessShareLock, true);
+	display = quote_qualified_identifier(rv->schemaname, rv->relname);
+	if (!OidIsValid(relid))
+	{
+		if (builtin)
+		{
+			*detail = psprintf("%s does not exist yet; the first run creates it", display);
+			return "ok";
+		}
+		*detail = psprintf("%s does not exist", display);
+		*hint = "With a custom query, create the target first, with a primary key or unique constraint.";
+		return "error";
+	}
+
+	rel = relation_open(relid, AccessShareLock);
+	cursor_att = get_attnum(relid, cursor);
+	if (cursor_att == InvalidAttrNumber)
+	{
+		relation_close(rel, AccessShareLock);
+		*detail = psprintf("%s has no column \"%s\" (phsync.cursor_column)", display, cursor);
+		return "error";
+	}
+	n = find_unique_key(rel, &keyatts);
+	if (n == 0)
+	{
+		relation_close(rel, AccessShareLock);
+		*detail = psprintf("%s has no primary key or unique constraint", display);
+		*hint = "phsync skips rows it already has with ON CONFLICT DO NOTHING, which needs one.";
+		return "error";
+	}
+	*keys = palloc(sizeof(char *) * n);
+	for (i = 0; i < n; i++)
+		if (keyatts[i] != cursor_att)
+			(*keys)[(*nkeys)++] = get_attname(relid, keyatts[i], false);
+
+	indexes = RelationGetIndexList(rel);
+	foreach(lc, indexes)
+	{
+		HeapTuple	tup = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(lfirst_oid(lc)));
+
+		if (HeapTupleIsValid(tup))
+		{
+			Form_pg_index idx = (Form_pg_index) GETSTRUCT(tup);
+
+			if (idx->indnkeyatts > 0 && idx->indkey.values[0] == cursor_att)
+				indexed = true;
+			ReleaseSysCache(tup);
+		}
+	}
+	relation_close(rel, AccessShareLock);
+	if (!indexed)
+	{
+		*detail = psprintf("%s has a unique key, but no index that starts with \"%s\"", display, cursor);
+		*hint = psprintf("Without one, every run reads the whole table for max(%s): CREATE INDEX ON %s (%s);",
+						 cursor, display, quote_identifier(cursor));
+		return "warning";
+	}
+	*detail = psprintf("%s has a unique key and an index on \"%s\"", display, cursor);
+	return "ok";
+}

@@ -128,3 +128,15 @@ LEFT JOIN LATERAL (SELECT * FROM phsync.runs WHERE status OPERATOR(pg_catalog.<>
 
 COMMENT ON VIEW phsync.status IS
 	'one row per sync: last finished run, watermark and lag, next scheduled run, run in progress';
+
+CREATE FUNCTION @extschema@.phsync_doctor(
+	OUT "check" text, OUT status text, OUT detail text, OUT hint text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'phsync_doctor'
+LANGUAGE C VOLATILE STRICT
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_doctor() IS
+	'checks phsync''s settings, worker, network, TLS, API key, target and query, one row each';
+
+REVOKE ALL ON FUNCTION @extschema@.phsync_doctor() FROM PUBLIC;

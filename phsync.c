@@ -21,6 +21,7 @@
 #include "storage/latch.h"
 #include "nodes/makefuncs.h"
 #include "utils/builtins.h"
+#include "utils/tuplestore.h"
 #include "utils/lsyscache.h"
 #include "utils/regproc.h"
 #include "utils/timestamp.h"
@@ -79,6 +80,7 @@ static int	run_at_seconds = 2 * 3600;
 
 PG_FUNCTION_INFO_V1(phsync_run_now);
 PG_FUNCTION_INFO_V1(phsync_worker_state);
+PG_FUNCTION_INFO_V1(phsync_doctor);
 
 void		_PG_init(void);
 
@@ -735,4 +737,30 @@ phsync_worker_state(PG_FUNCTION_ARGS)
 		values[6] = Int64GetDatum(0);
 	}
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+static void
+doctor_emit(void *arg, const char *check, const char *status, const char *detail,
+			const char *hint)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) arg;
+	Datum		values[4];
+	bool		nulls[4] = {false, false, detail == NULL, hint == NULL};
+
+	values[0] = CStringGetTextDatum(check);
+	values[1] = CStringGetTextDatum(status);
+	values[2] = detail ? CStringGetTextDatum(detail) : (Datum) 0;
+	values[3] = hint ? CStringGetTextDatum(hint) : (Datum) 0;
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+}
+
+/*
+ * phsync_doctor() RETURNS TABLE (check, status, detail, hint)
+ */
+Datum
+phsync_doctor(PG_FUNCTION_ARGS)
+{
+	InitMaterializedSRF(fcinfo, 0);
+	doctor_run(doctor_emit, fcinfo->resultinfo);
+	return (Datum) 0;
 }

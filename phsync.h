@@ -11,6 +11,8 @@
  *	hogql.c		 HogQL text and request body; reading the response
  *	load.c		 target table: creation, inspection, inserting pages via SPI
  *	runlog.c	 the phsync.runs table
+ *	retry.c		 the retry policy and request pacing
+ *	doctor.c	 phsync_doctor(): configuration and connectivity checks
  *
  *-------------------------------------------------------------------------
  */
@@ -133,6 +135,8 @@ extern void http_close(PhsyncHttp *http);
 extern void http_post(PhsyncHttp *http, const char *url, const char *body,
 					  PhsyncHttpResult *result);
 extern void http_raise(PhsyncHttpResult *result) pg_attribute_noreturn();
+extern void http_set_timeout(PhsyncHttp *http, long timeout_ms);
+extern int	http_probe(const char *url, long timeout_ms, char **detail);
 extern void phsync_check_host(const char *host);
 
 /* ---------- retry policy and pacing (retry.c) ---------- */
@@ -223,6 +227,14 @@ extern bool loader_matches(PhsyncLoader *loader, PhsyncPage *page);
 extern uint64 loader_insert(PhsyncLoader *loader, PhsyncPage *page,
 							int64 run_id, int64 *rejected);
 extern void loader_free(PhsyncLoader *loader);
+extern const char *target_check(const char *name, const char *cursor,
+								bool builtin, char **detail, char **hint,
+								char ***keys, int *nkeys);
+
+/* ---------- phsync_doctor() (doctor.c) ---------- */
+typedef void (*DoctorRow) (void *arg, const char *check, const char *status,
+						   const char *detail, const char *hint);
+extern void doctor_run(DoctorRow emit, void *arg);
 
 /* ---------- phsync.runs (runlog.c) ---------- */
 extern int64 runlog_start(const char *trigger, const char *target);

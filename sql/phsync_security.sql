@@ -8,7 +8,10 @@ SHOW phsync.api_key;
 SELECT current_setting('phsync.api_key');
 SELECT count(*) FROM pg_settings WHERE name = 'phsync.api_key';
 SELECT phsync_run_now();
+SELECT * FROM phsync_doctor();
+SELECT * FROM phsync_worker_state();
 SELECT count(*) FROM phsync.runs;
+SELECT count(*) FROM phsync.status;
 RESET ROLE;
 
 -- granting EXECUTE is enough to run a sync (the function reads phsync.runs

@@ -1,0 +1,317 @@
+/*-------------------------------------------------------------------------
+ *
+ * doctor.c
+ *		phsync_doctor(): the checks a person makes when phsync does not
+ *		work, in the order they would make them, one row each.
+ *
+ * settings, worker, dns, tcp, tls, auth, target, query.  Every network
+ * step has a short timeout, so the doctor never hangs; a step that cannot
+ * be made because an earlier one failed says so.  Details start with the
+ * category users see elsewhere (auth, network, timeout, permission).  The
+ * API key is never shown.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <curl/curl.h>
+#include <netdb.h>
+#include <sys/socket.h>
+
+#include "miscadmin.h"
+#include "utils/timestamp.h"
+
+#include "phsync.h"
+
+/* limit for each network check */
+#define DOCTOR_TIMEOUT_MS 5000L
+
+typedef struct Doctor
+{
+	DoctorRow	emit;
+	void	   *arg;
+	bool		reachable;		/* host resolves and accepts connections */
+	bool		configured;		/* project and key set */
+} Doctor;
+
+static void
+row(Doctor *d, const char *check, const char *status, const char *detail,
+	const char *hint)
+{
+	d->emit(d->arg, check, status, detail, hint);
+}
+
+/*
+ * host and port of phsync.host, for DNS and TCP.
+ */
+static void
+split_host(char **host, int *port, bool *https)
+{
+	const char *s = phsync_host;
+	const char *p;
+	size_t		len;
+
+	*https = strncmp(s, "https://", 8) == 0;
+	s += *https ? 8 : 7;
+	if (*s == '[')
+	{
+		len = strcspn(s + 1, "]");
+		*host = pnstrdup(s + 1, len);
+		p = s + 1 + len + 1;
+	}
+	else
+	{
+		len = strcspn(s, ":/");
+		*host = pnstrdup(s, len);
+		p = s + len;
+	}
+	*port = (*p == ':') ? atoi(p + 1) : (*https ? 443 : 80);
+}
+
+static const char *
+curl_category(int rc)
+{
+	return rc == CURLE_OPERATION_TIMEDOUT ? "timeout" : "network";
+}
+
+static void
+check_settings(Doctor *d)
+{
+	const char *missing = NULL;
+
+	if (phsync_project_id[0] == '\0')
+		missing = "phsync.project_id";
+	else if (phsync_api_key()[0] == '\0')
+		missing = "phsync.api_key";
+	d->configured = (missing == NULL);
+	if (missing)
+		row(d, "settings", "error", psprintf("%s is not set", missing),
+			psprintf("Set %s in postgresql.conf and reload the configuration.", missing));
+	else
+		row(d, "settings", "ok",
+			psprintf("host %s, project %s, target %s, cursor %s%s%s",
+					 phsync_host, phsync_project_id, phsync_target_table,
+					 phsync_cursor_column,
+					 phsync_query_file[0] ? ", query file " : "",
+					 phsync_query_file),
+			NULL);
+}
+
+static void
+check_worker(Doctor *d)
+{
+	pid_t		pid;
+	TimestampTz next;
+
+	if (phsync_shared == NULL)
+	{
+		row(d, "worker", "error", "phsync is not loaded through shared_preload_libraries",
+			"Add phsync to shared_preload_libraries in postgresql.conf and restart the server.");
+		return;
+	}
+	SpinLockAcquire(&phsync_shared->mutex);
+	pid = phsync_shared->worker_pid;
+	next = phsync_shared->next_due;
+	SpinLockRelease(&phsync_shared->mutex);
+	if (pid == 0)
+		row(d, "worker", "error", "the phsync worker is not running",
+			"The server log says why; it restarts within seconds after a crash.");
+	else
+		row(d, "worker", "ok",
+			next ? psprintf("pid %d, next scheduled run at %s", (int) pid, timestamptz_to_str(next)) :
+			psprintf("pid %d", (int) pid), NULL);
+}
+
+static void
+check_network(Doctor *d)
+{
+	char	   *host;
+	int			port;
+	bool		https;
+	struct addrinfo hints;
+	struct addrinfo *res = NULL;
+	int			rc;
+	char	   *detail;
+	char		addr[NI_MAXHOST];
+
+	split_host(&host, &port, &https);
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_socktype = SOCK_STREAM;
+	rc = getaddrinfo(host, NULL, &hints, &res);
+	if (rc != 0)
+	{
+		row(d, "dns", "error", psprintf("network: could not resolve \"%s\": %s", host, gai_strerror(rc)),
+			"Check phsync.host.");
+		row(d, "tcp", "warning", "not checked: the host does not resolve", NULL);
+		if (https)
+			row(d, "tls", "warning", "not checked: the host does not resolve", NULL);
+		return;
+	}
+	if (getnameinfo(res->ai_addr, res->ai_addrlen, addr, sizeof(addr), NULL, 0, NI_NUMERICHOST) != 0)
+		strlcpy(addr, "?", sizeof(addr));
+	freeaddrinfo(res);
+	row(d, "dns", "ok", psprintf("%s resolves to %s", host, addr), NULL);
+
+	/* TCP alone: connect-only to the same host and port over plain http */
+	rc = http_probe(psprintf("http://%s%s%s:%d/", strchr(host, ':') ? "[" : "", host,
+							 strchr(host, ':') ? "]" : "", port),
+					DOCTOR_TIMEOUT_MS, &detail);
+	if (rc != CURLE_OK)
+	{
+		row(d, "tcp", "error", psprintf("%s: %s", curl_category(rc), detail),
+			"Check phsync.host, the port, and any firewall between this server and PostHog.");
+		if (https)
+			row(d, "tls", "warning", "not checked: no TCP connection", NULL);
+		return;
+	}
+	row(d, "tcp", "ok", psprintf("connected to %s port %d", host, port), NULL);
+
+	if (https)
+	{
+		rc = http_probe(phsync_host, DOCTOR_TIMEOUT_MS, &detail);
+		if (rc != CURLE_OK)
+		{
+			row(d, "tls", "error", psprintf("%s: TLS: %s", curl_category(rc), detail),
+				"For a self-hosted PostHog with its own CA, set phsync.ca_file.");
+			return;
+		}
+		row(d, "tls", "ok", "handshake done, certificate verified", NULL);
+	}
+	d->reachable = true;
+}
+
+/*
+ * POST a HogQL query with a short timeout; a row for the outcome.
+ */
+static bool
+ask_posthog(Doctor *d, const char *check, PhsyncQuery *q, const char *hogql,
+			const char *ok_detail)
+{
+	PhsyncHttp *http;
+	PhsyncHttpResult res;
+	char	   *url;
+	char	   *body;
+	size_t		len = strlen(phsync_host);
+
+	while (len > 0 && phsync_host[len - 1] == '/')
+		len--;
+	url = psprintf("%.*s/api/projects/%s/query/", (int) len, phsync_host, phsync_project_id);
+	q->until = GetCurrentTimestamp();
+	q->since = q->until - USECS_PER_HOUR;
+	body = hogql_request_body(q, hogql, NULL, "phsync doctor", "phsync-doctor");
+
+	http = http_open();
+	http_set_timeout(http, DOCTOR_TIMEOUT_MS);
+	PG_TRY();
+	{
+		http_post(http, url, body, &res);
+	}
+	PG_FINALLY();
+	{
+		http_close(http);
+	}
+	PG_END_TRY();
+
+	if (res.json)
+	{
+		json_object_put(res.json);
+		row(d, check, "ok", ok_detail, NULL);
+		return true;
+	}
+	if (res.curl_code != CURLE_OK)
+		row(d, check, "error", psprintf("%s: %s", curl_category(res.curl_code), res.detail),
+			"Check phsync.host and the network.");
+	else if (res.status == 401)
+		row(d, check, "error", psprintf("auth: HTTP 401: %s", res.detail),
+			"Check phsync.api_key: PostHog does not accept it.");
+	else if (res.status == 403)
+		row(d, check, "error", psprintf("permission: HTTP 403: %s", res.detail),
+			"Check that phsync.api_key has the \"Query Read\" scope and access to phsync.project_id.");
+	else if (res.status == 504 || res.status == 512)
+		row(d, check, "error", psprintf("timeout: HTTP %ld: %s", res.status, res.detail), NULL);
+	else if (res.status == 400)
+		row(d, check, "error", psprintf("query: HTTP 400: %s", res.detail),
+			"Check the HogQL query (phsync.query_file) and phsync.cursor_column.");
+	else
+		row(d, check, "error", psprintf("network: HTTP %ld: %s", res.status, res.detail), NULL);
+	return false;
+}
+
+static void
+check_target_and_query(Doctor *d, bool authenticated)
+{
+	bool		builtin = phsync_query_file[0] == '\0';
+	char	   *detail;
+	char	   *hint;
+	char	  **keys;
+	int			nkeys;
+	const char *status;
+	PhsyncQuery q;
+	char	   *hogql;
+
+	status = target_check(phsync_target_table, phsync_cursor_column, builtin,
+						  &detail, &hint, &keys, &nkeys);
+	row(d, "target", status, detail, hint);
+
+	if (!authenticated)
+	{
+		row(d, "query", "warning", "not checked: PostHog did not answer a query", NULL);
+		return;
+	}
+	memset(&q, 0, sizeof(q));
+	q.cursor = phsync_cursor_column;
+	q.keys = keys;
+	q.nkeys = nkeys;
+	q.limit = 0;
+	PG_TRY();
+	{
+		q.base = builtin ? NULL : hogql_read_query_file(phsync_query_file);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		edata = CopyErrorData();
+		FlushErrorState();
+		row(d, "query", "error", edata->message, "Check phsync.query_file.");
+		return;
+	}
+	PG_END_TRY();
+	hogql = hogql_build(&q, NULL);
+	(void) ask_posthog(d, "query", &q, hogql,
+					   builtin ? "PostHog accepts the built-in events query" :
+					   "PostHog accepts the query in phsync.query_file");
+}
+
+/*
+ * Run every check, emitting a row for each.
+ */
+void
+doctor_run(DoctorRow emit, void *arg)
+{
+	Doctor		d;
+	bool		authenticated = false;
+
+	memset(&d, 0, sizeof(d));
+	d.emit = emit;
+	d.arg = arg;
+
+	check_settings(&d);
+	check_worker(&d);
+	check_network(&d);
+	if (d.reachable && d.configured)
+	{
+		PhsyncQuery q;
+
+		memset(&q, 0, sizeof(q));
+		q.cursor = phsync_cursor_column;
+		q.base = "SELECT 1";	/* a custom query: no {timestamp_since} */
+		authenticated = ask_posthog(&d, "auth", &q, "SELECT 1",
+									psprintf("the API key runs queries in project %s", phsync_project_id));
+	}
+	else
+		row(&d, "auth", "warning",
+			d.configured ? "not checked: PostHog is not reachable" :
+			"not checked: phsync.project_id or phsync.api_key is not set", NULL);
+	check_target_and_query(&d, authenticated);
+}

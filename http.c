@@ -118,13 +118,12 @@ phsync_check_host(const char *host)
 }
 
 /*
- * A curl handle set up for PostHog: TLS verified, no redirects, gzip,
- * interruptible.
+ * A new libcurl easy handle (initialising libcurl on first use).
  */
-PhsyncHttp *
-http_open(void)
+static CURL *
+new_curl_handle(void)
 {
-	PhsyncHttp *http;
+	CURL	   *curl;
 
 	if (!curl_initialized)
 	{
@@ -134,16 +133,55 @@ http_open(void)
 					 errmsg("could not initialize libcurl")));
 		curl_initialized = true;
 	}
-
-	http = MemoryContextAllocZero(TopMemoryContext, sizeof(PhsyncHttp));
-	http->curl = curl_easy_init();
-	if (http->curl == NULL)
-	{
-		pfree(http);
+	curl = curl_easy_init();
+	if (curl == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("could not create a libcurl handle")));
+	return curl;
+}
+
+/*
+ * What every connection phsync makes shares: https (or http to loopback)
+ * only, TLS verified against the system CAs plus phsync.ca_file, no
+ * redirects, no signals, a time limit, and a progress callback that lets a
+ * cancel or shutdown abort the transfer.
+ */
+static void
+set_transport_options(CURL *curl, char *errbuf, long timeout_ms)
+{
+	SETOPT(curl, CURLOPT_ERRORBUFFER, errbuf);
+	SETOPT(curl, CURLOPT_NOSIGNAL, 1L);
+	SETOPT(curl, CURLOPT_FOLLOWLOCATION, 0L);
+	SETOPT(curl, CURLOPT_PROTOCOLS_STR, "https,http");
+	SETOPT(curl, CURLOPT_SSL_VERIFYPEER, 1L);
+	SETOPT(curl, CURLOPT_SSL_VERIFYHOST, 2L);
+	if (phsync_ca_file && phsync_ca_file[0])
+		SETOPT(curl, CURLOPT_CAINFO, phsync_ca_file);
+	SETOPT(curl, CURLOPT_TIMEOUT_MS, timeout_ms);
+	SETOPT(curl, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout_ms, 30000L));
+	SETOPT(curl, CURLOPT_NOPROGRESS, 0L);
+	SETOPT(curl, CURLOPT_XFERINFOFUNCTION, http_progress);
+}
+
+/*
+ * A curl handle for PostHog's query API, kept for a whole run.
+ */
+PhsyncHttp *
+http_open(void)
+{
+	PhsyncHttp *http = MemoryContextAllocZero(TopMemoryContext, sizeof(PhsyncHttp));
+
+	PG_TRY();
+	{
+		http->curl = new_curl_handle();
 	}
+	PG_CATCH();
+	{
+		pfree(http);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 	return http;
 }
 
@@ -164,41 +202,25 @@ http_set_timeout(PhsyncHttp *http, long timeout_ms)
 int
 http_probe(const char *url, long timeout_ms, char **detail)
 {
-	CURL	   *curl;
+	CURL	   *curl = new_curl_handle();
 	char		errbuf[CURL_ERROR_SIZE];
-	CURLcode	rc;
+	volatile CURLcode rc = CURLE_OK;
 
-	if (!curl_initialized)
-	{
-		if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_INTERNAL_ERROR),
-					 errmsg("could not initialize libcurl")));
-		curl_initialized = true;
-	}
-	curl = curl_easy_init();
-	if (curl == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("could not create a libcurl handle")));
 	errbuf[0] = '\0';
-	curl_easy_setopt(curl, CURLOPT_URL, url);
-	curl_easy_setopt(curl, CURLOPT_CONNECT_ONLY, 1L);
-	curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, errbuf);
-	curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "https,http");
-	curl_easy_setopt(curl, CURLOPT_SSL_VERIFYPEER, 1L);
-	curl_easy_setopt(curl, CURLOPT_SSL_VERIFYHOST, 2L);
-	if (phsync_ca_file && phsync_ca_file[0])
-		curl_easy_setopt(curl, CURLOPT_CAINFO, phsync_ca_file);
-	curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, timeout_ms);
-	curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, timeout_ms);
-	curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
-	curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, http_progress);
-	rc = curl_easy_perform(curl);
-	*detail = pstrdup(errbuf[0] ? errbuf : curl_easy_strerror(rc));
-	curl_easy_cleanup(curl);
+	PG_TRY();
+	{
+		SETOPT(curl, CURLOPT_URL, url);
+		SETOPT(curl, CURLOPT_CONNECT_ONLY, 1L);
+		set_transport_options(curl, errbuf, timeout_ms);
+		rc = curl_easy_perform(curl);
+	}
+	PG_FINALLY();
+	{
+		curl_easy_cleanup(curl);
+	}
+	PG_END_TRY();
 	CHECK_FOR_INTERRUPTS();
+	*detail = pstrdup(errbuf[0] ? errbuf : curl_easy_strerror(rc));
 	return (int) rc;
 }
 
@@ -362,25 +384,12 @@ http_post(PhsyncHttp *http, const char *url, const char *body,
 		SETOPT(http->curl, CURLOPT_HTTPHEADER, headers);
 		SETOPT(http->curl, CURLOPT_USERAGENT, "phsync/" PHSYNC_VERSION);
 		SETOPT(http->curl, CURLOPT_ACCEPT_ENCODING, "");
-		SETOPT(http->curl, CURLOPT_ERRORBUFFER, http->errbuf);
-		SETOPT(http->curl, CURLOPT_NOSIGNAL, 1L);
-		SETOPT(http->curl, CURLOPT_FOLLOWLOCATION, 0L);
-		SETOPT(http->curl, CURLOPT_PROTOCOLS_STR, "https,http");
-		SETOPT(http->curl, CURLOPT_SSL_VERIFYPEER, 1L);
-		SETOPT(http->curl, CURLOPT_SSL_VERIFYHOST, 2L);
-		if (phsync_ca_file && phsync_ca_file[0])
-			SETOPT(http->curl, CURLOPT_CAINFO, phsync_ca_file);
-		SETOPT(http->curl, CURLOPT_TIMEOUT_MS,
-			   http->timeout_ms ? http->timeout_ms : (long) phsync_request_timeout);
-		SETOPT(http->curl, CURLOPT_CONNECTTIMEOUT_MS,
-			   Min(http->timeout_ms ? http->timeout_ms : (long) phsync_request_timeout, 30000L));
+		set_transport_options(http->curl, http->errbuf,
+							  http->timeout_ms ? http->timeout_ms : (long) phsync_request_timeout);
 		SETOPT(http->curl, CURLOPT_WRITEFUNCTION, http_write);
 		SETOPT(http->curl, CURLOPT_WRITEDATA, http);
 		SETOPT(http->curl, CURLOPT_HEADERFUNCTION, http_header);
 		SETOPT(http->curl, CURLOPT_HEADERDATA, http);
-		SETOPT(http->curl, CURLOPT_NOPROGRESS, 0L);
-		SETOPT(http->curl, CURLOPT_XFERINFOFUNCTION, http_progress);
-		SETOPT(http->curl, CURLOPT_XFERINFODATA, http);
 
 		rc = curl_easy_perform(http->curl);
 	}

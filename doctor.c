@@ -237,6 +237,34 @@ ask_posthog(Doctor *d, const char *check, PhsyncQuery *q, const char *hogql,
 	return false;
 }
 
+/*
+ * The custom query's text, or NULL with *failure set (unreadable file).
+ */
+static char *
+read_query_file_or_null(char **failure)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	char	   *volatile text = NULL;
+
+	PG_TRY();
+	{
+		text = hogql_read_query_file(phsync_query_file);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		*failure = pstrdup(edata->message);
+		FreeErrorData(edata);
+		text = NULL;
+	}
+	PG_END_TRY();
+	return text;
+}
+
 static void
 check_target_and_query(Doctor *d, bool authenticated)
 {
@@ -263,20 +291,17 @@ check_target_and_query(Doctor *d, bool authenticated)
 	q.keys = keys;
 	q.nkeys = nkeys;
 	q.limit = 0;
-	PG_TRY();
+	if (!builtin)
 	{
-		q.base = builtin ? NULL : hogql_read_query_file(phsync_query_file);
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
+		char	   *failure = NULL;
 
-		edata = CopyErrorData();
-		FlushErrorState();
-		row(d, "query", "error", edata->message, "Check phsync.query_file.");
-		return;
+		q.base = read_query_file_or_null(&failure);
+		if (q.base == NULL)
+		{
+			row(d, "query", "error", failure, "Check phsync.query_file.");
+			return;
+		}
 	}
-	PG_END_TRY();
 	hogql = hogql_build(&q, NULL);
 	(void) ask_posthog(d, "query", &q, hogql,
 					   builtin ? "PostHog accepts the built-in events query" :

@@ -73,14 +73,19 @@ base_type(const char *chtype, char *buf, size_t buflen)
 	{
 		size_t		len = strlen(chtype);
 
+		size_t		skip = 0;
+
 		if (strncmp(chtype, "Nullable(", 9) == 0 && chtype[len - 1] == ')')
-		{
-			strlcpy(buf, chtype + 9, Min(buflen, len - 9));
-			chtype = buf;
-		}
+			skip = 9;
 		else if (strncmp(chtype, "LowCardinality(", 15) == 0 && chtype[len - 1] == ')')
+			skip = 15;
+		if (skip)
 		{
-			strlcpy(buf, chtype + 15, Min(buflen, len - 15));
+			size_t		n = Min(buflen - 1, len - skip - 1);
+
+			/* chtype may already point into buf: the copy may overlap */
+			memmove(buf, chtype + skip, n);
+			buf[n] = '\0';
 			chtype = buf;
 		}
 		else

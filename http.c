@@ -318,8 +318,11 @@ http_header(char *data, size_t size, size_t nitems, void *userdata)
 		char		buf[32];
 		char	   *end;
 		double		v;
+		size_t		n = Min(sizeof(buf) - 1, len - 12);
 
-		strlcpy(buf, data + 12, Min(sizeof(buf), len - 12 + 1));
+		/* curl's header data is not NUL-terminated */
+		memcpy(buf, data + 12, n);
+		buf[n] = '\0';
 		v = strtod(buf, &end);
 		if (end != buf && v >= 0)
 			http->retry_after = v;

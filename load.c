@@ -256,6 +256,11 @@ target_prepare(const char *name, const char *cursor, bool builtin)
 		for (c = 0; c < target->ncols; c++)
 			if (target->cols[c].attnum == keyatts[i])
 				break;
+		if (c == target->ncols)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_TABLE_DEFINITION),
+					 errmsg("the unique key of table %s includes a generated column", target->display),
+					 errdetail("phsync inserts the key columns, and generated columns cannot be inserted.")));
 		if (c != target->cursor)
 			target->keys[target->nkeys++] = c;
 	}

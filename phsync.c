@@ -19,6 +19,7 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/latch.h"
+#include "storage/procarray.h"
 #include "nodes/makefuncs.h"
 #include "utils/builtins.h"
 #include "utils/tuplestore.h"
@@ -58,6 +59,8 @@ bool		phsync_progress_notices = true;
 
 /* at most one progress NOTICE this often from phsync_run_now() */
 #define PROGRESS_NOTICE_MS 5000
+/* how long phsync_run_now() waits for a worker that is not there */
+#define WORKER_WAIT_MS 60000
 
 static const struct config_enum_entry on_bad_row_options[] = {
 	{"reject", PHSYNC_BAD_ROW_REJECT, false},
@@ -468,6 +471,8 @@ static void
 withdraw_request(uint64 my_request)
 {
 	SpinLockAcquire(&phsync_shared->mutex);
+	if (phsync_shared->result_request == my_request)
+		phsync_shared->result_unread = false;
 	if (phsync_shared->requests == my_request &&
 		phsync_shared->requests_done < my_request &&
 		phsync_shared->requester_latch == MyLatch &&
@@ -518,7 +523,9 @@ wait_for_run(uint64 my_request, RunAnswer *answer)
 {
 	ErrorContextCallback errcallback;
 	TimestampTz last_notice = GetCurrentTimestamp();
+	TimestampTz absent_since = 0;
 	int			noticed_pages = 0;
+	bool		worker_absent;
 
 	errcallback.callback = run_now_wait_context;
 	errcallback.arg = NULL;
@@ -530,9 +537,13 @@ wait_for_run(uint64 my_request, RunAnswer *answer)
 		bool		done;
 
 		SpinLockAcquire(&phsync_shared->mutex);
-		done = phsync_shared->requests_done >= my_request;
+		done = phsync_shared->requests_done >= my_request &&
+			phsync_shared->result_request == my_request;
+		worker_absent = phsync_shared->worker_pid == 0 &&
+			phsync_shared->request_taken != my_request;
 		if (done)
 		{
+			phsync_shared->result_unread = false;
 			answer->run_id = phsync_shared->result_run_id;
 			answer->ok = phsync_shared->result_ok;
 			answer->sqlerrcode = phsync_shared->result_sqlerrcode;
@@ -542,6 +553,17 @@ wait_for_run(uint64 my_request, RunAnswer *answer)
 		SpinLockRelease(&phsync_shared->mutex);
 		if (done)
 			break;
+
+		/* the postmaster restarts a dead worker within seconds */
+		if (!worker_absent)
+			absent_since = 0;
+		else if (absent_since == 0)
+			absent_since = GetCurrentTimestamp();
+		else if (TimestampDifferenceExceeds(absent_since, GetCurrentTimestamp(), WORKER_WAIT_MS))
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("the phsync worker is not running"),
+					 errhint("The server log says why it does not start.")));
 
 		if (phsync_progress_notices &&
 			TimestampDifferenceExceeds(last_notice, GetCurrentTimestamp(), PROGRESS_NOTICE_MS))
@@ -585,6 +607,7 @@ phsync_run_now(PG_FUNCTION_ARGS)
 {
 	volatile uint64 my_request = 0;
 	int64		busy_run = 0;
+	int			unread_pid;
 	bool		busy;
 	Latch	   *worker_latch;
 	RunAnswer	answer;
@@ -603,15 +626,29 @@ phsync_run_now(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
+	/* an answer its caller never read, because that backend is gone */
+	SpinLockAcquire(&phsync_shared->mutex);
+	unread_pid = phsync_shared->result_unread ? phsync_shared->requester_pid : 0;
+	SpinLockRelease(&phsync_shared->mutex);
+	if (unread_pid != 0 && BackendPidGetProc(unread_pid) == NULL)
+	{
+		SpinLockAcquire(&phsync_shared->mutex);
+		if (phsync_shared->requester_pid == unread_pid)
+			phsync_shared->result_unread = false;
+		SpinLockRelease(&phsync_shared->mutex);
+	}
+
 	SpinLockAcquire(&phsync_shared->mutex);
 	busy = phsync_shared->running ||
-		phsync_shared->requests != phsync_shared->requests_done;
+		phsync_shared->requests != phsync_shared->requests_done ||
+		phsync_shared->result_unread;
 	if (busy)
 		busy_run = phsync_shared->running_run_id;
 	else
 	{
 		my_request = ++phsync_shared->requests;
 		phsync_shared->requester_latch = MyLatch;
+		phsync_shared->requester_pid = MyProcPid;
 	}
 	worker_latch = phsync_shared->worker_latch;
 	SpinLockRelease(&phsync_shared->mutex);

@@ -88,6 +88,9 @@ typedef struct PhsyncShared
 	int64		progress_received;
 	TimestampTz next_due;		/* next scheduled run, 0 if unknown */
 	/* outcome of the last manual run, for phsync_run_now() */
+	uint64		result_request; /* the request it answers */
+	bool		result_unread;	/* its caller has not read it yet */
+	int			requester_pid;	/* that caller */
 	int64		result_run_id;
 	bool		result_ok;
 	int			result_sqlerrcode;

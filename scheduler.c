@@ -50,6 +50,14 @@ static PhsyncBoot *phsync_boot = NULL;
  */
 static TimestampTz schedule_base = 0;
 
+/*
+ * When this worker last started a scheduled run.  A run that fails before
+ * it could even write its phsync.runs row (no INSERT right, disk full)
+ * leaves no trace there; without this the same past slot would be due again
+ * at once, for ever.
+ */
+static TimestampTz last_schedule_attempt = 0;
+
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
@@ -156,7 +164,9 @@ next_due(void)
 	TimestampTz last;
 
 	if (runlog_last_scheduled(&last))
-		return slot_after(last);
+		return slot_after(Max(last, last_schedule_attempt));
+	if (last_schedule_attempt != 0)
+		return slot_after(last_schedule_attempt);
 	return slot_after(schedule_base - 1);
 }
 
@@ -240,6 +250,8 @@ detach_from_shared(int code, Datum arg)
 	SpinLockAcquire(&phsync_shared->mutex);
 	if (phsync_shared->request_taken)
 	{
+		phsync_shared->result_request = phsync_shared->request_taken;
+		phsync_shared->result_unread = true;
 		phsync_shared->result_run_id = phsync_shared->running_run_id;
 		phsync_shared->result_ok = false;
 		phsync_shared->result_sqlerrcode = ERRCODE_ADMIN_SHUTDOWN;
@@ -275,6 +287,8 @@ answer_request(uint64 request, PhsyncOutcome *outcome)
 	SpinLockAcquire(&phsync_shared->mutex);
 	phsync_shared->running = false;
 	phsync_shared->running_run_id = 0;
+	phsync_shared->result_request = request;
+	phsync_shared->result_unread = true;
 	phsync_shared->result_run_id = outcome->run_id;
 	phsync_shared->result_ok = outcome->ok;
 	phsync_shared->result_sqlerrcode = outcome->sqlerrcode;
@@ -461,6 +475,7 @@ phsync_worker_main(Datum main_arg)
 			SpinLockAcquire(&phsync_shared->mutex);
 			phsync_shared->running = true;
 			SpinLockRelease(&phsync_shared->mutex);
+			last_schedule_attempt = now;
 			phsync_run("schedule", &outcome);
 			SpinLockAcquire(&phsync_shared->mutex);
 			phsync_shared->running = false;

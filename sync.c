@@ -144,7 +144,13 @@ place_slice(RunState *st, PhsyncQuery *q, TimestampTz from)
 static void
 ask_for_less(RunState *st, PhsyncQuery *q)
 {
-	TimestampTz from = st->keyset.valid ? hogql_keyset_cursor(&st->keyset) : q->chunk_from;
+	/*
+	 * Mid-slice, restart from the keyset position's cursor, one microsecond
+	 * early: a finer-grained cursor rounded to microseconds must not start
+	 * the slice after rows that share the last row's cursor value.
+	 */
+	TimestampTz from = st->keyset.valid ?
+		Max(hogql_keyset_cursor(&st->keyset) - 1, q->chunk_from) : q->chunk_from;
 
 	st->span = Max(Min(st->span, q->until - from) / 2, MIN_SPAN_USECS);
 	q->limit = Max(q->limit / 2, Min(100, phsync_page_size));
@@ -392,11 +398,30 @@ phsync_run(const char *trigger, PhsyncOutcome *outcome)
 		outcome->sqlerrcode = edata->sqlerrcode;
 		outcome->message = error;
 		outcome->hint = edata->hint ? pstrdup(edata->hint) : NULL;
-		if (st.run_id != 0)
-			runlog_finish(st.run_id, false, error, &st.counters);
 		FreeErrorData(edata);
 	}
 	PG_END_TRY();
+
+	/*
+	 * Record the failure outside the catch block: if even that fails (the
+	 * database refuses writes, say), the worker must go on; the run stays
+	 * "running" and is marked failed when the worker next starts.
+	 */
+	if (!outcome->ok && outcome->run_id != 0)
+	{
+		PG_TRY();
+		{
+			runlog_finish(outcome->run_id, false, outcome->message, &st.counters);
+		}
+		PG_CATCH();
+		{
+			MemoryContextSwitchTo(outer);
+			EmitErrorReport();
+			FlushErrorState();
+			AbortOutOfAnyTransaction();
+		}
+		PG_END_TRY();
+	}
 
 	MemoryContextSwitchTo(outer);
 	MemoryContextDelete(run_cxt);

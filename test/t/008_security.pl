@@ -53,6 +53,20 @@ $node->safe_psql('postgres', 'GRANT INSERT ON public.posthog_events TO phsync_ru
 like(run_now($node), qr/^succeeded\|\d+\|\d+\|5$/, 'with INSERT and SELECT on the target, the run succeeds');
 is(source_equals_target($node, $fake), 0, 'target equals source');
 
+# A scheduled run that cannot even write its phsync.runs row: one attempt,
+# then the next slot, not a loop retrying the same past slot.
+$node->safe_psql('postgres', 'REVOKE INSERT ON phsync.runs FROM phsync_runner');
+my ($at, $tomorrow) = split /\|/, $node->safe_psql('postgres', q{
+	SELECT to_char(t, 'HH24:MI:SS') || '|' || to_char(t::date + 1 + t::time, 'YYYY-MM-DD HH24:MI:SS')
+	FROM (SELECT now() AT TIME ZONE 'UTC' + interval '2 seconds' AS t) s});
+set_conf($node, 'phsync.interval' => '1d', 'phsync.run_at' => $at);
+ok(poll_until(sub { $node->safe_psql('postgres', "SELECT query FROM pg_stat_activity WHERE backend_type = 'phsync worker'") eq "idle until $tomorrow+00" }, 30, 'next slot'),
+	'after a scheduled run that could not start, the worker waits for the next slot');
+my $attempts = () = slurp_file($node->logfile) =~ /ERROR:  permission denied for table runs/g;
+is($attempts, 1, 'exactly one attempt was made');
+$node->safe_psql('postgres', 'GRANT INSERT ON phsync.runs TO phsync_runner');
+set_conf($node, 'phsync.interval' => '3650d', 'phsync.run_at' => '00:00');
+
 # Hostile identifiers: a table name with quotes, a semicolon and unicode.
 $node->append_conf('postgresql.conf', "phsync.role = ''\n");
 $node->restart;

@@ -189,13 +189,9 @@ ask_posthog(Doctor *d, const char *check, PhsyncQuery *q, const char *hogql,
 {
 	PhsyncHttp *http;
 	PhsyncHttpResult res;
-	char	   *url;
+	char	   *url = http_query_url();
 	char	   *body;
-	size_t		len = strlen(phsync_host);
 
-	while (len > 0 && phsync_host[len - 1] == '/')
-		len--;
-	url = psprintf("%.*s/api/projects/%s/query/", (int) len, phsync_host, phsync_project_id);
 	q->until = GetCurrentTimestamp();
 	q->since = q->until - USECS_PER_HOUR;
 	body = hogql_request_body(q, hogql, NULL, "phsync doctor", "phsync-doctor");

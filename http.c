@@ -104,17 +104,19 @@ http_progress(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 	} while (0)
 
 /*
- * Reject a host we must not talk to, with an error in PostgreSQL's style.
- * (phsync.host's check hook already refuses these when set; this guards the
- * value in effect at run time.)
+ * The query endpoint of phsync.host and phsync.project_id (the setting's
+ * check hook has already made sure the host is https://, or http:// to
+ * loopback).
  */
-void
-phsync_check_host(const char *host)
+char *
+http_query_url(void)
 {
-	if (strncmp(host, "https://", 8) != 0 && strncmp(host, "http://", 7) != 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("phsync.host must be an https:// URL")));
+	size_t		len = strlen(phsync_host);
+
+	while (len > 0 && phsync_host[len - 1] == '/')
+		len--;
+	return psprintf("%.*s/api/projects/%s/query/", (int) len, phsync_host,
+					phsync_project_id);
 }
 
 /*

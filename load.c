@@ -72,6 +72,43 @@ static const char *builtin_table_sql =
 "	created_at timestamptz NOT NULL\n"
 ")";
 
+/*
+ * A target name as the worker reads it: schema-qualified, or in public (the
+ * worker's search_path is the default one), so that phsync_doctor() and
+ * phsync.status, which run elsewhere, find the same table.
+ */
+RangeVar *
+target_rangevar(const char *name)
+{
+	RangeVar   *rv = makeRangeVarFromNameList(stringToQualifiedNameList(name));
+
+	if (rv->schemaname == NULL)
+		rv->schemaname = "public";
+	return rv;
+}
+
+/*
+ * max(cursor)::timestamptz of a table, with SPI connected.  False when the
+ * table is empty.
+ */
+bool
+relation_watermark(Oid relid, const char *cursor, TimestampTz *watermark)
+{
+	bool		isnull = true;
+	char	   *sql = psprintf("SELECT max(%s)::timestamptz FROM %s",
+							   quote_identifier(cursor),
+							   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+														  get_rel_name(relid)));
+
+	if (SPI_execute(sql, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the watermark of %s", get_rel_name(relid));
+	if (SPI_processed == 1)
+		*watermark = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+													   SPI_tuptable->tupdesc, 1,
+													   &isnull));
+	return !isnull;
+}
+
 static bool
 is_builtin_column(const char *name)
 {
@@ -159,7 +196,6 @@ PhsyncTarget *
 target_prepare(const char *name, const char *cursor, bool builtin)
 {
 	MemoryContext cxt = CurrentMemoryContext;
-	List	   *names;
 	RangeVar   *rv;
 	Oid			relid;
 	Relation	rel;
@@ -170,11 +206,8 @@ target_prepare(const char *name, const char *cursor, bool builtin)
 	int			i;
 	char	   *qualified;
 
-	names = stringToQualifiedNameList(name);
-	rv = makeRangeVarFromNameList(names);
-	qualified = rv->schemaname ?
-		quote_qualified_identifier(rv->schemaname, rv->relname) :
-		pstrdup(quote_identifier(rv->relname));
+	rv = target_rangevar(name);
+	qualified = quote_qualified_identifier(rv->schemaname, rv->relname);
 	relid = RangeVarGetRelid(rv, AccessShareLock, true);
 
 	if (!OidIsValid(relid))
@@ -275,19 +308,8 @@ target_prepare(const char *name, const char *cursor, bool builtin)
 bool
 target_watermark(PhsyncTarget *target, TimestampTz *watermark)
 {
-	bool		isnull = true;
-	char	   *sql;
-
-	sql = psprintf("SELECT max(%s)::timestamptz FROM %s",
-				   quote_identifier(target->cols[target->cursor].name),
-				   target->display);
-	if (SPI_execute(sql, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not read the watermark of %s", target->display);
-	if (SPI_processed == 1)
-		*watermark = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
-													   SPI_tuptable->tupdesc, 1,
-													   &isnull));
-	return !isnull;
+	return relation_watermark(target->relid, target->cols[target->cursor].name,
+							  watermark);
 }
 
 /*
@@ -760,8 +782,7 @@ const char *
 target_check(const char *name, const char *cursor, bool builtin,
 			 char **detail, char **hint, char ***keys, int *nkeys)
 {
-	List	   *names = stringToQualifiedNameList(name);
-	RangeVar   *rv = makeRangeVarFromNameList(names);
+	RangeVar   *rv = target_rangevar(name);
 	Oid			relid;
 	Relation	rel;
 	AttrNumber *keyatts = NULL;
@@ -776,8 +797,6 @@ target_check(const char *name, const char *cursor, bool builtin,
 	*hint = NULL;
 	*keys = NULL;
 	*nkeys = 0;
-	if (rv->schemaname == NULL)
-		rv->schemaname = "public";	/* the worker's default search_path */
 	relid = RangeVarGetRelid(rv, AccessShareLock, true);
 	display = quote_qualified_identifier(rv->schemaname, rv->relname);
 	if (!OidIsValid(relid))

@@ -721,8 +721,6 @@ phsync_worker_state(PG_FUNCTION_ARGS)
 	TupleDesc	tupdesc;
 	Datum		values[7];
 	bool		nulls[7] = {false, true, true, false, true, false, false};
-	List	   *names;
-	RangeVar   *rv;
 	Oid			relid;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -730,22 +728,17 @@ phsync_worker_state(PG_FUNCTION_ARGS)
 	tupdesc = BlessTupleDesc(tupdesc);
 
 	values[0] = CStringGetTextDatum(phsync_target_table);
-	names = stringToQualifiedNameList(phsync_target_table);
-	rv = makeRangeVarFromNameList(names);
-	/* the worker's search_path is the default one: an unqualified name is in public */
-	if (rv->schemaname == NULL)
-		rv->schemaname = "public";
-	relid = RangeVarGetRelid(rv, AccessShareLock, true);
+	relid = RangeVarGetRelid(target_rangevar(phsync_target_table), AccessShareLock, true);
 	if (OidIsValid(relid) && get_attnum(relid, phsync_cursor_column) != InvalidAttrNumber)
 	{
-		char	   *sql = psprintf("SELECT max(%s)::timestamptz FROM %s",
-								   quote_identifier(phsync_cursor_column),
-								   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
-															  get_rel_name(relid)));
+		TimestampTz watermark;
 
 		SPI_connect();
-		if (SPI_execute(sql, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
-			values[1] = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &nulls[1]);
+		if (relation_watermark(relid, phsync_cursor_column, &watermark))
+		{
+			values[1] = TimestampTzGetDatum(watermark);
+			nulls[1] = false;
+		}
 		SPI_finish();
 	}
 

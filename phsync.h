@@ -22,6 +22,7 @@
 #include "postgres.h"
 
 #include "access/attnum.h"
+#include "nodes/primnodes.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
 #include "utils/timestamp.h"
@@ -140,7 +141,7 @@ extern void http_post(PhsyncHttp *http, const char *url, const char *body,
 extern void http_raise(PhsyncHttpResult *result) pg_attribute_noreturn();
 extern void http_set_timeout(PhsyncHttp *http, long timeout_ms);
 extern int	http_probe(const char *url, long timeout_ms, char **detail);
-extern void phsync_check_host(const char *host);
+extern char *http_query_url(void);
 
 /* ---------- retry policy and pacing (retry.c) ---------- */
 extern bool retry_is_transient(PhsyncHttpResult *result, bool *ask_for_less);
@@ -225,6 +226,9 @@ typedef struct PhsyncLoader PhsyncLoader;
 extern PhsyncTarget *target_prepare(const char *name, const char *cursor,
 									bool builtin);
 extern bool target_watermark(PhsyncTarget *target, TimestampTz *watermark);
+extern RangeVar *target_rangevar(const char *name);
+extern bool relation_watermark(Oid relid, const char *cursor,
+							   TimestampTz *watermark);
 extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncPage *page);
 extern bool loader_matches(PhsyncLoader *loader, PhsyncPage *page);
 extern uint64 loader_insert(PhsyncLoader *loader, PhsyncPage *page,

@@ -112,17 +112,6 @@ initial_since(TimestampTz until)
 											 SPI_tuptable->tupdesc, 1, &isnull));
 }
 
-static char *
-query_url(void)
-{
-	size_t		len = strlen(phsync_host);
-
-	while (len > 0 && phsync_host[len - 1] == '/')
-		len--;
-	return psprintf("%.*s/api/projects/%s/query/", (int) len, phsync_host,
-					phsync_project_id);
-}
-
 /*
  * Place the slice [chunk_from, chunk_until) of the window: it starts at
  * `from` and is st->span wide (the whole rest of the window when not
@@ -246,7 +235,6 @@ run_pages(RunState *st, MemoryContext run_cxt)
 
 	require_setting(phsync_project_id, "phsync.project_id");
 	require_setting(phsync_api_key(), "phsync.api_key");
-	phsync_check_host(phsync_host);
 
 	memset(&q, 0, sizeof(q));
 	q.cursor = pstrdup(phsync_cursor_column);
@@ -271,7 +259,7 @@ run_pages(RunState *st, MemoryContext run_cxt)
 	for (i = 0; i < q.nkeys; i++)
 		q.keys[i] = target->cols[target->keys[i]].name;
 
-	url = query_url();
+	url = http_query_url();
 	name = psprintf("phsync %s", target->display);
 	st->http = http_open();
 	st->span = q.until - q.since;

@@ -2,10 +2,10 @@
 # Built with PGXS; see README.md for the test and demo commands.
 
 MODULE_big = phsync
-OBJS = phsync.o scheduler.o sync.o retry.o http.o hogql.o load.o runlog.o doctor.o
+OBJS = phsync.o scheduler.o schedule.o syncs.o sync.o verify.o retry.o http.o hogql.o load.o runlog.o doctor.o
 
 EXTENSION = phsync
-DATA = phsync--0.1.sql
+DATA = $(notdir $(wildcard $(srcdir)/phsync--*.sql))
 PGFILEDESC = "phsync - sync PostHog data into PostgreSQL"
 
 SHLIB_LINK = -lcurl -ljson-c

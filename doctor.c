@@ -18,6 +18,8 @@
 #include <netdb.h>
 #include <sys/socket.h>
 
+#include "commands/extension.h"
+#include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/timestamp.h"
 
@@ -194,7 +196,7 @@ ask_posthog(Doctor *d, const char *check, PhsyncQuery *q, const char *hogql,
 
 	q->until = GetCurrentTimestamp();
 	q->since = q->until - USECS_PER_HOUR;
-	body = hogql_request_body(q, hogql, NULL, "phsync doctor", "phsync-doctor");
+	body = hogql_request_body(q, hogql, NULL, 0, "phsync doctor", "phsync-doctor");
 
 	http = http_open();
 	http_set_timeout(http, DOCTOR_TIMEOUT_MS);
@@ -237,14 +239,14 @@ ask_posthog(Doctor *d, const char *check, PhsyncQuery *q, const char *hogql,
  * The custom query's text, or NULL with *failure set (unreadable file).
  */
 static char *
-read_query_file_or_null(char **failure)
+read_query_file_or_null(const char *path, char **failure)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	char	   *volatile text = NULL;
 
 	PG_TRY();
 	{
-		text = hogql_read_query_file(phsync_query_file);
+		text = hogql_read_query_file(path);
 	}
 	PG_CATCH();
 	{
@@ -261,10 +263,15 @@ read_query_file_or_null(char **failure)
 	return text;
 }
 
+/*
+ * The target and the query of one sync.  Rows about a sync other than the
+ * default one say which.
+ */
 static void
-check_target_and_query(Doctor *d, bool authenticated)
+check_target_and_query(Doctor *d, PhsyncSync *sync, bool authenticated)
 {
-	bool		builtin = phsync_query_file[0] == '\0';
+	bool		is_default = strcmp(sync->name, "default") == 0;
+	const char *prefix = is_default ? "" : psprintf("sync %s: ", sync->name);
 	char	   *detail;
 	char	   *hint;
 	char	  **keys;
@@ -273,25 +280,29 @@ check_target_and_query(Doctor *d, bool authenticated)
 	PhsyncQuery q;
 	char	   *hogql;
 
-	status = target_check(phsync_target_table, phsync_cursor_column, builtin,
+	status = target_check(sync->target, sync->cursor,
+						  is_default && sync->preset != PHSYNC_CUSTOM,
 						  &detail, &hint, &keys, &nkeys);
-	row(d, "target", status, detail, hint);
+	row(d, "target", status, psprintf("%s%s", prefix, detail), hint);
 
 	if (!authenticated)
 	{
-		row(d, "query", "warning", "not checked: PostHog did not answer a query", NULL);
+		row(d, "query", "warning",
+			psprintf("%snot checked: PostHog did not answer a query", prefix), NULL);
 		return;
 	}
 	memset(&q, 0, sizeof(q));
-	q.cursor = phsync_cursor_column;
+	q.preset = sync->preset;
+	q.cursor = sync->cursor;
 	q.keys = keys;
 	q.nkeys = nkeys;
 	q.limit = 0;
-	if (!builtin)
+	q.base = sync->query;
+	if (sync->query_file)
 	{
 		char	   *failure = NULL;
 
-		q.base = read_query_file_or_null(&failure);
+		q.base = read_query_file_or_null(sync->query_file, &failure);
 		if (q.base == NULL)
 		{
 			row(d, "query", "error", failure, "Check phsync.query_file.");
@@ -300,8 +311,33 @@ check_target_and_query(Doctor *d, bool authenticated)
 	}
 	hogql = hogql_build(&q, NULL);
 	(void) ask_posthog(d, "query", &q, hogql,
-					   builtin ? "PostHog accepts the built-in events query" :
-					   "PostHog accepts the query in phsync.query_file");
+					   sync->query_file ? "PostHog accepts the query in phsync.query_file" :
+					   sync->preset == PHSYNC_CUSTOM ? psprintf("%sPostHog accepts the query", prefix) :
+					   psprintf("%sPostHog accepts the built-in %s query", prefix,
+								preset_name(sync->preset)));
+}
+
+/*
+ * Every sync's target and query; the list of syncs needs the extension.
+ */
+static void
+check_syncs(Doctor *d, bool authenticated)
+{
+	List	   *syncs = NIL;
+	ListCell   *lc;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (OidIsValid(get_extension_oid("phsync", true)))
+		syncs = sync_list(NULL, true);
+	else if (sync_default())
+		syncs = list_make1(sync_default());
+	if (syncs == NIL)
+		row(d, "target", "warning", "no sync is enabled",
+			"phsync.target_table is empty and phsync.syncs has no enabled sync.");
+	foreach(lc, syncs)
+		check_target_and_query(d, lfirst(lc), authenticated);
+	SPI_finish();
 }
 
 /*
@@ -326,7 +362,8 @@ doctor_run(DoctorRow emit, void *arg)
 
 		memset(&q, 0, sizeof(q));
 		q.cursor = phsync_cursor_column;
-		q.base = "SELECT 1";	/* a custom query: no {timestamp_since} */
+		q.preset = PHSYNC_CUSTOM;	/* no {timestamp_since} */
+		q.base = "SELECT 1";
 		authenticated = ask_posthog(&d, "auth", &q, "SELECT 1",
 									psprintf("the API key runs queries in project %s", phsync_project_id));
 	}
@@ -334,5 +371,5 @@ doctor_run(DoctorRow emit, void *arg)
 		row(&d, "auth", "warning",
 			d.configured ? "not checked: PostHog is not reachable" :
 			"not checked: phsync.project_id or phsync.api_key is not set", NULL);
-	check_target_and_query(&d, authenticated);
+	check_syncs(&d, authenticated);
 }

@@ -24,11 +24,38 @@
 
 #include "phsync.h"
 
-/* the built-in events query: columns, in the order PostHog returns them */
-const char *phsync_builtin_columns[] = {
+/* the presets' columns, in the order PostHog returns them */
+static const char *const events_columns[] = {
 	"uuid", "event", "timestamp", "distinct_id", "person_id", "properties",
 	"elements_chain", "created_at", NULL
 };
+static const char *const persons_columns[] = {
+	"id", "created_at", "is_identified", "properties", NULL
+};
+
+/*
+ * The columns a preset selects (NULL for a custom query).
+ */
+const char *const *
+preset_columns(PhsyncPreset preset)
+{
+	switch (preset)
+	{
+		case PHSYNC_EVENTS:
+			return events_columns;
+		case PHSYNC_PERSONS:
+			return persons_columns;
+		default:
+			return NULL;
+	}
+}
+
+/* the built-in events query also bounds `timestamp`, ClickHouse's sort key */
+static bool
+bounds_timestamp(PhsyncQuery *q)
+{
+	return q->preset == PHSYNC_EVENTS && strcmp(q->cursor, "timestamp") != 0;
+}
 
 /* how far before the window the built-in query still reads `timestamp` */
 #define TIMESTAMP_SLACK_USECS (7 * USECS_PER_DAY)
@@ -158,6 +185,35 @@ append_typed_placeholder(StringInfo buf, const char *name, const char *chtype,
 }
 
 /*
+ * FROM and WHERE of every query: the preset's table or the custom query as
+ * a subquery, the window on the cursor column and the slice of it.
+ */
+static void
+append_from_where(StringInfo buf, PhsyncQuery *q)
+{
+	if (q->preset == PHSYNC_CUSTOM)
+		appendStringInfo(buf, "FROM (\n%s\n) AS phsync_q\nWHERE ", q->base);
+	else
+		appendStringInfo(buf, "FROM %s\nWHERE ",
+						 q->preset == PHSYNC_PERSONS ? "persons" : "events");
+
+	append_ident(buf, q->cursor);
+	appendStringInfoString(buf, " >= toDateTime({since}) AND ");
+	append_ident(buf, q->cursor);
+	appendStringInfoString(buf, " < toDateTime({until})");
+	if (bounds_timestamp(q))
+		appendStringInfoString(buf, "\n  AND timestamp >= toDateTime({timestamp_since})");
+	if (q->chunked)
+	{
+		appendStringInfoString(buf, "\n  AND ");
+		append_ident(buf, q->cursor);
+		appendStringInfoString(buf, " >= toDateTime({chunk_from}) AND ");
+		append_ident(buf, q->cursor);
+		appendStringInfoString(buf, " < toDateTime({chunk_until})");
+	}
+}
+
+/*
  * The HogQL for one page: the window on the cursor column, the keyset
  * condition (rows after the last row of the previous page), the order and
  * the limit.  A custom query is wrapped as a subquery.
@@ -166,33 +222,20 @@ char *
 hogql_build(PhsyncQuery *q, PhsyncKeyset *after)
 {
 	StringInfoData buf;
+	const char *const *columns = preset_columns(q->preset);
 	int			i;
 
 	initStringInfo(&buf);
-	if (q->base == NULL)
+	if (columns == NULL)
+		appendStringInfoString(&buf, "SELECT *\n");
+	else
 	{
 		appendStringInfoString(&buf, "SELECT ");
-		for (i = 0; phsync_builtin_columns[i]; i++)
-			appendStringInfo(&buf, "%s%s", i ? ", " : "", phsync_builtin_columns[i]);
-		appendStringInfoString(&buf, "\nFROM events\nWHERE ");
+		for (i = 0; columns[i]; i++)
+			appendStringInfo(&buf, "%s%s", i ? ", " : "", columns[i]);
+		appendStringInfoChar(&buf, '\n');
 	}
-	else
-		appendStringInfo(&buf, "SELECT *\nFROM (\n%s\n) AS phsync_q\nWHERE ", q->base);
-
-	append_ident(&buf, q->cursor);
-	appendStringInfoString(&buf, " >= toDateTime({since}) AND ");
-	append_ident(&buf, q->cursor);
-	appendStringInfoString(&buf, " < toDateTime({until})");
-	if (q->base == NULL && strcmp(q->cursor, "timestamp") != 0)
-		appendStringInfoString(&buf, "\n  AND timestamp >= toDateTime({timestamp_since})");
-	if (q->chunked)
-	{
-		appendStringInfoString(&buf, "\n  AND ");
-		append_ident(&buf, q->cursor);
-		appendStringInfoString(&buf, " >= toDateTime({chunk_from}) AND ");
-		append_ident(&buf, q->cursor);
-		appendStringInfoString(&buf, " < toDateTime({chunk_until})");
-	}
+	append_from_where(&buf, q);
 
 	if (after && after->valid)
 	{
@@ -234,6 +277,34 @@ hogql_build(PhsyncQuery *q, PhsyncKeyset *after)
 }
 
 /*
+ * The HogQL that counts the rows of the window per bucket: bucket n covers
+ * [since + n * {bucket_seconds}, since + (n + 1) * {bucket_seconds}).
+ * With a one-column key, distinct keys are counted (PostHog may hold the
+ * same event twice; the target holds it once).
+ */
+char *
+hogql_count_query(PhsyncQuery *q, const char *distinct_key)
+{
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "SELECT intDiv(toUnixTimestamp(toDateTime(");
+	append_ident(&buf, q->cursor);
+	appendStringInfoString(&buf, ")) - toUnixTimestamp(toDateTime({since})), {bucket_seconds}) AS phsync_bucket, ");
+	if (distinct_key)
+	{
+		appendStringInfoString(&buf, "count(DISTINCT ");
+		append_ident(&buf, distinct_key);
+		appendStringInfoString(&buf, ") AS phsync_count\n");
+	}
+	else
+		appendStringInfoString(&buf, "count() AS phsync_count\n");
+	append_from_where(&buf, q);
+	appendStringInfoString(&buf, "\nGROUP BY phsync_bucket\nORDER BY phsync_bucket\nLIMIT 50000");
+	return buf.data;
+}
+
+/*
  * RFC 3339 text of a timestamp, in UTC, with the fraction only when it is
  * not zero (as PostHog writes them).
  */
@@ -261,7 +332,7 @@ phsync_format_timestamp(TimestampTz ts)
  */
 char *
 hogql_request_body(PhsyncQuery *q, const char *hogql, PhsyncKeyset *after,
-				   const char *name, const char *client_query_id)
+				   int64 bucket, const char *name, const char *client_query_id)
 {
 	json_object *root = json_object_new_object();
 	json_object *query = json_object_new_object();
@@ -274,7 +345,10 @@ hogql_request_body(PhsyncQuery *q, const char *hogql, PhsyncKeyset *after,
 						   json_object_new_string(phsync_format_timestamp(q->since)));
 	json_object_object_add(values, "until",
 						   json_object_new_string(phsync_format_timestamp(q->until)));
-	if (q->base == NULL && strcmp(q->cursor, "timestamp") != 0)
+	if (bucket > 0)
+		json_object_object_add(values, "bucket_seconds",
+							   json_object_new_int64(bucket / USECS_PER_SEC));
+	if (bounds_timestamp(q))
 		json_object_object_add(values, "timestamp_since",
 							   json_object_new_string(phsync_format_timestamp(q->since - TIMESTAMP_SLACK_USECS)));
 	if (q->chunked)

@@ -25,6 +25,7 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_index.h"
 #include "catalog/pg_type.h"
+#include "common/hashfn.h"
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
@@ -39,6 +40,8 @@
 #include "utils/regproc.h"
 #include "utils/resowner.h"
 #include "utils/syscache.h"
+#include "utils/typcache.h"
+#include "utils/hsearch.h"
 #include "utils/varlena.h"
 
 #include "phsync.h"
@@ -50,6 +53,8 @@
 struct PhsyncLoader
 {
 	PhsyncTarget *target;
+	bool		update;			/* ON CONFLICT DO UPDATE rows that changed */
+	int		   *keycols;		/* update: result column of each unique key column */
 	int			ncolumns;		/* result columns, all mapped */
 	int		   *colmap;			/* result column -> index in target->cols */
 	FmgrInfo   *input;			/* per result column */
@@ -58,19 +63,6 @@ struct PhsyncLoader
 	SPIPlanPtr	single_plan;	/* INSERT of one row (bad-row hunting) */
 	MemoryContext cxt;
 };
-
-/* the built-in events table; its columns match phsync_builtin_columns */
-static const char *builtin_table_sql =
-"CREATE TABLE %s (\n"
-"	uuid uuid PRIMARY KEY,\n"
-"	event text,\n"
-"	\"timestamp\" timestamptz,\n"
-"	distinct_id text,\n"
-"	person_id uuid,\n"
-"	properties jsonb,\n"
-"	elements_chain text,\n"
-"	created_at timestamptz NOT NULL\n"
-")";
 
 /*
  * A target name as the worker reads it: schema-qualified, or in public (the
@@ -88,19 +80,25 @@ target_rangevar(const char *name)
 }
 
 /*
- * max(cursor)::timestamptz of a table, with SPI connected.  False when the
- * table is empty.
+ * max(cursor)::timestamptz of a table, with SPI connected; with bounds,
+ * only among rows whose cursor is in [*from, *to).  False when there is no
+ * such row.
  */
 bool
-relation_watermark(Oid relid, const char *cursor, TimestampTz *watermark)
+relation_watermark(Oid relid, const char *cursor, TimestampTz *from,
+				   TimestampTz *to, TimestampTz *watermark)
 {
 	bool		isnull = true;
-	char	   *sql = psprintf("SELECT max(%s)::timestamptz FROM %s",
-							   quote_identifier(cursor),
+	const char *col = quote_identifier(cursor);
+	Oid			types[2] = {TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Datum		values[2] = {from ? TimestampTzGetDatum(*from) : 0, to ? TimestampTzGetDatum(*to) : 0};
+	char	   *sql = psprintf("SELECT max(%s)::timestamptz FROM %s%s",
+							   col,
 							   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
-														  get_rel_name(relid)));
+														  get_rel_name(relid)),
+							   from ? psprintf(" WHERE %s >= $1 AND %s < $2", col, col) : "");
 
-	if (SPI_execute(sql, true, 1) != SPI_OK_SELECT)
+	if (SPI_execute_with_args(sql, from ? 2 : 0, types, values, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the watermark of %s", get_rel_name(relid));
 	if (SPI_processed == 1)
 		*watermark = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
@@ -110,14 +108,40 @@ relation_watermark(Oid relid, const char *cursor, TimestampTz *watermark)
 }
 
 static bool
-is_builtin_column(const char *name)
+is_preset_column(PhsyncPreset preset, const char *name)
 {
+	const char *const *columns = preset_columns(preset);
 	int			i;
 
-	for (i = 0; phsync_builtin_columns[i]; i++)
-		if (strcmp(phsync_builtin_columns[i], name) == 0)
+	for (i = 0; columns && columns[i]; i++)
+		if (strcmp(columns[i], name) == 0)
 			return true;
 	return false;
+}
+
+/*
+ * Create a preset's target table with phsync_create_table(), the function
+ * users call for the same purpose (found in the extension's schema).
+ */
+static void
+create_preset_table(PhsyncPreset preset, const char *qualified)
+{
+	Oid			types[2] = {TEXTOID, TEXTOID};
+	Datum		values[2];
+	char	   *schema;
+
+	if (SPI_execute("SELECT n.nspname FROM pg_catalog.pg_extension e "
+					"JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
+					"WHERE e.extname = 'phsync'", true, 1) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "could not find the schema of extension phsync");
+	schema = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	values[0] = CStringGetTextDatum(preset_name(preset));
+	values[1] = CStringGetTextDatum(qualified);
+	if (SPI_execute_with_args(psprintf("SELECT %s.phsync_create_table($1, $2)",
+									   quote_identifier(schema)),
+							  2, types, values, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not create target table %s", qualified);
 }
 
 static int
@@ -187,13 +211,13 @@ column_info(PhsyncColumn *col, Form_pg_attribute att)
 }
 
 /*
- * Find (or, for the built-in events query, create) the target table and
+ * Find (or, with create set, create for the preset) the target table and
  * describe it.  Runs inside a transaction with SPI connected; the result is
  * allocated in the caller's current memory context (pass it in cxt, since
  * SPI switches contexts).
  */
 PhsyncTarget *
-target_prepare(const char *name, const char *cursor, bool builtin)
+target_prepare(const char *name, const char *cursor, PhsyncPreset create)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	RangeVar   *rv;
@@ -212,20 +236,21 @@ target_prepare(const char *name, const char *cursor, bool builtin)
 
 	if (!OidIsValid(relid))
 	{
-		if (!builtin)
+		if (create == PHSYNC_CUSTOM)
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_TABLE),
 					 errmsg("target table %s does not exist", qualified),
-					 errhint("With a custom query (phsync.query_file), create the target table first, with a primary key or unique constraint.")));
-		if (!is_builtin_column(cursor))
+					 errhint("Create the target table first, with a primary key or unique constraint (phsync_create_table() makes one for a preset).")));
+		if (!is_preset_column(create, cursor))
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_COLUMN),
 					 errmsg("phsync.cursor_column \"%s\" is not a column of the built-in events query", cursor),
 					 errhint("Use created_at (the default) or timestamp.")));
-		if (SPI_execute(psprintf(builtin_table_sql, qualified), false, 0) != SPI_OK_UTILITY ||
+		create_preset_table(create, qualified);
+		if (strcmp(cursor, "created_at") != 0 &&
 			SPI_execute(psprintf("CREATE INDEX ON %s (%s)", qualified, quote_identifier(cursor)),
 						false, 0) != SPI_OK_UTILITY)
-			elog(ERROR, "could not create target table %s", qualified);
+			elog(ERROR, "could not index target table %s", qualified);
 		ereport(LOG,
 				(errmsg("phsync created target table %s", qualified)));
 		CommandCounterIncrement();
@@ -282,6 +307,8 @@ target_prepare(const char *name, const char *cursor, bool builtin)
 						 target->display)));
 
 	target->keys = MemoryContextAlloc(cxt, sizeof(int) * nkeys);
+	target->uniq = MemoryContextAlloc(cxt, sizeof(int) * nkeys);
+	target->nuniq = nkeys;
 	for (i = 0; i < nkeys; i++)
 	{
 		int			c;
@@ -294,6 +321,7 @@ target_prepare(const char *name, const char *cursor, bool builtin)
 					(errcode(ERRCODE_INVALID_TABLE_DEFINITION),
 					 errmsg("the unique key of table %s includes a generated column", target->display),
 					 errdetail("phsync inserts the key columns, and generated columns cannot be inserted.")));
+		target->uniq[i] = c;
 		if (c != target->cursor)
 			target->keys[target->nkeys++] = c;
 	}
@@ -303,13 +331,15 @@ target_prepare(const char *name, const char *cursor, bool builtin)
 }
 
 /*
- * max(cursor) of the target, the watermark.  False when the table is empty.
+ * max(cursor) of the target, the watermark (within [*from, *to) when
+ * given).  False when there is no row.
  */
 bool
-target_watermark(PhsyncTarget *target, TimestampTz *watermark)
+target_watermark(PhsyncTarget *target, TimestampTz *from, TimestampTz *to,
+				 TimestampTz *watermark)
 {
 	return relation_watermark(target->relid, target->cols[target->cursor].name,
-							  watermark);
+							  from, to, watermark);
 }
 
 /*
@@ -318,13 +348,14 @@ target_watermark(PhsyncTarget *target, TimestampTz *watermark)
  * Allocated in the current memory context; no SPI needed.
  */
 PhsyncLoader *
-loader_create(PhsyncTarget *target, PhsyncPage *page)
+loader_create(PhsyncTarget *target, PhsyncPage *page, bool update)
 {
 	PhsyncLoader *loader = palloc0(sizeof(PhsyncLoader));
 	int			i,
 				j;
 
 	loader->target = target;
+	loader->update = update;
 	loader->cxt = CurrentMemoryContext;
 	loader->ncolumns = page->ncolumns;
 	loader->colmap = palloc(sizeof(int) * page->ncolumns);
@@ -348,6 +379,24 @@ loader_create(PhsyncTarget *target, PhsyncPage *page)
 		loader->colmap[i] = c;
 		fmgr_info_cxt(target->cols[c].typinput, &loader->input[i], loader->cxt);
 	}
+	if (update)
+	{
+		/* rows are matched (and deduplicated) on the whole unique key */
+		loader->keycols = palloc(sizeof(int) * target->nuniq);
+		for (j = 0; j < target->nuniq; j++)
+		{
+			for (i = 0; i < page->ncolumns; i++)
+				if (loader->colmap[i] == target->uniq[j])
+					break;
+			if (i == page->ncolumns)
+				ereport(ERROR,
+						(errcode(ERRCODE_UNDEFINED_COLUMN),
+						 errmsg("the query does not return column \"%s\" of the unique key of table %s",
+								target->cols[target->uniq[j]].name, target->display),
+						 errdetail("With conflict => 'update', rows are matched on the whole unique key.")));
+			loader->keycols[j] = i;
+		}
+	}
 	return loader;
 }
 
@@ -367,6 +416,68 @@ loader_matches(PhsyncLoader *loader, PhsyncPage *page)
 	return true;
 }
 
+static bool
+is_key_column(PhsyncTarget *target, int col)
+{
+	int			i;
+
+	for (i = 0; i < target->nuniq; i++)
+		if (target->uniq[i] == col)
+			return true;
+	return false;
+}
+
+/*
+ * ON CONFLICT DO NOTHING; or, to update, DO UPDATE of the columns the query
+ * returns, only where a value differs (an identical re-read writes
+ * nothing), returning whether each row was inserted or updated.  Types
+ * without an equality operator (json) are compared as text.
+ */
+static void
+append_conflict_clause(PhsyncLoader *loader, StringInfo sql)
+{
+	PhsyncTarget *target = loader->target;
+	StringInfoData set,
+				mine,
+				theirs;
+	int			c;
+
+	if (!loader->update)
+	{
+		appendStringInfoString(sql, " ON CONFLICT DO NOTHING");
+		return;
+	}
+	appendStringInfoString(sql, " ON CONFLICT (");
+	for (c = 0; c < target->nuniq; c++)
+		appendStringInfo(sql, "%s%s", c ? ", " : "",
+						 quote_identifier(target->cols[target->uniq[c]].name));
+	appendStringInfoChar(sql, ')');
+
+	initStringInfo(&set);
+	initStringInfo(&mine);
+	initStringInfo(&theirs);
+	for (c = 0; c < loader->ncolumns; c++)
+	{
+		PhsyncColumn *col = &target->cols[loader->colmap[c]];
+		const char *name = quote_identifier(col->name);
+		TypeCacheEntry *tce = lookup_type_cache(col->typid, TYPECACHE_EQ_OPR);
+		const char *cast = OidIsValid(tce->eq_opr) ? "" : "::text";
+
+		if (is_key_column(target, loader->colmap[c]))
+			continue;
+		appendStringInfo(&set, "%s%s = EXCLUDED.%s", set.len ? ", " : "", name, name);
+		appendStringInfo(&mine, "%sphsync_t.%s%s", mine.len ? ", " : "", name, cast);
+		appendStringInfo(&theirs, "%sEXCLUDED.%s%s", theirs.len ? ", " : "", name, cast);
+	}
+	if (set.len == 0)
+		appendStringInfoString(sql, " DO NOTHING");
+	else
+		appendStringInfo(sql, " DO UPDATE SET %s WHERE ROW(%s) IS DISTINCT FROM ROW(%s)",
+						 set.data, mine.data, theirs.data);
+	/* xmax is 0 in a row version this statement inserted */
+	appendStringInfoString(sql, " RETURNING phsync_t.xmax = 0");
+}
+
 /*
  * The INSERT of nrows rows, prepared (and kept when keep is true).
  */
@@ -382,7 +493,7 @@ loader_plan(PhsyncLoader *loader, int nrows, bool keep)
 				c;
 
 	initStringInfo(&sql);
-	appendStringInfo(&sql, "INSERT INTO %s (", target->display);
+	appendStringInfo(&sql, "INSERT INTO %s AS phsync_t (", target->display);
 	for (c = 0; c < ncols; c++)
 		appendStringInfo(&sql, "%s%s", c ? ", " : "",
 						 quote_identifier(target->cols[loader->colmap[c]].name));
@@ -397,7 +508,7 @@ loader_plan(PhsyncLoader *loader, int nrows, bool keep)
 		}
 		appendStringInfoChar(&sql, ')');
 	}
-	appendStringInfoString(&sql, " ON CONFLICT DO NOTHING");
+	append_conflict_clause(loader, &sql);
 
 	plan = SPI_prepare(sql.data, ncols * nrows, argtypes);
 	if (plan == NULL)
@@ -478,17 +589,19 @@ json_value_text(json_object *v, PhsyncColumn *col)
 	}
 }
 
-/* a page being inserted: rows [first, first + n) */
+/* a page being inserted: rows[first .. first + n) of the page */
 typedef struct PageValues
 {
 	PhsyncLoader *loader;
 	PhsyncPage *page;
+	int		   *rows;			/* page rows to insert, in order */
 	Datum	   *values;			/* one batch: row-major, ncols per row */
 	char	   *nulls;
 	MemoryContext rowcxt;		/* conversion garbage of one row */
 	int			first;
 	int			n;
 	uint64		inserted;
+	uint64		updated;
 } PageValues;
 
 /*
@@ -551,6 +664,7 @@ insert_rows(void *arg)
 	int			done = 0;
 
 	pv->inserted = 0;
+	pv->updated = 0;
 	pv->rowcxt = AllocSetContextCreate(CurrentMemoryContext, "phsync row",
 									   ALLOCSET_DEFAULT_SIZES);
 	while (done < pv->n)
@@ -563,7 +677,7 @@ insert_rows(void *arg)
 		CHECK_FOR_INTERRUPTS();
 		MemoryContextSwitchTo(batchcxt);
 		for (r = 0; r < nrows; r++)
-			convert_row(pv, pv->first + done + r, r);
+			convert_row(pv, pv->rows[pv->first + done + r], r);
 
 		if (nrows == loader->batch_rows)
 		{
@@ -581,10 +695,27 @@ insert_rows(void *arg)
 			plan = loader_plan(loader, nrows, false);
 
 		ret = SPI_execute_plan(plan, pv->values, pv->nulls, false, 0);
-		if (ret != SPI_OK_INSERT)
+		if (ret == SPI_OK_INSERT)
+			pv->inserted += SPI_processed;
+		else if (ret == SPI_OK_INSERT_RETURNING)
+		{
+			uint64		i;
+
+			for (i = 0; i < SPI_processed; i++)
+			{
+				bool		isnull;
+
+				if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i],
+											   SPI_tuptable->tupdesc, 1, &isnull)))
+					pv->inserted++;
+				else
+					pv->updated++;
+			}
+			SPI_freetuptable(SPI_tuptable);
+		}
+		else
 			elog(ERROR, "insert into %s failed: %s", loader->target->display,
 				 SPI_result_code_string(ret));
-		pv->inserted += SPI_processed;
 		if (plan != loader->batch_plan && plan != loader->single_plan)
 			SPI_freeplan(plan);
 		MemoryContextSwitchTo(oldcxt);
@@ -694,71 +825,146 @@ page_columns_array(PhsyncPage *page)
 }
 
 /*
+ * The rows of a page to insert, in order.  To update, a key that occurs
+ * more than once keeps only its last row: one INSERT ... ON CONFLICT DO
+ * UPDATE may not touch the same row twice.  Keys are compared as PostHog
+ * wrote them.
+ */
+static int
+page_rows(PhsyncLoader *loader, PhsyncPage *page, int *rows)
+{
+	HTAB	   *seen;
+	HASHCTL		ctl;
+	int			n = 0;
+	int			r,
+				i;
+	StringInfoData key;
+
+	if (!loader->update)
+	{
+		for (r = 0; r < page->nrows; r++)
+			rows[r] = r;
+		return page->nrows;
+	}
+
+	ctl.keysize = NAMEDATALEN * 4;
+	ctl.entrysize = ctl.keysize;
+	ctl.hcxt = CurrentMemoryContext;
+	seen = hash_create("phsync page keys", page->nrows, &ctl,
+					   HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	initStringInfo(&key);
+	/* from the last row back: the first one seen is the one kept */
+	for (r = page->nrows - 1; r >= 0; r--)
+	{
+		json_object *row = json_object_array_get_idx(page->results, r);
+		char		hkey[NAMEDATALEN * 4];
+		bool		found;
+
+		if (!json_object_is_type(row, json_type_array) ||
+			(int) json_object_array_length(row) != loader->ncolumns)
+		{
+			rows[n++] = r;		/* malformed: let conversion refuse it */
+			continue;
+		}
+		resetStringInfo(&key);
+		for (i = 0; i < loader->target->nuniq; i++)
+			appendStringInfo(&key, "%s\x1f",
+							 json_object_to_json_string_ext(json_object_array_get_idx(row, loader->keycols[i]),
+															JSON_C_TO_STRING_PLAIN));
+		/* long keys are told apart by their hash and length */
+		if (key.len >= (int) sizeof(hkey))
+			snprintf(hkey, sizeof(hkey), "%08x:%d:%.*s",
+					 hash_bytes((unsigned char *) key.data, key.len), key.len,
+					 (int) sizeof(hkey) - 32, key.data);
+		else
+			strlcpy(hkey, key.data, sizeof(hkey));
+		hash_search(seen, hkey, HASH_ENTER, &found);
+		if (!found)
+			rows[n++] = r;
+	}
+	hash_destroy(seen);
+	/* back into page order */
+	for (i = 0; i < n / 2; i++)
+	{
+		int			t = rows[i];
+
+		rows[i] = rows[n - 1 - i];
+		rows[n - 1 - i] = t;
+	}
+	return n;
+}
+
+/*
  * Insert one page.  Runs inside the page's transaction with SPI connected;
- * returns the number of rows inserted (duplicates are skipped).
+ * adds the rows inserted (duplicates are skipped), updated and rejected to
+ * the counters.
  *
  * With phsync.on_bad_row = reject, the page is tried whole in a
  * subtransaction; if a row's data is refused, the rows are tried one by one
- * and each refused row goes to phsync.rejects (counted in *rejected), so
- * one bad row never blocks the others.  With "fail", the first bad row
- * fails the run.
+ * and each refused row goes to phsync.rejects, so one bad row never blocks
+ * the others.  With "fail", the first bad row fails the run.
  */
-uint64
-loader_insert(PhsyncLoader *loader, PhsyncPage *page, int64 run_id, int64 *rejected)
+void
+loader_insert(PhsyncLoader *loader, PhsyncPage *page, int64 run_id,
+			  PhsyncCounters *counters)
 {
 	PageValues	pv;
-	int			nrows = page->nrows;
+	int			nrows;
 	int			r;
-	uint64		inserted = 0;
 	int64		refused = 0;
 	Datum		columns = (Datum) 0;
 
-	if (nrows == 0)
-		return 0;
+	if (page->nrows == 0)
+		return;
 
 	memset(&pv, 0, sizeof(pv));
 	pv.loader = loader;
 	pv.page = page;
+	pv.rows = palloc(sizeof(int) * page->nrows);
+	nrows = page_rows(loader, page, pv.rows);
 	pv.values = palloc(sizeof(Datum) * loader->ncolumns * loader->batch_rows);
 	pv.nulls = palloc(sizeof(char) * loader->ncolumns * loader->batch_rows);
 	pv.first = 0;
 	pv.n = nrows;
 
 	if (phsync_on_bad_row == PHSYNC_BAD_ROW_FAIL)
-	{
 		insert_rows(&pv);
-		return pv.inserted;
-	}
-	if (try_in_subtransaction(insert_rows, &pv) == NULL)
-		return pv.inserted;
-
-	/* some row is bad: find it (them) one row at a time */
-	for (r = 0; r < nrows; r++)
+	else if (try_in_subtransaction(insert_rows, &pv) != NULL)
 	{
-		char	   *failure;
+		uint64		inserted = 0;
+		uint64		updated = 0;
 
-		CHECK_FOR_INTERRUPTS();
-		pv.first = r;
-		pv.n = 1;
-		pv.inserted = 0;
-		failure = try_in_subtransaction(insert_rows, &pv);
-		if (failure == NULL)
+		/* some row is bad: find it (them) one row at a time */
+		for (r = 0; r < nrows; r++)
 		{
-			inserted += pv.inserted;
-			continue;
+			char	   *failure;
+
+			CHECK_FOR_INTERRUPTS();
+			pv.first = r;
+			pv.n = 1;
+			failure = try_in_subtransaction(insert_rows, &pv);
+			if (failure == NULL)
+			{
+				inserted += pv.inserted;
+				updated += pv.updated;
+				continue;
+			}
+			if (columns == (Datum) 0)
+				columns = page_columns_array(page);
+			runlog_reject(run_id, loader->target->display, columns,
+						  raw_row_text(json_object_array_get_idx(page->results, pv.rows[r])),
+						  failure);
+			refused++;
 		}
-		if (columns == (Datum) 0)
-			columns = page_columns_array(page);
-		runlog_reject(run_id, loader->target->display, columns,
-					  raw_row_text(json_object_array_get_idx(page->results, r)),
-					  failure);
-		refused++;
+		pv.inserted = inserted;
+		pv.updated = updated;
+		ereport(LOG,
+				(errmsg("phsync run %lld: %lld row(s) refused by %s, kept in phsync.rejects",
+						(long long) run_id, (long long) refused, loader->target->display)));
 	}
-	*rejected += refused;
-	ereport(LOG,
-			(errmsg("phsync run %lld: %lld row(s) refused by %s, kept in phsync.rejects",
-					(long long) run_id, (long long) refused, loader->target->display)));
-	return inserted;
+	counters->inserted += pv.inserted;
+	counters->updated += pv.updated;
+	counters->rejected += refused;
 }
 
 void

@@ -11,6 +11,7 @@
 #include <ctype.h>
 
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "commands/dbcommands.h"
@@ -27,6 +28,7 @@
 #include "utils/regproc.h"
 #include "utils/timestamp.h"
 #include "utils/guc.h"
+#include "pgtime.h"
 #include "utils/varlena.h"
 #include "utils/wait_event.h"
 
@@ -56,6 +58,8 @@ int			phsync_on_bad_row = PHSYNC_BAD_ROW_REJECT;
 char	   *phsync_role = NULL;
 int			phsync_history_days = 90;
 bool		phsync_progress_notices = true;
+char	   *phsync_timezone = NULL;
+bool		phsync_verify_yesterday = true;
 
 /* at most one progress NOTICE this often from phsync_run_now() */
 #define PROGRESS_NOTICE_MS 5000
@@ -80,8 +84,13 @@ static char *api_key_shown = NULL;
 static char *api_key_value = NULL;
 
 static int	run_at_seconds = 2 * 3600;
+static pg_tz *schedule_tz = NULL;
 
 PG_FUNCTION_INFO_V1(phsync_run_now);
+PG_FUNCTION_INFO_V1(phsync_backfill);
+PG_FUNCTION_INFO_V1(phsync_verify);
+PG_FUNCTION_INFO_V1(phsync_sync_state);
+PG_FUNCTION_INFO_V1(phsync_next_run);
 PG_FUNCTION_INFO_V1(phsync_worker_state);
 PG_FUNCTION_INFO_V1(phsync_doctor);
 
@@ -97,12 +106,23 @@ phsync_api_key(void)
 }
 
 /*
- * phsync.run_at as seconds after midnight UTC.
+ * phsync.run_at as seconds after midnight (in phsync.timezone).
  */
 int
 phsync_run_at_seconds(void)
 {
 	return run_at_seconds;
+}
+
+/*
+ * phsync.timezone.
+ */
+pg_tz *
+phsync_tz(void)
+{
+	if (schedule_tz == NULL)
+		schedule_tz = pg_tzset("UTC");
+	return schedule_tz;
 }
 
 /* ---------- check and assign hooks ---------- */
@@ -168,7 +188,7 @@ check_run_at(char **newval, void **extra, GucSource source)
 
 	if (v < 0)
 	{
-		GUC_check_errdetail("phsync.run_at must be a time of day in UTC, as HH:MM or HH:MM:SS.");
+		GUC_check_errdetail("phsync.run_at must be a time of day (in phsync.timezone), as HH:MM or HH:MM:SS.");
 		return false;
 	}
 	secs = malloc(sizeof(int));
@@ -183,6 +203,30 @@ static void
 assign_run_at(const char *newval, void *extra)
 {
 	run_at_seconds = *(int *) extra;
+}
+
+static bool
+check_timezone(char **newval, void **extra, GucSource source)
+{
+	pg_tz	  **tz = malloc(sizeof(pg_tz *));
+
+	if (tz == NULL)
+		return false;
+	*tz = pg_tzset(*newval);
+	if (*tz == NULL || !pg_tz_acceptable(*tz))
+	{
+		free(tz);
+		GUC_check_errdetail("phsync.timezone must be a time zone name such as UTC or Europe/Paris.");
+		return false;
+	}
+	*extra = tz;
+	return true;
+}
+
+static void
+assign_timezone(const char *newval, void *extra)
+{
+	schedule_tz = *(pg_tz **) extra;
 }
 
 static bool
@@ -292,8 +336,11 @@ check_target_table(char **newval, void **extra, GucSource source)
 {
 	char	   *copy = pstrdup(*newval);
 	List	   *names;
-	bool		ok = SplitIdentifierString(copy, '.', &names);
+	bool		ok;
 
+	if (**newval == '\0')
+		return true;			/* the default sync is off */
+	ok = SplitIdentifierString(copy, '.', &names);
 	if (!ok || list_length(names) < 1 || list_length(names) > 2)
 	{
 		GUC_check_errdetail("phsync.target_table must be a table name, optionally schema-qualified.");
@@ -427,6 +474,16 @@ _PG_init(void)
 							 "Whether phsync_run_now() reports progress as NOTICEs while it waits.",
 							 NULL, &phsync_progress_notices, true,
 							 PGC_USERSET, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("phsync.timezone",
+							   "Time zone of phsync.run_at.",
+							   "Daylight-saving changes are followed: a run_at that does not exist that day runs at the first valid time after it, one that exists twice runs once.",
+							   &phsync_timezone, "UTC",
+							   PGC_SIGHUP, 0, check_timezone, assign_timezone, NULL);
+	DefineCustomBoolVariable("phsync.verify",
+							 "Whether scheduled runs of the default sync also verify the previous day.",
+							 "Only with the built-in events query; added syncs have their own verify flag.",
+							 &phsync_verify_yesterday, true,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("phsync");
 
@@ -505,10 +562,12 @@ run_now_wait_context(void *arg)
 		errcontext("while waiting for the phsync worker to start a run");
 }
 
-/* what the worker answered a manual run with */
+/* what the worker answered a request with */
 typedef struct RunAnswer
 {
-	int64		run_id;
+	int64		run_id;			/* first run made */
+	int64		last_run_id;	/* last run made */
+	int64		failed_run_id;	/* the run whose error this is */
 	bool		ok;
 	int			sqlerrcode;
 	char		message[PHSYNC_MAX_MESSAGE];
@@ -545,6 +604,8 @@ wait_for_run(uint64 my_request, RunAnswer *answer)
 		{
 			phsync_shared->result_unread = false;
 			answer->run_id = phsync_shared->result_run_id;
+			answer->last_run_id = phsync_shared->result_last_run_id;
+			answer->failed_run_id = phsync_shared->result_failed_run_id;
 			answer->ok = phsync_shared->result_ok;
 			answer->sqlerrcode = phsync_shared->result_sqlerrcode;
 			strlcpy(answer->message, phsync_shared->result_message, PHSYNC_MAX_MESSAGE);
@@ -597,34 +658,19 @@ wait_for_run(uint64 my_request, RunAnswer *answer)
 }
 
 /*
- * phsync_run_now() RETURNS phsync.runs
- *
- * Asks the worker for a run, waits for it to end and returns its row.  A
- * failed run raises its error (same SQLSTATE and hint as in the worker).
+ * Hand a request to the worker, wait for its answer and raise the run's
+ * error if it failed (same SQLSTATE and hint as in the worker).
  */
-Datum
-phsync_run_now(PG_FUNCTION_ARGS)
+static void
+submit_request(PhsyncRequest *request, RunAnswer *answer)
 {
 	volatile uint64 my_request = 0;
 	int64		busy_run = 0;
 	int			unread_pid;
 	bool		busy;
 	Latch	   *worker_latch;
-	RunAnswer	answer;
-	int64		run_id;
-	bool		ok;
-	int			sqlerrcode;
-	const char *message;
-	const char *hint;
-	TupleDesc	tupdesc;
-	Datum		result;
-	Oid			argtypes[1] = {INT8OID};
-	Datum		args[1];
-	int			ret;
 
 	check_callable_here();
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
 
 	/* an answer its caller never read, because that backend is gone */
 	SpinLockAcquire(&phsync_shared->mutex);
@@ -647,6 +693,7 @@ phsync_run_now(PG_FUNCTION_ARGS)
 	else
 	{
 		my_request = ++phsync_shared->requests;
+		phsync_shared->request = *request;
 		phsync_shared->requester_latch = MyLatch;
 		phsync_shared->requester_pid = MyProcPid;
 	}
@@ -665,7 +712,7 @@ phsync_run_now(PG_FUNCTION_ARGS)
 
 	PG_TRY();
 	{
-		wait_for_run(my_request, &answer);
+		wait_for_run(my_request, answer);
 	}
 	PG_CATCH();
 	{
@@ -674,99 +721,297 @@ phsync_run_now(PG_FUNCTION_ARGS)
 	}
 	PG_END_TRY();
 
-	run_id = answer.run_id;
-	ok = answer.ok;
-	sqlerrcode = answer.sqlerrcode;
-	message = answer.message;
-	hint = answer.hint;
-
-	if (!ok)
-	{
-		if (sqlerrcode == 0)
-			sqlerrcode = ERRCODE_INTERNAL_ERROR;
+	if (!answer->ok)
 		ereport(ERROR,
-				(errcode(sqlerrcode),
-				 errmsg_internal("%s", message),
-				 run_id ? errdetail("phsync run %lld failed.", (long long) run_id) : 0,
-				 hint[0] ? errhint("%s", hint) : 0));
-	}
+				(errcode(answer->sqlerrcode ? answer->sqlerrcode : ERRCODE_INTERNAL_ERROR),
+				 errmsg_internal("%s", answer->message),
+				 answer->run_id ? errdetail("phsync run %lld failed.", (long long) answer->failed_run_id) : 0,
+				 answer->hint[0] ? errhint("%s", answer->hint) : 0));
+}
 
-	/* The run committed in the worker; a fresh snapshot sees its row. */
+/*
+ * Rows of a query (one int8 parameter) into the function's result set.
+ */
+static void
+return_rows(FunctionCallInfo fcinfo, const char *sql, int64 arg1, int64 arg2)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Oid			argtypes[2] = {INT8OID, INT8OID};
+	Datum		args[2] = {Int64GetDatum(arg1), Int64GetDatum(arg2)};
+	uint64		i;
+
+	InitMaterializedSRF(fcinfo, 0);
+	/* the runs committed in the worker; a fresh snapshot sees them */
 	SPI_connect();
-	args[0] = Int64GetDatum(run_id);
-	ret = SPI_execute_with_args("SELECT * FROM phsync.runs WHERE id = $1",
-								1, argtypes, args, NULL, false, 1);
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+	if (SPI_execute_with_args(sql, 2, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the results of phsync run %lld", (long long) arg1);
+	if (SPI_processed == 0 && arg1 != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("phsync run %lld finished, but its phsync.runs row is not visible", (long long) run_id),
-				 errhint("Call phsync_run_now() in a READ COMMITTED transaction.")));
+				 errmsg("phsync run %lld finished, but its results are not visible", (long long) arg1),
+				 errhint("Call it in a READ COMMITTED transaction.")));
+	for (i = 0; i < SPI_processed; i++)
+		tuplestore_puttuple(rsinfo->setResult, SPI_tuptable->vals[i]);
+	SPI_finish();
+}
+
+/*
+ * phsync_run_now(sync text DEFAULT NULL) RETURNS SETOF phsync.runs
+ *
+ * Asks the worker to run every enabled sync, or the one named, waits for
+ * the runs to end and returns their rows.  If a run failed, raises its
+ * error.
+ */
+Datum
+phsync_run_now(PG_FUNCTION_ARGS)
+{
+	PhsyncRequest request;
+	RunAnswer	answer;
+
+	memset(&request, 0, sizeof(request));
+	request.kind = PHSYNC_REQUEST_RUN;
+	if (!PG_ARGISNULL(0))
+		strlcpy(request.sync, text_to_cstring(PG_GETARG_TEXT_PP(0)), NAMEDATALEN);
+	submit_request(&request, &answer);
+	return_rows(fcinfo, "SELECT * FROM phsync.runs WHERE id BETWEEN $1 AND $2 "
+				"AND trigger = 'manual' ORDER BY id",
+				answer.run_id, answer.last_run_id);
+	return (Datum) 0;
+}
+
+static int64
+interval_usecs(Interval *iv, const char *what)
+{
+	if (iv->month != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be given in days, hours or smaller units, not months", what)));
+	return iv->time + (int64) iv->day * USECS_PER_DAY;
+}
+
+static void
+require_arg(FunctionCallInfo fcinfo, int arg, const char *name)
+{
+	if (PG_ARGISNULL(arg))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+}
+
+/*
+ * phsync_verify(sync, from, to, bucket, repair) RETURNS TABLE (bucket,
+ * posthog_count, local_count, status)
+ */
+Datum
+phsync_verify(PG_FUNCTION_ARGS)
+{
+	PhsyncRequest request;
+	RunAnswer	answer;
+
+	require_arg(fcinfo, 0, "sync");
+	require_arg(fcinfo, 1, "from");
+	require_arg(fcinfo, 2, "to");
+	require_arg(fcinfo, 3, "bucket");
+	memset(&request, 0, sizeof(request));
+	request.kind = PHSYNC_REQUEST_VERIFY;
+	strlcpy(request.sync, text_to_cstring(PG_GETARG_TEXT_PP(0)), NAMEDATALEN);
+	request.from = PG_GETARG_TIMESTAMPTZ(1);
+	request.to = PG_GETARG_TIMESTAMPTZ(2);
+	request.bucket = interval_usecs(PG_GETARG_INTERVAL_P(3), "bucket");
+	request.repair = !PG_ARGISNULL(4) && PG_GETARG_BOOL(4);
+	if (request.bucket < USECS_PER_SEC)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("bucket must be at least one second")));
+	if (request.to <= request.from)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"from\" must be before \"to\"")));
+	submit_request(&request, &answer);
+	return_rows(fcinfo, "SELECT bucket, posthog_count, local_count, status "
+				"FROM phsync.verifications WHERE run_id = $1 AND $2 IS NOT NULL ORDER BY bucket",
+				answer.run_id, answer.run_id);
+	return (Datum) 0;
+}
+
+/* wake the worker when the transaction that queued a backfill commits */
+static bool wake_registered = false;
+static bool wake_pending = false;
+
+static void
+wake_worker_at_commit(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_COMMIT && wake_pending && phsync_shared)
+	{
+		Latch	   *latch;
+
+		SpinLockAcquire(&phsync_shared->mutex);
+		latch = phsync_shared->worker_latch;
+		SpinLockRelease(&phsync_shared->mutex);
+		if (latch)
+			SetLatch(latch);
+	}
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT)
+		wake_pending = false;
+}
+
+/*
+ * phsync_backfill(sync, from, to) RETURNS phsync.runs
+ *
+ * Queues a backfill: a phsync.runs row in status 'queued', which the worker
+ * carries out after the caller commits.  Returns that row.
+ */
+Datum
+phsync_backfill(PG_FUNCTION_ARGS)
+{
+	char	   *sync;
+	TimestampTz from;
+	TimestampTz to;
+	Oid			types[4] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Datum		values[4];
+	char	   *target = NULL;
+	TupleDesc	tupdesc;
+	Datum		result;
+
+	require_arg(fcinfo, 0, "sync");
+	require_arg(fcinfo, 1, "from");
+	require_arg(fcinfo, 2, "to");
+	sync = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	from = PG_GETARG_TIMESTAMPTZ(1);
+	to = PG_GETARG_TIMESTAMPTZ(2);
+	check_callable_here();
+	if (to <= from)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"from\" must be before \"to\"")));
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	SPI_connect();
+	{
+		List	   *syncs = sync_list(sync, false);
+
+		target = ((PhsyncSync *) linitial(syncs))->target;
+	}
+	values[0] = CStringGetTextDatum(sync);
+	values[1] = CStringGetTextDatum(target);
+	values[2] = TimestampTzGetDatum(from);
+	values[3] = TimestampTzGetDatum(to);
+	if (SPI_execute_with_args("INSERT INTO phsync.runs (trigger, status, sync, target, window_from, window_until) "
+							  "VALUES ('backfill', 'queued', $1, $2, $3, $4) RETURNING *",
+							  4, types, values, NULL, false, 1) != SPI_OK_INSERT_RETURNING ||
+		SPI_processed != 1)
+		elog(ERROR, "could not queue the backfill");
 	result = PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], tupdesc));
 	SPI_finish();
 
+	if (!wake_registered)
+	{
+		RegisterXactCallback(wake_worker_at_commit, NULL);
+		wake_registered = true;
+	}
+	wake_pending = true;
 	PG_RETURN_DATUM(result);
 }
 
 /*
- * phsync_worker_state() RETURNS TABLE (target, watermark, next_run, running,
- * run_id, pages, rows_received)
+ * phsync_sync_state() RETURNS SETOF (sync, enabled, target, watermark,
+ * next_run, running, run_id, pages, rows_received)
  *
- * What the phsync.status view needs from outside phsync.runs: the target's
- * watermark (its max(cursor), NULL while it does not exist) and the
- * worker's shared state.
+ * What the phsync.status view needs from outside phsync.runs: each sync's
+ * watermark (max(cursor) of its target, NULL while it does not exist or is
+ * empty) and the worker's shared state.
+ */
+Datum
+phsync_sync_state(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	List	   *syncs;
+	ListCell   *lc;
+	TimestampTz next_due = 0;
+	char		running_sync[NAMEDATALEN] = "";
+	bool		running = false;
+	int64		run_id = 0;
+	int			pages = 0;
+	int64		received = 0;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (phsync_shared)
+	{
+		SpinLockAcquire(&phsync_shared->mutex);
+		next_due = phsync_shared->next_due;
+		running = phsync_shared->running && phsync_shared->running_sync[0];
+		if (running)
+		{
+			strlcpy(running_sync, phsync_shared->running_sync, NAMEDATALEN);
+			run_id = phsync_shared->running_run_id;
+			pages = phsync_shared->progress_pages;
+			received = phsync_shared->progress_received;
+		}
+		SpinLockRelease(&phsync_shared->mutex);
+	}
+
+	SPI_connect();
+	syncs = sync_list(NULL, false);
+	foreach(lc, syncs)
+	{
+		PhsyncSync *s = lfirst(lc);
+		Datum		values[9];
+		bool		nulls[9] = {false, false, false, true, true, false, true, false, false};
+		bool		mine = running && strcmp(running_sync, s->name) == 0;
+		Oid			relid;
+		TimestampTz watermark;
+
+		values[0] = CStringGetTextDatum(s->name);
+		values[1] = BoolGetDatum(s->enabled);
+		values[2] = CStringGetTextDatum(s->target);
+		relid = RangeVarGetRelid(target_rangevar(s->target), AccessShareLock, true);
+		if (OidIsValid(relid) && get_attnum(relid, s->cursor) != InvalidAttrNumber &&
+			relation_watermark(relid, s->cursor, NULL, NULL, &watermark))
+		{
+			values[3] = TimestampTzGetDatum(watermark);
+			nulls[3] = false;
+		}
+		if (next_due != 0 && s->enabled)
+		{
+			values[4] = TimestampTzGetDatum(next_due);
+			nulls[4] = false;
+		}
+		values[5] = BoolGetDatum(mine);
+		if (mine && run_id)
+		{
+			values[6] = Int64GetDatum(run_id);
+			nulls[6] = false;
+		}
+		values[7] = Int32GetDatum(mine ? pages : 0);
+		values[8] = Int64GetDatum(mine ? received : 0);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	SPI_finish();
+	return (Datum) 0;
+}
+
+/*
+ * phsync_next_run(after timestamptz) RETURNS timestamptz
+ */
+Datum
+phsync_next_run(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TIMESTAMPTZ(schedule_slot_after(PG_GETARG_TIMESTAMPTZ(0)));
+}
+
+/*
+ * phsync_worker_state(): a function of version 0.1, which the library keeps
+ * only so that the 0.1 install script can be run before updating.
  */
 Datum
 phsync_worker_state(PG_FUNCTION_ARGS)
 {
-	TupleDesc	tupdesc;
-	Datum		values[7];
-	bool		nulls[7] = {false, true, true, false, true, false, false};
-	Oid			relid;
-
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
-	tupdesc = BlessTupleDesc(tupdesc);
-
-	values[0] = CStringGetTextDatum(phsync_target_table);
-	relid = RangeVarGetRelid(target_rangevar(phsync_target_table), AccessShareLock, true);
-	if (OidIsValid(relid) && get_attnum(relid, phsync_cursor_column) != InvalidAttrNumber)
-	{
-		TimestampTz watermark;
-
-		SPI_connect();
-		if (relation_watermark(relid, phsync_cursor_column, &watermark))
-		{
-			values[1] = TimestampTzGetDatum(watermark);
-			nulls[1] = false;
-		}
-		SPI_finish();
-	}
-
-	if (phsync_shared)
-	{
-		SpinLockAcquire(&phsync_shared->mutex);
-		if (phsync_shared->next_due != 0)
-		{
-			values[2] = TimestampTzGetDatum(phsync_shared->next_due);
-			nulls[2] = false;
-		}
-		values[3] = BoolGetDatum(phsync_shared->running);
-		if (phsync_shared->running && phsync_shared->running_run_id)
-		{
-			values[4] = Int64GetDatum(phsync_shared->running_run_id);
-			nulls[4] = false;
-		}
-		values[5] = Int32GetDatum(phsync_shared->running ? phsync_shared->progress_pages : 0);
-		values[6] = Int64GetDatum(phsync_shared->running ? phsync_shared->progress_received : 0);
-		SpinLockRelease(&phsync_shared->mutex);
-	}
-	else
-	{
-		values[3] = BoolGetDatum(false);
-		values[5] = Int32GetDatum(0);
-		values[6] = Int64GetDatum(0);
-	}
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("extension phsync needs to be updated"),
+			 errhint("ALTER EXTENSION phsync UPDATE;")));
+	PG_RETURN_NULL();
 }
 
 static void

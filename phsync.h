@@ -13,6 +13,9 @@
  *	runlog.c	 the phsync.runs table
  *	retry.c		 the retry policy and request pacing
  *	doctor.c	 phsync_doctor(): configuration and connectivity checks
+ *	syncs.c		 sync definitions: the default one (settings) and phsync.syncs
+ *	verify.c	 completeness check: PostHog's counts against the target's
+ *	schedule.c	 when scheduled runs are due (phsync.run_at in phsync.timezone)
  *
  *-------------------------------------------------------------------------
  */
@@ -36,7 +39,7 @@
 #define json_object phsync_json_object
 #include <json.h>
 
-#define PHSYNC_VERSION "0.1"
+#define PHSYNC_VERSION "0.2"
 
 /* ---------- settings (phsync.c) ---------- */
 extern char *phsync_database;
@@ -61,6 +64,8 @@ extern int	phsync_on_bad_row;
 extern char *phsync_role;
 extern int	phsync_history_days;
 extern bool phsync_progress_notices;
+extern char *phsync_timezone;
+extern bool phsync_verify_yesterday;
 
 typedef enum PhsyncBadRow
 {
@@ -70,9 +75,27 @@ typedef enum PhsyncBadRow
 
 extern const char *phsync_api_key(void);
 extern int	phsync_run_at_seconds(void);
+extern struct pg_tz *phsync_tz(void);
 
 /* ---------- shared state and worker (scheduler.c) ---------- */
 #define PHSYNC_MAX_MESSAGE 1024
+
+/* what a session asks the worker for */
+typedef enum PhsyncRequestKind
+{
+	PHSYNC_REQUEST_RUN,			/* phsync_run_now() */
+	PHSYNC_REQUEST_VERIFY		/* phsync_verify() */
+} PhsyncRequestKind;
+
+typedef struct PhsyncRequest
+{
+	PhsyncRequestKind kind;
+	char		sync[NAMEDATALEN];	/* "" for every enabled sync */
+	TimestampTz from;			/* verify: [from, to) in buckets */
+	TimestampTz to;
+	int64		bucket;			/* microseconds */
+	bool		repair;
+} PhsyncRequest;
 
 typedef struct PhsyncShared
 {
@@ -80,11 +103,13 @@ typedef struct PhsyncShared
 	pid_t		worker_pid;		/* 0 while no worker is attached */
 	Latch	   *worker_latch;
 	uint64		requests;		/* manual runs asked for */
+	PhsyncRequest request;		/* what the last one asked for */
 	uint64		requests_done;	/* manual runs finished (or refused) */
 	uint64		request_taken;	/* the request the worker is running, or 0 */
 	Latch	   *requester_latch;	/* whom to wake when a manual run ends */
 	bool		running;		/* a run is in progress */
 	int64		running_run_id; /* its phsync.runs id, once known */
+	char		running_sync[NAMEDATALEN];	/* and its sync */
 	int			progress_pages; /* and how far it got */
 	int64		progress_received;
 	TimestampTz next_due;		/* next scheduled run, 0 if unknown */
@@ -92,7 +117,9 @@ typedef struct PhsyncShared
 	uint64		result_request; /* the request it answers */
 	bool		result_unread;	/* its caller has not read it yet */
 	int			requester_pid;	/* that caller */
-	int64		result_run_id;
+	int64		result_run_id;	/* the first run it made */
+	int64		result_last_run_id; /* and the last */
+	int64		result_failed_run_id;	/* the one whose error it reports */
 	bool		result_ok;
 	int			result_sqlerrcode;
 	char		result_message[PHSYNC_MAX_MESSAGE];
@@ -105,19 +132,36 @@ extern void phsync_shmem_init(void);
 extern void phsync_register_worker(void);
 extern PGDLLEXPORT void phsync_worker_main(Datum main_arg);
 
-/* ---------- one run (sync.c) ---------- */
-typedef struct PhsyncOutcome
-{
-	int64		run_id;			/* 0 if not even the run row could be made */
-	bool		ok;
-	int			sqlerrcode;
-	char	   *message;		/* the run's error, NULL on success */
-	char	   *hint;
-} PhsyncOutcome;
+/* ---------- when runs are due (schedule.c) ---------- */
+extern TimestampTz schedule_slot_after(TimestampTz t);
+extern TimestampTz schedule_day_start(TimestampTz t, int days_before);
 
-extern void phsync_run(const char *trigger, PhsyncOutcome *outcome);
-extern void phsync_xact_begin(void);
-extern void phsync_xact_commit(void);
+/* ---------- sync definitions (syncs.c) ---------- */
+typedef enum PhsyncPreset
+{
+	PHSYNC_CUSTOM,				/* the user's HogQL */
+	PHSYNC_EVENTS,
+	PHSYNC_PERSONS
+} PhsyncPreset;
+
+typedef struct PhsyncSync
+{
+	char	   *name;			/* "default" for the settings' sync */
+	char	   *target;
+	PhsyncPreset preset;
+	char	   *query;			/* custom query text */
+	char	   *query_file;		/* default sync: custom query read at run time */
+	char	   *cursor;
+	bool		update;			/* conflict => 'update' */
+	bool		reread_all;		/* no lookback: read everything every run */
+	int64		lookback;		/* microseconds */
+	bool		enabled;
+	bool		verify;			/* scheduled runs verify the previous day */
+} PhsyncSync;
+
+extern List *sync_list(const char *only, bool enabled_only);
+extern PhsyncSync *sync_default(void);
+extern const char *preset_name(PhsyncPreset preset);
 
 /* ---------- HTTP (http.c) ---------- */
 typedef struct PhsyncHttp PhsyncHttp;
@@ -152,7 +196,8 @@ extern void phsync_sleep(long ms);
 /* ---------- HogQL (hogql.c) ---------- */
 typedef struct PhsyncQuery
 {
-	char	   *base;			/* custom query text, or NULL for built-in */
+	PhsyncPreset preset;
+	char	   *base;			/* custom query text (PHSYNC_CUSTOM) */
 	char	   *cursor;			/* cursor column name */
 	int			nkeys;			/* key columns, cursor excluded */
 	char	  **keys;
@@ -184,11 +229,12 @@ typedef struct PhsyncPage
 	const char **chtypes;		/* per column, NULL when unknown */
 } PhsyncPage;
 
-extern const char *phsync_builtin_columns[];
+extern const char *const *preset_columns(PhsyncPreset preset);
 extern char *hogql_build(PhsyncQuery *q, PhsyncKeyset *after);
+extern char *hogql_count_query(PhsyncQuery *q, const char *distinct_key);
 extern char *hogql_request_body(PhsyncQuery *q, const char *hogql,
-								PhsyncKeyset *after, const char *name,
-								const char *client_query_id);
+								PhsyncKeyset *after, int64 bucket,
+								const char *name, const char *client_query_id);
 extern TimestampTz hogql_keyset_cursor(PhsyncKeyset *keyset);
 extern void hogql_read_page(json_object *response, PhsyncPage *page);
 extern void hogql_keyset_from_last_row(PhsyncPage *page, PhsyncQuery *q,
@@ -196,6 +242,18 @@ extern void hogql_keyset_from_last_row(PhsyncPage *page, PhsyncQuery *q,
 extern void hogql_keyset_reset(PhsyncKeyset *keyset);
 extern char *phsync_format_timestamp(TimestampTz ts);
 extern char *hogql_read_query_file(const char *path);
+
+/* what a run did, as phsync.runs shows it */
+typedef struct PhsyncCounters
+{
+	int			pages;
+	int			requests;
+	int			retries;
+	int64		received;
+	int64		inserted;
+	int64		updated;
+	int64		rejected;
+} PhsyncCounters;
 
 /* ---------- target table (load.c) ---------- */
 typedef struct PhsyncColumn
@@ -219,24 +277,85 @@ typedef struct PhsyncTarget
 	int			cursor;			/* index into cols */
 	int			nkeys;			/* unique key columns, cursor excluded */
 	int		   *keys;			/* indexes into cols */
+	int			nuniq;			/* all the unique key's columns, in order */
+	int		   *uniq;			/* indexes into cols */
 } PhsyncTarget;
 
 typedef struct PhsyncLoader PhsyncLoader;
 
 extern PhsyncTarget *target_prepare(const char *name, const char *cursor,
-									bool builtin);
-extern bool target_watermark(PhsyncTarget *target, TimestampTz *watermark);
+									PhsyncPreset create);
+extern bool target_watermark(PhsyncTarget *target, TimestampTz *from,
+							 TimestampTz *to, TimestampTz *watermark);
 extern RangeVar *target_rangevar(const char *name);
-extern bool relation_watermark(Oid relid, const char *cursor,
-							   TimestampTz *watermark);
-extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncPage *page);
+extern bool relation_watermark(Oid relid, const char *cursor, TimestampTz *from,
+							   TimestampTz *to, TimestampTz *watermark);
+extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncPage *page,
+								   bool update);
 extern bool loader_matches(PhsyncLoader *loader, PhsyncPage *page);
-extern uint64 loader_insert(PhsyncLoader *loader, PhsyncPage *page,
-							int64 run_id, int64 *rejected);
+extern void loader_insert(PhsyncLoader *loader, PhsyncPage *page,
+						  int64 run_id, PhsyncCounters *counters);
 extern void loader_free(PhsyncLoader *loader);
 extern const char *target_check(const char *name, const char *cursor,
 								bool builtin, char **detail, char **hint,
 								char ***keys, int *nkeys);
+
+/* ---------- one run (sync.c) ---------- */
+typedef struct PhsyncOutcome
+{
+	int64		run_id;			/* 0 if not even the run row could be made */
+	int64		last_run_id;	/* several runs (every sync): the last one */
+	int64		failed_run_id;	/* the run whose error message is */
+	bool		ok;
+	int			sqlerrcode;
+	char	   *message;		/* the run's error, NULL on success */
+	char	   *hint;
+} PhsyncOutcome;
+
+/* a run to carry out */
+typedef struct PhsyncJob
+{
+	const char *trigger;		/* schedule, manual, backfill, verify */
+	PhsyncSync *sync;
+	int64		run_id;			/* a queued run (backfill), or 0 */
+	bool		bounded;		/* backfill and verify: within [from, to) */
+	TimestampTz from;
+	TimestampTz to;
+	int64		bucket;			/* verify: bucket width, microseconds */
+	bool		repair;			/* verify: fetch differing buckets again */
+} PhsyncJob;
+
+extern void phsync_run(PhsyncJob *job, PhsyncOutcome *outcome);
+
+/* a run in progress: its resources and counters (sync.c, verify.c) */
+typedef struct PhsyncRunState
+{
+	int64		run_id;
+	PhsyncSync *sync;
+	PhsyncTarget *target;
+	PhsyncQuery *query;			/* the sync's query, window not set */
+	PhsyncHttp *http;
+	char	   *url;
+	char	   *name;			/* the request name PostHog sees */
+	PhsyncPage	page;
+	PhsyncKeyset keyset;
+	PhsyncLoader *loader;
+	PhsyncCounters counters;
+	MemoryContext cxt;
+	/* asking for less after "too big" answers */
+	int64		span;			/* width of the slice of the window */
+	int			successes;		/* in a row, since the last shrink */
+} PhsyncRunState;
+
+extern void sync_load_window(PhsyncRunState *st, TimestampTz since,
+							 TimestampTz until);
+extern json_object *sync_fetch(PhsyncRunState *st, PhsyncQuery *q,
+							   const char *hogql, int64 bucket);
+
+/* ---------- completeness check (verify.c) ---------- */
+extern void verify_run(PhsyncRunState *st, PhsyncJob *job);
+extern void phsync_xact_begin(void);
+extern void phsync_xact_commit(void);
 
 /* ---------- phsync_doctor() (doctor.c) ---------- */
 typedef void (*DoctorRow) (void *arg, const char *check, const char *status,
@@ -244,17 +363,16 @@ typedef void (*DoctorRow) (void *arg, const char *check, const char *status,
 extern void doctor_run(DoctorRow emit, void *arg);
 
 /* ---------- phsync.runs (runlog.c) ---------- */
-extern int64 runlog_start(const char *trigger, const char *target);
+extern int64 runlog_start(const char *trigger, const char *sync, const char *target,
+						  TimestampTz *from, TimestampTz *to);
+extern void runlog_begin_queued(int64 run_id);
+extern bool runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from,
+							   TimestampTz *to);
+extern void runlog_fail_queued(int64 run_id, const char *error);
+extern void runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
+							int64 posthog, int64 local, const char *status);
+extern void runlog_set_mismatches(int64 run_id, int mismatches);
 extern void runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until);
-typedef struct PhsyncCounters
-{
-	int			pages;
-	int			requests;
-	int			retries;
-	int64		received;
-	int64		inserted;
-	int64		rejected;
-} PhsyncCounters;
 
 extern void runlog_progress(int64 run_id, PhsyncCounters *c);
 extern void runlog_reject(int64 run_id, const char *target, Datum columns,

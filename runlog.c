@@ -34,28 +34,95 @@ runlog_exec(const char *sql, int nargs, Oid *types, Datum *values,
 }
 
 /*
- * Insert a 'running' row and return its id.
+ * Insert a 'running' row and return its id.  from and to, when given, are
+ * the bounds of the run's window (a verification's range).
  */
 int64
-runlog_start(const char *trigger, const char *target)
+runlog_start(const char *trigger, const char *sync, const char *target,
+			 TimestampTz *from, TimestampTz *to)
 {
-	Oid			types[2] = {TEXTOID, TEXTOID};
-	Datum		values[2];
+	Oid			types[5] = {TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', ' ', from ? ' ' : 'n', to ? ' ' : 'n'};
 	bool		isnull;
 	int64		id;
 
 	phsync_xact_begin();
 	values[0] = CStringGetTextDatum(trigger);
-	values[1] = CStringGetTextDatum(target);
-	if (SPI_execute_with_args("INSERT INTO phsync.runs (trigger, target) "
-							  "VALUES ($1, $2) RETURNING id",
-							  2, types, values, NULL, false, 1) != SPI_OK_INSERT_RETURNING ||
+	values[1] = CStringGetTextDatum(sync);
+	values[2] = CStringGetTextDatum(target);
+	values[3] = from ? TimestampTzGetDatum(*from) : (Datum) 0;
+	values[4] = to ? TimestampTzGetDatum(*to) : (Datum) 0;
+	if (SPI_execute_with_args("INSERT INTO phsync.runs (trigger, sync, target, window_from, window_until) "
+							  "VALUES ($1, $2, $3, $4, $5) RETURNING id",
+							  5, types, values, nulls, false, 1) != SPI_OK_INSERT_RETURNING ||
 		SPI_processed != 1)
 		elog(ERROR, "could not insert into phsync.runs");
 	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 									 SPI_tuptable->tupdesc, 1, &isnull));
 	phsync_xact_commit();
 	return id;
+}
+
+/*
+ * A queued run (a backfill) starts now.
+ */
+void
+runlog_begin_queued(int64 run_id)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(run_id)};
+
+	phsync_xact_begin();
+	runlog_exec("UPDATE phsync.runs SET status = 'running', started_at = now() "
+				"WHERE id = $1 AND status = 'queued'", 1, types, values, NULL, 1);
+	phsync_xact_commit();
+}
+
+/*
+ * The oldest queued run: its id, sync and bounds.  False when none is.
+ */
+bool
+runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *to)
+{
+	bool		found;
+	MemoryContext cxt = CurrentMemoryContext;
+
+	phsync_xact_begin();
+	if (SPI_execute("SELECT id, sync, window_from, window_until FROM phsync.runs "
+					"WHERE status = 'queued' ORDER BY id LIMIT 1", true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read phsync.runs");
+	found = SPI_processed == 1;
+	if (found)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[0];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+
+		*run_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		*sync = MemoryContextStrdup(cxt, SPI_getvalue(tup, desc, 2));
+		*from = DatumGetTimestampTz(SPI_getbinval(tup, desc, 3, &isnull));
+		*to = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
+	}
+	phsync_xact_commit();
+	MemoryContextSwitchTo(cxt);
+	return found;
+}
+
+/*
+ * A queued run that cannot be carried out (its sync is gone) fails.
+ */
+void
+runlog_fail_queued(int64 run_id, const char *error)
+{
+	Oid			types[2] = {INT8OID, TEXTOID};
+	Datum		values[2] = {Int64GetDatum(run_id), CStringGetTextDatum(error)};
+
+	phsync_xact_begin();
+	runlog_exec("UPDATE phsync.runs SET status = 'failed', started_at = now(), "
+				"finished_at = clock_timestamp(), error = $2 WHERE id = $1",
+				2, types, values, NULL, -1);
+	phsync_xact_commit();
 }
 
 void
@@ -70,7 +137,8 @@ runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until)
 }
 
 #define COUNTERS_SET "pages = $2, requests = $3, retries = $4, rows_received = $5, " \
-	"rows_inserted = $6, rows_rejected = $7"
+	"rows_inserted = $6, rows_rejected = $7, rows_updated = $8"
+#define NCOUNTERS 8
 
 static void
 counter_args(int64 run_id, PhsyncCounters *c, Oid *types, Datum *values)
@@ -89,6 +157,8 @@ counter_args(int64 run_id, PhsyncCounters *c, Oid *types, Datum *values)
 	values[5] = Int64GetDatum(c->inserted);
 	types[6] = INT8OID;
 	values[6] = Int64GetDatum(c->rejected);
+	types[7] = INT8OID;
+	values[7] = Int64GetDatum(c->updated);
 }
 
 /*
@@ -97,12 +167,12 @@ counter_args(int64 run_id, PhsyncCounters *c, Oid *types, Datum *values)
 void
 runlog_progress(int64 run_id, PhsyncCounters *c)
 {
-	Oid			types[7];
-	Datum		values[7];
+	Oid			types[NCOUNTERS];
+	Datum		values[NCOUNTERS];
 
 	counter_args(run_id, c, types, values);
 	runlog_exec("UPDATE phsync.runs SET " COUNTERS_SET " WHERE id = $1",
-				7, types, values, NULL, 1);
+				NCOUNTERS, types, values, NULL, 1);
 }
 
 /*
@@ -126,24 +196,62 @@ runlog_reject(int64 run_id, const char *target, Datum columns, const char *row,
 }
 
 /*
+ * One bucket of a verification (inside the caller's transaction).
+ */
+void
+runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
+				int64 posthog, int64 local, const char *status)
+{
+	Oid			types[6] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8OID, INT8OID, TEXTOID};
+	Datum		values[6];
+
+	values[0] = Int64GetDatum(run_id);
+	values[1] = TimestampTzGetDatum(bucket);
+	values[2] = TimestampTzGetDatum(until);
+	values[3] = Int64GetDatum(posthog);
+	values[4] = Int64GetDatum(local);
+	values[5] = CStringGetTextDatum(status);
+	runlog_exec("INSERT INTO phsync.verifications (run_id, bucket, bucket_until, posthog_count, local_count, status) "
+				"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (run_id, bucket) DO UPDATE "
+				"SET posthog_count = EXCLUDED.posthog_count, local_count = EXCLUDED.local_count, "
+				"status = EXCLUDED.status", 6, types, values, NULL, 1);
+}
+
+/*
+ * How many buckets of a verification differ (inside the caller's
+ * transaction).
+ */
+void
+runlog_set_mismatches(int64 run_id, int mismatches)
+{
+	Oid			types[2] = {INT8OID, INT4OID};
+	Datum		values[2] = {Int64GetDatum(run_id), Int32GetDatum(mismatches)};
+
+	runlog_exec("UPDATE phsync.runs SET verify_mismatches = $2 WHERE id = $1",
+				2, types, values, NULL, 1);
+}
+
+/*
  * Mark the run succeeded or failed, with its error and final counters.
  */
 void
 runlog_finish(int64 run_id, bool ok, const char *error, PhsyncCounters *c)
 {
-	Oid			types[9];
-	Datum		values[9];
-	char		nulls[9] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' ', error ? ' ' : 'n'};
+	Oid			types[NCOUNTERS + 2];
+	Datum		values[NCOUNTERS + 2];
+	char		nulls[NCOUNTERS + 2];
 
 	phsync_xact_begin();
+	memset(nulls, ' ', sizeof(nulls));
 	counter_args(run_id, c, types, values);
-	types[7] = TEXTOID;
-	values[7] = CStringGetTextDatum(ok ? "succeeded" : "failed");
-	types[8] = TEXTOID;
-	values[8] = error ? CStringGetTextDatum(error) : (Datum) 0;
-	runlog_exec("UPDATE phsync.runs SET " COUNTERS_SET ", status = $8, error = $9, "
+	types[NCOUNTERS] = TEXTOID;
+	values[NCOUNTERS] = CStringGetTextDatum(ok ? "succeeded" : "failed");
+	types[NCOUNTERS + 1] = TEXTOID;
+	values[NCOUNTERS + 1] = error ? CStringGetTextDatum(error) : (Datum) 0;
+	nulls[NCOUNTERS + 1] = error ? ' ' : 'n';
+	runlog_exec("UPDATE phsync.runs SET " COUNTERS_SET ", status = $9, error = $10, "
 				"finished_at = clock_timestamp() WHERE id = $1",
-				9, types, values, nulls, 1);
+				NCOUNTERS + 2, types, values, nulls, 1);
 	phsync_xact_commit();
 }
 
@@ -159,6 +267,7 @@ runlog_fail_orphans(void)
 	phsync_xact_begin();
 	runlog_exec("UPDATE phsync.runs SET status = 'failed', finished_at = clock_timestamp(), "
 				"error = 'the phsync worker stopped before the run finished (crash or shutdown)' "
+				"|| CASE trigger WHEN 'backfill' THEN '; call phsync_backfill() again to resume it' ELSE '' END "
 				"WHERE status = 'running'", 0, NULL, NULL, NULL, -1);
 	n = (int) SPI_processed;
 	phsync_xact_commit();

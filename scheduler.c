@@ -9,6 +9,7 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "executor/spi.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "miscadmin.h"
@@ -128,29 +129,6 @@ phsync_register_worker(void)
 	RegisterBackgroundWorker(&worker);
 }
 
-/* ---------- time arithmetic ---------- */
-
-/*
- * The first scheduled slot strictly after t.  Slots are run_at (UTC) on
- * 2000-01-01 plus whole multiples of the interval: with the default 1 day,
- * every day at run_at.
- */
-static TimestampTz
-slot_after(TimestampTz t)
-{
-	int64		step = (int64) phsync_interval * USECS_PER_SEC;
-	int64		anchor = (int64) phsync_run_at_seconds() * USECS_PER_SEC;
-	int64		k;
-
-	if (t < anchor)
-		k = -((anchor - t) / step);
-	else
-		k = (t - anchor) / step + 1;
-	while (anchor + k * step <= t)
-		k++;
-	return anchor + k * step;
-}
-
 /*
  * When the next scheduled run is due: the first slot after the last
  * scheduled run recorded in phsync.runs, so that a restart neither repeats
@@ -164,24 +142,32 @@ next_due(void)
 	TimestampTz last;
 
 	if (runlog_last_scheduled(&last))
-		return slot_after(Max(last, last_schedule_attempt));
+		return schedule_slot_after(Max(last, last_schedule_attempt));
 	if (last_schedule_attempt != 0)
-		return slot_after(last_schedule_attempt);
-	return slot_after(schedule_base - 1);
+		return schedule_slot_after(last_schedule_attempt);
+	return schedule_slot_after(schedule_base - 1);
 }
 
 /* ---------- catalog probes ---------- */
 
+/*
+ * Is extension phsync there, and at the library's version?  *version gets
+ * the installed version (palloc'd), NULL when there is none.
+ */
 static bool
-extension_exists(void)
+extension_ready(char **version)
 {
-	bool		exists;
+	MemoryContext cxt = CurrentMemoryContext;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	exists = OidIsValid(get_extension_oid("phsync", true));
-	CommitTransactionCommand();
-	return exists;
+	*version = NULL;
+	phsync_xact_begin();
+	if (SPI_execute("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'phsync'",
+					true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+		*version = MemoryContextStrdup(cxt, SPI_getvalue(SPI_tuptable->vals[0],
+														 SPI_tuptable->tupdesc, 1));
+	phsync_xact_commit();
+	MemoryContextSwitchTo(cxt);
+	return *version && strcmp(*version, PHSYNC_VERSION) == 0;
 }
 
 static void
@@ -253,6 +239,8 @@ detach_from_shared(int code, Datum arg)
 		phsync_shared->result_request = phsync_shared->request_taken;
 		phsync_shared->result_unread = true;
 		phsync_shared->result_run_id = phsync_shared->running_run_id;
+		phsync_shared->result_last_run_id = phsync_shared->running_run_id;
+		phsync_shared->result_failed_run_id = phsync_shared->running_run_id;
 		phsync_shared->result_ok = false;
 		phsync_shared->result_sqlerrcode = ERRCODE_ADMIN_SHUTDOWN;
 		strlcpy(phsync_shared->result_message,
@@ -290,6 +278,8 @@ answer_request(uint64 request, PhsyncOutcome *outcome)
 	phsync_shared->result_request = request;
 	phsync_shared->result_unread = true;
 	phsync_shared->result_run_id = outcome->run_id;
+	phsync_shared->result_last_run_id = outcome->last_run_id;
+	phsync_shared->result_failed_run_id = outcome->failed_run_id;
 	phsync_shared->result_ok = outcome->ok;
 	phsync_shared->result_sqlerrcode = outcome->sqlerrcode;
 	strlcpy(phsync_shared->result_message, outcome->message ? outcome->message : "",
@@ -311,7 +301,7 @@ answer_request(uint64 request, PhsyncOutcome *outcome)
  * Returns the request number, 0 if none.
  */
 static uint64
-take_request(void)
+take_request(PhsyncRequest *what)
 {
 	uint64		request = 0;
 
@@ -319,6 +309,7 @@ take_request(void)
 	if (phsync_shared->requests > phsync_shared->requests_done)
 	{
 		request = phsync_shared->requests;
+		*what = phsync_shared->request;
 		phsync_shared->request_taken = request;
 		phsync_shared->running = true;
 	}
@@ -361,6 +352,187 @@ prune_history(void)
 	PG_END_TRY();
 }
 
+static void
+set_running(bool running)
+{
+	SpinLockAcquire(&phsync_shared->mutex);
+	phsync_shared->running = running;
+	if (!running)
+		phsync_shared->running_run_id = 0;
+	SpinLockRelease(&phsync_shared->mutex);
+}
+
+/*
+ * The syncs a job is about (sync_list() in a transaction of its own); on
+ * an error (no such sync), false with the error in outcome.
+ */
+static bool
+load_syncs(const char *only, List **syncs, PhsyncOutcome *outcome)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		phsync_xact_begin();
+		MemoryContextSwitchTo(cxt);
+		*syncs = sync_list(only, true);
+		phsync_xact_commit();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		EmitErrorReport();
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		outcome->ok = false;
+		outcome->sqlerrcode = edata->sqlerrcode;
+		outcome->message = edata->message;
+		outcome->hint = edata->hint;
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	return ok;
+}
+
+/*
+ * Add one run's outcome to that of a series: the first and last run, and
+ * the first failure.
+ */
+static void
+add_outcome(PhsyncOutcome *total, PhsyncOutcome *one)
+{
+	if (one->run_id)
+	{
+		if (total->run_id == 0)
+			total->run_id = one->run_id;
+		total->last_run_id = one->run_id;
+	}
+	if (!one->ok && total->ok)
+	{
+		total->ok = false;
+		total->failed_run_id = one->run_id;
+		total->sqlerrcode = one->sqlerrcode;
+		total->message = one->message;
+		total->hint = one->hint;
+	}
+}
+
+/*
+ * Run the enabled syncs (or the one named), one after the other, each in
+ * its own phsync.runs row; a failure does not stop the others.  Scheduled
+ * runs then verify the previous day of the syncs that ask for it.
+ */
+static void
+run_syncs(const char *trigger, const char *only, PhsyncOutcome *total)
+{
+	List	   *syncs = NIL;
+	ListCell   *lc;
+	int			failed = 0;
+
+	memset(total, 0, sizeof(*total));
+	total->ok = true;
+	if (!load_syncs(only, &syncs, total))
+		return;
+
+	foreach(lc, syncs)
+	{
+		PhsyncSync *sync = lfirst(lc);
+		PhsyncJob	job = {0};
+		PhsyncOutcome outcome;
+
+		job.trigger = trigger;
+		job.sync = sync;
+		phsync_run(&job, &outcome);
+		if (!outcome.ok)
+			failed++;
+		add_outcome(total, &outcome);
+
+		if (strcmp(trigger, "schedule") == 0 && sync->verify && outcome.ok)
+		{
+			PhsyncJob	check = {0};
+			PhsyncOutcome verified;
+
+			check.trigger = "verify";
+			check.sync = sync;
+			check.bounded = true;
+			check.from = schedule_day_start(GetCurrentTimestamp(), 1);
+			check.to = schedule_day_start(GetCurrentTimestamp(), 0);
+			check.bucket = check.to - check.from;
+			phsync_run(&check, &verified);
+		}
+	}
+	if (failed > 1)
+		total->message = psprintf("%s (and %d more of the %d syncs failed; see phsync.runs)",
+								  total->message, failed - 1, list_length(syncs));
+}
+
+/*
+ * Carry out a session's request: a manual run or a verification.
+ */
+static void
+carry_out(PhsyncRequest *what, PhsyncOutcome *outcome)
+{
+	List	   *syncs;
+	PhsyncJob	job = {0};
+
+	if (what->kind == PHSYNC_REQUEST_RUN)
+	{
+		run_syncs("manual", what->sync[0] ? what->sync : NULL, outcome);
+		return;
+	}
+
+	memset(outcome, 0, sizeof(*outcome));
+	if (!load_syncs(what->sync, &syncs, outcome))
+		return;
+	job.trigger = "verify";
+	job.sync = linitial(syncs);
+	job.bounded = true;
+	job.from = what->from;
+	job.to = what->to;
+	job.bucket = what->bucket;
+	job.repair = what->repair;
+	phsync_run(&job, outcome);
+	outcome->last_run_id = outcome->failed_run_id = outcome->run_id;
+}
+
+/*
+ * Carry out the oldest queued backfill, if there is one.
+ */
+static bool
+run_queued(void)
+{
+	int64		run_id;
+	char	   *sync;
+	TimestampTz from;
+	TimestampTz to;
+	List	   *syncs;
+	PhsyncOutcome outcome = {0};
+	PhsyncJob	job = {0};
+
+	if (!runlog_next_queued(&run_id, &sync, &from, &to))
+		return false;
+	if (!load_syncs(sync, &syncs, &outcome))
+	{
+		runlog_fail_queued(run_id, outcome.message);
+		return true;
+	}
+	job.trigger = "backfill";
+	job.sync = linitial(syncs);
+	job.run_id = run_id;
+	job.bounded = true;
+	job.from = from;
+	job.to = to;
+	set_running(true);
+	phsync_run(&job, &outcome);
+	set_running(false);
+	return true;
+}
+
 /*
  * Entry point of the background worker.
  */
@@ -369,6 +541,8 @@ phsync_worker_main(Datum main_arg)
 {
 	bool		orphans_checked = false;
 	MemoryContext loop_cxt;
+	PhsyncRequest what;
+	char	   *version;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -416,28 +590,42 @@ phsync_worker_main(Datum main_arg)
 			schedule_base = GetCurrentTimestamp();
 		}
 
-		if (!extension_exists())
+		if (!extension_ready(&version))
 		{
 			/*
 			 * A request can only come from a session that sees the
-			 * extension, so it must not have committed CREATE EXTENSION yet.
+			 * extension, so it must not have committed CREATE EXTENSION yet
+			 * (or the extension is older than the library).
 			 */
-			request = take_request();
+			request = take_request(&what);
 			if (request)
 			{
 				PhsyncOutcome outcome = {0};
 
 				outcome.sqlerrcode = ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
-				outcome.message = "the phsync worker does not see extension \"phsync\" yet";
-				outcome.hint = "Commit the transaction that ran CREATE EXTENSION phsync before calling phsync_run_now().";
+				if (version)
+				{
+					outcome.message = psprintf("extension \"phsync\" is at version %s, but the library is version %s",
+											   version, PHSYNC_VERSION);
+					outcome.hint = "ALTER EXTENSION phsync UPDATE;";
+				}
+				else
+				{
+					outcome.message = "the phsync worker does not see extension \"phsync\" yet";
+					outcome.hint = "Commit the transaction that ran CREATE EXTENSION phsync before calling phsync_run_now().";
+				}
 				answer_request(request, &outcome);
 			}
 			orphans_checked = false;
 			SpinLockAcquire(&phsync_shared->mutex);
 			phsync_shared->next_due = 0;
 			SpinLockRelease(&phsync_shared->mutex);
-			report_activity("waiting for CREATE EXTENSION phsync in database \"%s\"",
-							phsync_database);
+			if (version)
+				report_activity("waiting for ALTER EXTENSION phsync UPDATE (version %s installed, library %s)",
+								version, PHSYNC_VERSION);
+			else
+				report_activity("waiting for CREATE EXTENSION phsync in database \"%s\"",
+								phsync_database);
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 PHSYNC_POLL_MS, PG_WAIT_EXTENSION);
 			ResetLatch(MyLatch);
@@ -455,16 +643,19 @@ phsync_worker_main(Datum main_arg)
 			prune_history();
 		}
 
-		request = take_request();
+		request = take_request(&what);
 		if (request)
 		{
 			PhsyncOutcome outcome = {0};
 
-			phsync_run("manual", &outcome);
+			carry_out(&what, &outcome);
 			answer_request(request, &outcome);
 			prune_history();
 			continue;
 		}
+
+		if (run_queued())
+			continue;
 
 		due = next_due();
 		now = GetCurrentTimestamp();
@@ -472,15 +663,10 @@ phsync_worker_main(Datum main_arg)
 		{
 			PhsyncOutcome outcome = {0};
 
-			SpinLockAcquire(&phsync_shared->mutex);
-			phsync_shared->running = true;
-			SpinLockRelease(&phsync_shared->mutex);
+			set_running(true);
 			last_schedule_attempt = now;
-			phsync_run("schedule", &outcome);
-			SpinLockAcquire(&phsync_shared->mutex);
-			phsync_shared->running = false;
-			phsync_shared->running_run_id = 0;
-			SpinLockRelease(&phsync_shared->mutex);
+			run_syncs("schedule", NULL, &outcome);
+			set_running(false);
 			prune_history();
 			continue;
 		}

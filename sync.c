@@ -36,19 +36,10 @@
 /* consecutive successes after which a shrunken request grows back */
 #define GROW_AFTER 2
 
-/* resources and progress of the run in progress */
-typedef struct RunState
-{
-	int64		run_id;
-	PhsyncHttp *http;
-	PhsyncPage	page;
-	PhsyncKeyset keyset;
-	PhsyncLoader *loader;
-	PhsyncCounters counters;
-	/* asking for less after "too big" answers */
-	int64		span;			/* width of the slice of the window */
-	int			successes;		/* in a row, since the last shrink */
-} RunState;
+/* a full re-read (no lookback) starts here */
+#define REREAD_FROM_USECS (-INT64CONST(946684800) * USECS_PER_SEC)	/* 1970-01-01 */
+
+typedef PhsyncRunState RunState;
 
 /*
  * Begin a worker transaction with SPI and a snapshot (worker_spi's order).
@@ -82,6 +73,18 @@ release_run_state(RunState *st)
 	st->http = NULL;
 	loader_free(st->loader);
 	st->loader = NULL;
+}
+
+/*
+ * Rows are fetched again from the start of a new window or slice.
+ */
+static void
+forget_position(RunState *st)
+{
+	if (st->page.response)
+		json_object_put(st->page.response);
+	st->page.response = NULL;
+	hogql_keyset_reset(&st->keyset);
 }
 
 static void
@@ -167,12 +170,13 @@ grow_back(RunState *st, PhsyncQuery *q)
 }
 
 /*
- * Fetch one page, retrying transient failures; raises when PostHog refuses
- * or the retries are used up.
+ * Send one query, retrying transient failures; raises when PostHog refuses
+ * or the retries are used up.  With hogql NULL, the page of q after the
+ * keyset position, asking for less when PostHog says the query is too big;
+ * otherwise that fixed text (with {bucket_seconds} = bucket).
  */
-static json_object *
-fetch_page(RunState *st, PhsyncQuery *q, const char *url, const char *name,
-		   const char *display)
+json_object *
+sync_fetch(RunState *st, PhsyncQuery *q, const char *hogql, int64 bucket)
 {
 	int			retry = 0;
 
@@ -180,7 +184,7 @@ fetch_page(RunState *st, PhsyncQuery *q, const char *url, const char *name,
 	{
 		PhsyncHttpResult res;
 		char		client_id[64];
-		char	   *hogql;
+		const char *text;
 		char	   *body;
 		bool		less;
 
@@ -188,16 +192,18 @@ fetch_page(RunState *st, PhsyncQuery *q, const char *url, const char *name,
 		snprintf(client_id, sizeof(client_id), "phsync-%lld-%d-%016llx",
 				 (long long) st->run_id, st->counters.requests + 1,
 				 (unsigned long long) pg_prng_uint64(&pg_global_prng_state));
-		hogql = hogql_build(q, &st->keyset);
-		body = hogql_request_body(q, hogql, &st->keyset, name, client_id);
+		text = hogql ? hogql : hogql_build(q, &st->keyset);
+		body = hogql_request_body(q, text, hogql ? NULL : &st->keyset, bucket,
+								  st->name, client_id);
 
 		pace_requests();
 		pgstat_report_activity(STATE_RUNNING,
-							   psprintf("phsync %s: fetching page %d, %lld rows so far%s",
-										display, st->counters.pages + 1,
+							   psprintf("sync %s: %s page %d, %lld rows so far%s",
+										st->sync->name, hogql ? "counting," : "fetching",
+										st->counters.pages + 1,
 										(long long) st->counters.received,
 										retry ? psprintf(" (retry %d)", retry) : ""));
-		http_post(st->http, url, body, &res);
+		http_post(st->http, st->url, body, &res);
 		st->counters.requests++;
 		if (res.json)
 			return res.json;
@@ -213,93 +219,132 @@ fetch_page(RunState *st, PhsyncQuery *q, const char *url, const char *name,
 		}
 		retry++;
 		st->counters.retries++;
-		if (less)
+		if (less && hogql == NULL)
 			ask_for_less(st, q);
 		retry_wait(st->run_id, retry, &res);
 	}
 }
 
 /*
- * The body of a run; errors propagate to phsync_run.
+ * The sync's query, its target and the HTTP handle: everything a run needs
+ * before its window is known.  The target is created when it is the
+ * default sync's built-in events table.
  */
 static void
-run_pages(RunState *st, MemoryContext run_cxt)
+run_prepare(RunState *st)
 {
-	PhsyncQuery q;
-	PhsyncTarget *target;
-	TimestampTz watermark;
-	bool		builtin = (phsync_query_file == NULL || phsync_query_file[0] == '\0');
-	char	   *url;
-	char	   *name;
+	PhsyncSync *sync = st->sync;
+	PhsyncQuery *q = palloc0(sizeof(PhsyncQuery));
 	int			i;
 
 	require_setting(phsync_project_id, "phsync.project_id");
 	require_setting(phsync_api_key(), "phsync.api_key");
 
-	memset(&q, 0, sizeof(q));
-	q.cursor = pstrdup(phsync_cursor_column);
-	q.limit = phsync_page_size;
-	q.base = builtin ? NULL : hogql_read_query_file(phsync_query_file);
-	q.until = GetCurrentTimestamp() - SETTLE_USECS;
+	q->preset = sync->preset;
+	q->cursor = pstrdup(sync->cursor);
+	q->limit = phsync_page_size;
+	if (sync->preset == PHSYNC_CUSTOM)
+		q->base = sync->query_file ? hogql_read_query_file(sync->query_file) : sync->query;
 
-	/* the window: from the table's own watermark, up to a fixed "until" */
 	phsync_xact_begin();
-	MemoryContextSwitchTo(run_cxt);
-	target = target_prepare(phsync_target_table, q.cursor, builtin);
-	if (target_watermark(target, &watermark))
-		q.since = watermark - (int64) phsync_lookback * USECS_PER_SEC;
-	else
-		q.since = initial_since(q.until);
-	runlog_set_window(st->run_id, q.since, q.until);
+	MemoryContextSwitchTo(st->cxt);
+	st->target = target_prepare(sync->target, q->cursor,
+								strcmp(sync->name, "default") == 0 ? sync->preset : PHSYNC_CUSTOM);
 	phsync_xact_commit();
-	MemoryContextSwitchTo(run_cxt);
+	MemoryContextSwitchTo(st->cxt);
 
-	q.nkeys = target->nkeys;
-	q.keys = palloc(sizeof(char *) * Max(q.nkeys, 1));
-	for (i = 0; i < q.nkeys; i++)
-		q.keys[i] = target->cols[target->keys[i]].name;
-
-	url = http_query_url();
-	name = psprintf("phsync %s", target->display);
+	q->nkeys = st->target->nkeys;
+	q->keys = palloc(sizeof(char *) * Max(q->nkeys, 1));
+	for (i = 0; i < q->nkeys; i++)
+		q->keys[i] = st->target->cols[st->target->keys[i]].name;
+	st->query = q;
+	st->url = http_query_url();
+	st->name = psprintf("phsync %s", sync->name);
 	st->http = http_open();
+}
+
+/*
+ * Where a run starts reading.  A scheduled or manual run: from the
+ * watermark (max(cursor)) less the lookback, or everything when the sync
+ * re-reads all.  A backfill: from its own progress, max(cursor) inside
+ * [from, to), so that an interrupted one resumes and a repeated one adds
+ * nothing twice.
+ */
+static TimestampTz
+window_start(RunState *st, PhsyncJob *job, TimestampTz until)
+{
+	TimestampTz watermark;
+	TimestampTz since;
+
+	phsync_xact_begin();
+	if (job->bounded)
+		since = target_watermark(st->target, &job->from, &job->to, &watermark) ?
+			Max(job->from, watermark - st->sync->lookback) : job->from;
+	else if (st->sync->reread_all)
+		since = REREAD_FROM_USECS;
+	else if (target_watermark(st->target, NULL, NULL, &watermark))
+		since = watermark - st->sync->lookback;
+	else
+		since = initial_since(until);
+	phsync_xact_commit();
+	MemoryContextSwitchTo(st->cxt);
+	return since;
+}
+
+/*
+ * Fetch [since, until) page by page and load each page in its own
+ * transaction.  Errors propagate to phsync_run.
+ */
+void
+sync_load_window(RunState *st, TimestampTz since, TimestampTz until)
+{
+	PhsyncQuery q = *st->query;
+
+	q.since = since;
+	q.until = until;
+	q.limit = phsync_page_size;
+	forget_position(st);
 	st->span = q.until - q.since;
+	st->successes = 0;
 	place_slice(st, &q, q.since);
 
 	while (q.since < q.until)
 	{
 		json_object *response;
-		uint64		n;
+		int64		before = st->counters.inserted + st->counters.updated;
 
-		response = fetch_page(st, &q, url, name, target->display);
+		response = sync_fetch(st, &q, NULL, 0);
 		hogql_read_page(response, &st->page);
 		st->counters.pages++;
 		st->counters.received += st->page.nrows;
 
 		if (st->loader == NULL)
-			st->loader = loader_create(target, &st->page);
+			st->loader = loader_create(st->target, &st->page, st->sync->update);
 		else if (!loader_matches(st->loader, &st->page))
 			ereport(ERROR,
 					(errcode(ERRCODE_DATA_EXCEPTION),
 					 errmsg("PostHog returned different columns on page %d", st->counters.pages)));
 
 		pgstat_report_activity(STATE_RUNNING,
-							   psprintf("phsync %s: loading page %d (%d rows), %lld rows so far",
-										target->display, st->counters.pages, st->page.nrows,
-										(long long) st->counters.received));
+							   psprintf("sync %s: page %d, %lld rows, window %s to %s",
+										st->sync->name, st->counters.pages,
+										(long long) st->counters.received,
+										phsync_format_timestamp(q.since),
+										phsync_format_timestamp(q.until)));
 		phsync_xact_begin();
-		n = loader_insert(st->loader, &st->page, st->run_id, &st->counters.rejected);
-		st->counters.inserted += n;
+		loader_insert(st->loader, &st->page, st->run_id, &st->counters);
 		runlog_progress(st->run_id, &st->counters);
 		phsync_xact_commit();
-		MemoryContextSwitchTo(run_cxt);
+		MemoryContextSwitchTo(st->cxt);
 
 		SpinLockAcquire(&phsync_shared->mutex);
 		phsync_shared->progress_pages = st->counters.pages;
 		phsync_shared->progress_received = st->counters.received;
 		SpinLockRelease(&phsync_shared->mutex);
 
-		elog(DEBUG1, "phsync run %lld: page %d, %d rows received, " UINT64_FORMAT " inserted",
-			 (long long) st->run_id, st->counters.pages, st->page.nrows, n);
+		elog(DEBUG1, "phsync run %lld: page %d, %d rows received, %lld written",
+			 (long long) st->run_id, st->counters.pages, st->page.nrows,
+			 (long long) (st->counters.inserted + st->counters.updated - before));
 
 		if (st->page.nrows >= q.limit)
 		{
@@ -321,21 +366,56 @@ run_pages(RunState *st, MemoryContext run_cxt)
 		json_object_put(st->page.response);
 		st->page.response = NULL;
 	}
+	forget_position(st);
+}
+
+/*
+ * The body of a run; errors propagate to phsync_run.
+ */
+static void
+run_body(RunState *st, PhsyncJob *job)
+{
+	TimestampTz until = GetCurrentTimestamp() - SETTLE_USECS;
+	TimestampTz since;
+
+	run_prepare(st);
+	if (strcmp(job->trigger, "verify") == 0)
+	{
+		verify_run(st, job);
+		return;
+	}
+	if (job->bounded)
+		until = Min(until, job->to);
+	since = window_start(st, job, until);
+
+	if (!job->bounded)
+	{
+		/* a backfill's row keeps the range it was asked for */
+		phsync_xact_begin();
+		runlog_set_window(st->run_id, since, Max(since, until));
+		phsync_xact_commit();
+		MemoryContextSwitchTo(st->cxt);
+	}
+
+	if (since < until)
+		sync_load_window(st, since, until);
 
 	ereport(LOG,
-			(errmsg("phsync run %lld into %s: %d pages, %lld rows received, %lld inserted, %lld rejected, %d retries",
-					(long long) st->run_id, target->display, st->counters.pages,
-					(long long) st->counters.received, (long long) st->counters.inserted,
+			(errmsg("phsync run %lld (sync %s) into %s: %s to %s, %d pages, %lld rows received, %lld inserted, %lld updated, %lld rejected, %d retries",
+					(long long) st->run_id, st->sync->name, st->target->display,
+					phsync_format_timestamp(since), phsync_format_timestamp(until),
+					st->counters.pages, (long long) st->counters.received,
+					(long long) st->counters.inserted, (long long) st->counters.updated,
 					(long long) st->counters.rejected, st->counters.retries)));
 }
 
 /*
- * Perform one run, triggered by "schedule" or "manual".  Never raises an
- * error (except FATAL on shutdown): a failure is logged, recorded in
- * phsync.runs and described in outcome.
+ * Carry out one job: a run of one sync (scheduled, manual or a backfill)
+ * or a verification.  Never raises an error (except FATAL on shutdown): a
+ * failure is logged, recorded in phsync.runs and described in outcome.
  */
 void
-phsync_run(const char *trigger, PhsyncOutcome *outcome)
+phsync_run(PhsyncJob *job, PhsyncOutcome *outcome)
 {
 	MemoryContext run_cxt;
 	MemoryContext outer = CurrentMemoryContext;
@@ -346,21 +426,31 @@ phsync_run(const char *trigger, PhsyncOutcome *outcome)
 	run_cxt = AllocSetContextCreate(TopMemoryContext, "phsync run",
 									ALLOCSET_DEFAULT_SIZES);
 	MemoryContextSwitchTo(run_cxt);
+	st.cxt = run_cxt;
+	st.sync = job->sync;
 
 	PG_TRY();
 	{
-		st.run_id = runlog_start(trigger, phsync_target_table);
+		if (job->run_id)
+			runlog_begin_queued(job->run_id);
+		else
+			job->run_id = runlog_start(job->trigger, job->sync->name, job->sync->target,
+									   job->bounded ? &job->from : NULL,
+									   job->bounded ? &job->to : NULL);
+		st.run_id = job->run_id;
 		outcome->run_id = st.run_id;
 		SpinLockAcquire(&phsync_shared->mutex);
 		phsync_shared->running_run_id = st.run_id;
+		strlcpy(phsync_shared->running_sync, job->sync->name, NAMEDATALEN);
 		phsync_shared->progress_pages = 0;
 		phsync_shared->progress_received = 0;
 		SpinLockRelease(&phsync_shared->mutex);
 		ereport(LOG,
-				(errmsg("phsync run %lld (%s) started", (long long) st.run_id, trigger)));
+				(errmsg("phsync run %lld (%s of sync %s) started",
+						(long long) st.run_id, job->trigger, job->sync->name)));
 		MemoryContextSwitchTo(run_cxt);
 
-		run_pages(&st, run_cxt);
+		run_body(&st, job);
 		release_run_state(&st);
 		runlog_finish(st.run_id, true, NULL, &st.counters);
 		outcome->ok = true;
@@ -411,6 +501,10 @@ phsync_run(const char *trigger, PhsyncOutcome *outcome)
 		PG_END_TRY();
 	}
 
+	SpinLockAcquire(&phsync_shared->mutex);
+	phsync_shared->running_run_id = 0;
+	phsync_shared->running_sync[0] = '\0';
+	SpinLockRelease(&phsync_shared->mutex);
 	MemoryContextSwitchTo(outer);
 	MemoryContextDelete(run_cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);

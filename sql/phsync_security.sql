@@ -9,17 +9,23 @@ SELECT current_setting('phsync.api_key');
 SELECT count(*) FROM pg_settings WHERE name = 'phsync.api_key';
 SELECT phsync_run_now();
 SELECT * FROM phsync_doctor();
-SELECT * FROM phsync_worker_state();
+SELECT * FROM phsync_sync_state();
+SELECT phsync_add_sync('x', 'public.t');
+SELECT phsync_alter_sync('x', enabled => false);
+SELECT phsync_drop_sync('x');
+SELECT phsync_backfill('default', now() - interval '1 day', now());
+SELECT * FROM phsync_verify('default', now() - interval '1 day', now());
+SELECT count(*) FROM phsync.syncs;
 SELECT count(*) FROM phsync.runs;
 SELECT count(*) FROM phsync.status;
 RESET ROLE;
 
 -- granting EXECUTE is enough to run a sync (the function reads phsync.runs
 -- with its owner's rights)
-SELECT has_function_privilege('phsync_reader', 'phsync_run_now()', 'EXECUTE');
-GRANT EXECUTE ON FUNCTION phsync_run_now() TO phsync_reader;
-SELECT has_function_privilege('phsync_reader', 'phsync_run_now()', 'EXECUTE');
-REVOKE EXECUTE ON FUNCTION phsync_run_now() FROM phsync_reader;
+SELECT has_function_privilege('phsync_reader', 'phsync_run_now(text)', 'EXECUTE');
+GRANT EXECUTE ON FUNCTION phsync_run_now(text) TO phsync_reader;
+SELECT has_function_privilege('phsync_reader', 'phsync_run_now(text)', 'EXECUTE');
+REVOKE EXECUTE ON FUNCTION phsync_run_now(text) FROM phsync_reader;
 DROP ROLE phsync_reader;
 
 -- CREATE EXTENSION anywhere else than phsync.database is refused

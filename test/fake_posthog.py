@@ -21,6 +21,11 @@ Two listeners on 127.0.0.1:
       GET  /requests    the query requests received (never the API key)
       POST /reset       forget requests and faults ({"data": true} also drops events)
       GET  /source      every event, formatted as the API would return it
+      POST /persons     add or replace persons (JSON list of {"id", "created_at",
+                        "is_identified", "properties"}): a person's new version
+                        replaces the old one, as PostHog's persons table shows it
+      POST /delete      {"uuids": [...]}: drop events (PostHog lost them)
+      GET  /persons     every person, formatted as the API would return it
       POST /synthetic   {"count": N, "seed", "step_ms"}: serve N pre-rendered events
                         (benchmark mode; see Synthetic)
       POST /export_copy {"path": p}: write the synthetic events as a COPY file
@@ -47,7 +52,10 @@ import uuid as uuidlib
 
 EVENT_COLUMNS = ["uuid", "event", "timestamp", "distinct_id", "person_id",
                  "properties", "elements_chain", "created_at"]
+PERSON_COLUMNS = ["id", "created_at", "is_identified", "properties"]
 KNOWN_TYPES = {
+    "id": "UUID",
+    "is_identified": "Bool",
     "uuid": "UUID",
     "event": "String",
     "timestamp": "DateTime64(6, 'UTC')",
@@ -162,7 +170,25 @@ FUNCTIONS = {
     "tostartofday": "ch_start_of_day",
     "now": "ch_now",
     "jsonextractstring": "ch_json_extract_string",
+    "tounixtimestamp": "ch_unix_timestamp",
+    "intdiv": "ch_int_div",
 }
+
+
+def f_unix_timestamp(v):
+    c = f_to_datetime(v)
+    if c is None:
+        return None
+    d = dt.datetime.strptime(c, "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=dt.timezone.utc)
+    return int(d.timestamp() // 1)
+
+
+def f_int_div(a, b):
+    if a is None or b is None:
+        return None
+    if int(b) == 0:
+        raise ValueError("Division by zero")
+    return int(a) // int(b)
 
 
 class HogQLError(Exception):
@@ -281,7 +307,9 @@ def type_of(name, values):
     return "Nullable(Nothing)"
 
 
-def render_value(v):
+def render_value(v, column=None):
+    if column == "is_identified" and v is not None:
+        return bool(v)
     if isinstance(v, str) and CANON_RE.match(v):
         return rfc3339(v)
     if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
@@ -424,12 +452,17 @@ class State:
         self.db.create_function("ch_start_of_hour", 1, f_start_of("hour"), deterministic=True)
         self.db.create_function("ch_start_of_day", 1, f_start_of("day"), deterministic=True)
         self.db.create_function("ch_json_extract_string", 2, f_json_extract_string, deterministic=True)
+        self.db.create_function("ch_unix_timestamp", 1, f_unix_timestamp, deterministic=True)
+        self.db.create_function("ch_int_div", 2, f_int_div, deterministic=True)
         self.db.create_function("ch_now", 0, lambda: canon(dt.datetime.now(dt.timezone.utc)))
         self.db.execute("""CREATE TABLE events (
             uuid TEXT COLLATE CHUUID NOT NULL,
             event TEXT, properties TEXT, timestamp TEXT, distinct_id TEXT,
             person_id TEXT, elements_chain TEXT, created_at TEXT NOT NULL)""")
         self.db.execute("CREATE INDEX events_created ON events (created_at, uuid)")
+        self.db.execute("""CREATE TABLE persons (
+            id TEXT COLLATE CHUUID PRIMARY KEY, created_at TEXT NOT NULL,
+            is_identified BOOLEAN, properties TEXT)""")
         self.faults = []
         self.requests = []
         self.max_window = None
@@ -492,6 +525,31 @@ class State:
             })
         return self.add_events(events)
 
+    def add_persons(self, persons):
+        rows = []
+        for p in persons:
+            props = p.get("properties", {})
+            if not isinstance(props, str):
+                props = json.dumps(props, ensure_ascii=False, separators=(",", ":"))
+            rows.append((str(p.get("id") or uuidlib.uuid4()), canon(p["created_at"]),
+                         1 if p.get("is_identified") else 0, props))
+        with self.lock:
+            self.db.executemany("INSERT OR REPLACE INTO persons VALUES (?,?,?,?)", rows)
+            self.db.commit()
+        return len(rows)
+
+    def delete_events(self, uuids):
+        with self.lock:
+            n = self.db.executemany("DELETE FROM events WHERE uuid = ?", [(u,) for u in uuids]).rowcount
+            self.db.commit()
+        return n
+
+    def persons(self):
+        with self.lock:
+            rows = self.db.execute("SELECT %s FROM persons ORDER BY created_at, id"
+                                   % ", ".join(PERSON_COLUMNS)).fetchall()
+        return [[render_value(v, c) for v, c in zip(r, PERSON_COLUMNS)] for r in rows]
+
     def source(self):
         with self.lock:
             cur = self.db.execute("SELECT %s FROM events ORDER BY created_at, uuid"
@@ -534,7 +592,7 @@ class State:
             result["limit"] = DEFAULT_LIMIT
             result["offset"] = 0
         result["types"] = [[c, type_of(c, [r[i] for r in rows])] for i, c in enumerate(columns)]
-        result["results"] = [[render_value(v) for v in r] for r in rows]
+        result["results"] = [[render_value(v, c) for v, c in zip(r, columns)] for r in rows]
         return result
 
     def next_fault(self):
@@ -727,10 +785,17 @@ def make_handler(state, kind):
                     state.faults = []
                     if arg and arg.get("data"):
                         state.db.execute("DELETE FROM events")
+                        state.db.execute("DELETE FROM persons")
                         state.db.commit()
                 return self.send_json(200, {"ok": True})
             if method == "GET" and self.path == "/source":
                 return self.send_json(200, state.source())
+            if method == "POST" and self.path == "/persons":
+                return self.send_json(200, {"inserted": state.add_persons(arg)})
+            if method == "GET" and self.path == "/persons":
+                return self.send_json(200, state.persons())
+            if method == "POST" and self.path == "/delete":
+                return self.send_json(200, {"deleted": state.delete_events(arg["uuids"])})
             return self.error(404, "Not found.", "invalid_request", "not_found")
 
         def do_POST(self):

@@ -160,6 +160,8 @@ sub phsync_node
 		# keep the schedule out of the way unless a test wants it
 		'phsync.run_at' => '00:00',
 		'phsync.interval' => '3650d',
+		# scheduled verification of yesterday only where a test asks for it
+		'phsync.verify' => 'off',
 		%settings);
 	$conf{'phsync.ca_file'} = $certs->{ca} if $certs && !exists $settings{'phsync.ca_file'};
 	$node->append_conf('postgresql.conf',

@@ -59,7 +59,7 @@ is(scalar(keys %ids), 4, 'each request has its own client_query_id');
 ok(!(grep { ($_->{body}{refresh} // '') ne 'force_blocking' } @$reqs), 'every request sends refresh=force_blocking');
 ok(!(grep { !$_->{auth_ok} } @$reqs), 'every request carries the bearer key');
 ok(!(grep { ($_->{accept_encoding} // '') !~ /gzip/ } @$reqs), 'every request accepts gzip');
-ok(!(grep { ($_->{body}{name} // '') ne 'phsync public.posthog_events' } @$reqs), 'every request is named');
+ok(!(grep { ($_->{body}{name} // '') ne 'phsync default' } @$reqs), 'every request is named after its sync');
 my $q2 = $reqs->[1]{body}{query};
 like($q2->{query}, qr/created_at >= toDateTime\(\{since\}\) AND created_at < toDateTime\(\{until\}\)/, 'window on created_at through placeholders');
 like($q2->{query}, qr/timestamp >= toDateTime\(\{timestamp_since\}\)/, 'timestamp bounded too');

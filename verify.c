@@ -1,0 +1,208 @@
+/*-------------------------------------------------------------------------
+ *
+ * verify.c
+ *		The completeness check: for each bucket (a day, say) of a range, the
+ *		number of rows PostHog has against the number in the target, and,
+ *		with repair, fetching the buckets that differ again.
+ *
+ * PostHog is asked with one grouped count() query per chunk of buckets,
+ * paced and retried like any page.  The results go to
+ * phsync.verifications, the number of differing buckets to phsync.runs.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "lib/stringinfo.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+
+#include "phsync.h"
+
+/* buckets counted by one request */
+#define BUCKETS_PER_REQUEST 31
+/* buckets one verification may have */
+#define MAX_BUCKETS 100000
+
+typedef struct Buckets
+{
+	TimestampTz from;
+	int64		width;
+	int			n;
+	int64	   *posthog;
+	int64	   *local;
+	char	  **status;
+} Buckets;
+
+static TimestampTz
+bucket_start(Buckets *b, int i)
+{
+	return b->from + (int64) i * b->width;
+}
+
+/*
+ * PostHog's counts, a chunk of buckets per request.
+ */
+static void
+count_posthog(PhsyncRunState *st, Buckets *b, TimestampTz to)
+{
+	PhsyncQuery q = *st->query;
+	const char *distinct = NULL;
+	int			first;
+
+	/* PostHog may hold the same row twice; the target holds it once */
+	if (st->target->nuniq == 1)
+		distinct = st->target->cols[st->target->uniq[0]].name;
+
+	for (first = 0; first < b->n; first += BUCKETS_PER_REQUEST)
+	{
+		json_object *response;
+		PhsyncPage	page;
+		int			r;
+
+		q.since = bucket_start(b, first);
+		q.until = Min(to, bucket_start(b, first + BUCKETS_PER_REQUEST));
+		q.chunked = false;
+		response = sync_fetch(st, &q, hogql_count_query(&q, distinct), b->width);
+		hogql_read_page(response, &page);
+		for (r = 0; r < page.nrows; r++)
+		{
+			json_object *row = json_object_array_get_idx(page.results, r);
+			int64		i;
+
+			if (!json_object_is_type(row, json_type_array) ||
+				json_object_array_length(row) != 2)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+						 errmsg("PostHog sent a count row phsync cannot read")));
+			i = first + json_object_get_int64(json_object_array_get_idx(row, 0));
+			if (i < first || i >= b->n)
+				continue;
+			b->posthog[i] = json_object_get_int64(json_object_array_get_idx(row, 1));
+		}
+		json_object_put(response);
+		st->counters.pages++;
+	}
+}
+
+/*
+ * The target's counts (inside a transaction with SPI connected).
+ */
+static void
+count_local(PhsyncRunState *st, Buckets *b, TimestampTz to)
+{
+	const char *col = quote_identifier(st->target->cols[st->target->cursor].name);
+	Oid			types[3] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID};
+	Datum		values[3] = {TimestampTzGetDatum(b->from), TimestampTzGetDatum(to),
+	Float8GetDatum((double) b->width / USECS_PER_SEC)};
+	char	   *sql;
+	uint64		r;
+
+	sql = psprintf("SELECT floor(extract(epoch FROM (%s::timestamptz - $1)) / $3)::bigint, count(*) "
+				   "FROM %s WHERE %s >= $1 AND %s < $2 GROUP BY 1",
+				   col, st->target->display, col, col);
+	if (SPI_execute_with_args(sql, 3, types, values, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not count the rows of %s", st->target->display);
+	memset(b->local, 0, sizeof(int64) * b->n);
+	for (r = 0; r < SPI_processed; r++)
+	{
+		bool		isnull;
+		int64		i = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r],
+													SPI_tuptable->tupdesc, 1, &isnull));
+
+		if (i >= 0 && i < b->n)
+			b->local[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r],
+													  SPI_tuptable->tupdesc, 2, &isnull));
+	}
+}
+
+static const char *
+compare(int64 posthog, int64 local)
+{
+	return posthog == local ? "ok" : (local < posthog ? "missing" : "extra");
+}
+
+/*
+ * Verify [job->from, job->to) of the run's sync in buckets of job->bucket;
+ * with job->repair, fetch the buckets that differ again and count anew.
+ */
+void
+verify_run(PhsyncRunState *st, PhsyncJob *job)
+{
+	Buckets		b;
+	int64		nbuckets = (job->to - job->from + job->bucket - 1) / job->bucket;
+	int			mismatches = 0;
+	int			i;
+
+	if (job->bucket <= 0 || job->to <= job->from)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("nothing to verify: the range is empty or the bucket is not positive")));
+	if (nbuckets > MAX_BUCKETS)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("a verification may have at most %d buckets, not %lld",
+						MAX_BUCKETS, (long long) nbuckets),
+				 errhint("Use a wider bucket or a shorter range.")));
+
+	b.from = job->from;
+	b.width = job->bucket;
+	b.n = (int) nbuckets;
+	b.posthog = palloc0(sizeof(int64) * b.n);
+	b.local = palloc0(sizeof(int64) * b.n);
+	b.status = palloc0(sizeof(char *) * b.n);
+
+	count_posthog(st, &b, job->to);
+	phsync_xact_begin();
+	count_local(st, &b, job->to);
+	phsync_xact_commit();
+	MemoryContextSwitchTo(st->cxt);
+
+	for (i = 0; i < b.n; i++)
+		b.status[i] = (char *) compare(b.posthog[i], b.local[i]);
+
+	for (i = 0; job->repair && i < b.n; i++)
+	{
+		int			last = i;
+
+		if (strcmp(b.status[i], "ok") == 0)
+			continue;
+		/* one window for a run of differing buckets */
+		while (last + 1 < b.n && strcmp(b.status[last + 1], "ok") != 0)
+			last++;
+		ereport(LOG,
+				(errmsg("phsync run %lld: repairing sync %s from %s to %s",
+						(long long) st->run_id, st->sync->name,
+						phsync_format_timestamp(bucket_start(&b, i)),
+						phsync_format_timestamp(Min(job->to, bucket_start(&b, last + 1))))));
+		sync_load_window(st, bucket_start(&b, i), Min(job->to, bucket_start(&b, last + 1)));
+		i = last;
+	}
+
+	phsync_xact_begin();
+	if (job->repair)
+		count_local(st, &b, job->to);
+	for (i = 0; i < b.n; i++)
+	{
+		const char *now = compare(b.posthog[i], b.local[i]);
+
+		if (strcmp(b.status[i], "ok") != 0 && strcmp(now, "ok") == 0)
+			now = "repaired";
+		else if (strcmp(now, "ok") != 0)
+			mismatches++;
+		runlog_verified(st->run_id, bucket_start(&b, i), Min(job->to, bucket_start(&b, i + 1)),
+						b.posthog[i], b.local[i], now);
+	}
+	runlog_set_mismatches(st->run_id, mismatches);
+	runlog_progress(st->run_id, &st->counters);
+	phsync_xact_commit();
+	MemoryContextSwitchTo(st->cxt);
+
+	ereport(mismatches ? WARNING : LOG,
+			(errmsg("phsync run %lld verified sync %s from %s to %s: %d of %d bucket(s) differ",
+					(long long) st->run_id, st->sync->name,
+					phsync_format_timestamp(job->from), phsync_format_timestamp(job->to),
+					mismatches, b.n)));
+}

@@ -533,3 +533,16 @@ COMMENT ON VIEW phsync.status IS
 REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.phsync_drop_sync(text) FROM PUBLIC;
+
+/*
+ * Which cluster this database's phsync worker has run in.  Not dumped: after
+ * a restore (or a new install) it is empty, which tells the worker that the
+ * restored history is not its own, so it neither catches up on scheduled
+ * runs "missed" before the dump nor carries out backfills queued there.
+ */
+CREATE TABLE phsync.cluster (
+	system_identifier bigint NOT NULL,
+	registered_at	timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+COMMENT ON TABLE phsync.cluster IS 'the cluster whose worker owns this run history (empty after a restore until the worker starts)';

@@ -770,7 +770,8 @@ phsync_run_now(PG_FUNCTION_ARGS)
 
 	memset(&request, 0, sizeof(request));
 	request.kind = PHSYNC_REQUEST_RUN;
-	if (!PG_ARGISNULL(0))
+	/* version 0.1 declared it without the argument */
+	if (PG_NARGS() > 0 && !PG_ARGISNULL(0))
 		strlcpy(request.sync, text_to_cstring(PG_GETARG_TEXT_PP(0)), NAMEDATALEN);
 	submit_request(&request, &answer);
 	return_rows(fcinfo, "SELECT * FROM phsync.runs WHERE id BETWEEN $1 AND $2 "

@@ -382,5 +382,6 @@ extern void runlog_finish(int64 run_id, bool ok, const char *error,
 extern int	runlog_fail_orphans(void);
 extern int64 runlog_prune(int days);
 extern bool runlog_last_scheduled(TimestampTz *last);
+extern bool runlog_claim_cluster(void);
 
 #endif							/* PHSYNC_H */

@@ -89,6 +89,11 @@ runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *t
 	MemoryContext cxt = CurrentMemoryContext;
 
 	phsync_xact_begin();
+	/* a backfill queued before this cluster took the database over came with a restore */
+	runlog_exec("UPDATE phsync.runs SET status = 'failed', finished_at = clock_timestamp(), "
+				"error = 'queued before this database was restored; call phsync_backfill() again to run it here' "
+				"WHERE status = 'queued' AND started_at < (SELECT min(registered_at) FROM phsync.cluster)",
+				0, NULL, NULL, NULL, -1);
 	if (SPI_execute("SELECT id, sync, window_from, window_until FROM phsync.runs "
 					"WHERE status = 'queued' ORDER BY id LIMIT 1", true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read phsync.runs");
@@ -272,6 +277,32 @@ runlog_fail_orphans(void)
 	n = (int) SPI_processed;
 	phsync_xact_commit();
 	return n;
+}
+
+/*
+ * Make this cluster the owner of the database's run history.  True when it
+ * was not already: a new install, or a database restored from a dump whose
+ * history (scheduled runs, queued backfills) happened elsewhere.
+ */
+bool
+runlog_claim_cluster(void)
+{
+	bool		claimed;
+
+	phsync_xact_begin();
+	runlog_exec("SELECT 1 FROM phsync.cluster WHERE system_identifier = "
+				"(SELECT system_identifier FROM pg_catalog.pg_control_system())",
+				0, NULL, NULL, NULL, -1);
+	claimed = SPI_processed == 0;
+	if (claimed)
+	{
+		runlog_exec("DELETE FROM phsync.cluster", 0, NULL, NULL, NULL, -1);
+		runlog_exec("INSERT INTO phsync.cluster (system_identifier) "
+					"SELECT system_identifier FROM pg_catalog.pg_control_system()",
+					0, NULL, NULL, NULL, 1);
+	}
+	phsync_xact_commit();
+	return claimed;
 }
 
 /*

@@ -640,6 +640,17 @@ phsync_worker_main(Datum main_arg)
 				ereport(LOG,
 						(errmsg("phsync marked %d interrupted run(s) as failed", n)));
 			orphans_checked = true;
+			if (runlog_claim_cluster())
+			{
+				/*
+				 * New here (installed, or restored from a dump): scheduled
+				 * runs recorded elsewhere are not runs this server missed.
+				 */
+				last_schedule_attempt = GetCurrentTimestamp();
+				ereport(LOG,
+						(errmsg("phsync worker took over database \"%s\"; the next scheduled run is the next slot",
+								phsync_database)));
+			}
 			prune_history();
 		}
 

@@ -7,8 +7,11 @@
 # the tree (initdb refuses to run as root).  As another user: expects phsync
 # to be installed already and runs the tests in place.
 #
+# As root, it also builds the Debian package (test/package.sh) and checks
+# its file list.
+#
 # PHSYNC_TAP_TESTS="test/t/001_sync.pl" runs only those TAP tests (and no
-# pg_regress), for quick iterations.
+# pg_regress, no package), for quick iterations.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 export PATH="/usr/lib/postgresql/15/bin:$PATH"
@@ -43,5 +46,8 @@ if [ $status -ne 0 ]; then
 	done
 	echo "phsync: tests FAILED (logs in $work/tmp_check/log)"
 	exit $status
+fi
+if [ "$(id -u)" = 0 ] && [ -z "${PHSYNC_TAP_TESTS:-}" ]; then
+	"$here/test/package.sh"
 fi
 echo "phsync: all tests passed"

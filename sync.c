@@ -62,19 +62,6 @@ phsync_xact_commit(void)
 	CommitTransactionCommand();
 }
 
-static void
-release_run_state(RunState *st)
-{
-	if (st->page.response)
-		json_object_put(st->page.response);
-	st->page.response = NULL;
-	hogql_keyset_reset(&st->keyset);
-	http_close(st->http);
-	st->http = NULL;
-	loader_free(st->loader);
-	st->loader = NULL;
-}
-
 /*
  * Rows are fetched again from the start of a new window or slice.
  */
@@ -85,6 +72,16 @@ forget_position(RunState *st)
 		json_object_put(st->page.response);
 	st->page.response = NULL;
 	hogql_keyset_reset(&st->keyset);
+}
+
+static void
+release_run_state(RunState *st)
+{
+	forget_position(st);
+	http_close(st->http);
+	st->http = NULL;
+	loader_free(st->loader);
+	st->loader = NULL;
 }
 
 static void
@@ -375,7 +372,8 @@ sync_load_window(RunState *st, TimestampTz since, TimestampTz until)
 static void
 run_body(RunState *st, PhsyncJob *job)
 {
-	TimestampTz until = GetCurrentTimestamp() - SETTLE_USECS;
+	TimestampTz started = GetCurrentTimestamp();
+	TimestampTz until = started - SETTLE_USECS;
 	TimestampTz since;
 
 	run_prepare(st);
@@ -401,12 +399,13 @@ run_body(RunState *st, PhsyncJob *job)
 		sync_load_window(st, since, until);
 
 	ereport(LOG,
-			(errmsg("phsync run %lld (sync %s) into %s: %s to %s, %d pages, %lld rows received, %lld inserted, %lld updated, %lld rejected, %d retries",
+			(errmsg("phsync run %lld (sync %s) into %s: %s to %s, %d pages, %lld rows received, %lld inserted, %lld updated, %lld rejected, %d retries, %.1f s",
 					(long long) st->run_id, st->sync->name, st->target->display,
 					phsync_format_timestamp(since), phsync_format_timestamp(until),
 					st->counters.pages, (long long) st->counters.received,
 					(long long) st->counters.inserted, (long long) st->counters.updated,
-					(long long) st->counters.rejected, st->counters.retries)));
+					(long long) st->counters.rejected, st->counters.retries,
+					(double) (GetCurrentTimestamp() - started) / USECS_PER_SEC)));
 }
 
 /*

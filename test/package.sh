@@ -21,18 +21,9 @@ die() { echo "package.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (installs packages with apt-get)"
 
 # 1. tools and build dependencies
-pkgs=(build-essential debhelper dpkg-dev fakeroot git postgresql-server-dev-all
-      "postgresql-server-dev-$pgver" libcurl4-openssl-dev libjson-c-dev)
-missing=()
-for p in "${pkgs[@]}"; do
-	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-	echo "package.sh: installing ${missing[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get update -qq
-	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. "$here/test/apt-ensure.sh"
+apt_ensure build-essential debhelper dpkg-dev fakeroot git postgresql-server-dev-all \
+	"postgresql-server-dev-$pgver" libcurl4-openssl-dev libjson-c-dev
 
 tmp=$(mktemp -d /tmp/phsync-package.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT

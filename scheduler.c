@@ -534,6 +534,38 @@ run_queued(void)
 }
 
 /*
+ * runlog_claim_cluster(), as housekeeping: if the worker's role may not
+ * write phsync.cluster, a WARNING, and the history is taken as its own.
+ */
+static bool
+claim_cluster(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool claimed = false;
+
+	PG_TRY();
+	{
+		claimed = runlog_claim_cluster();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("phsync could not record which cluster owns the run history: %s", edata->message),
+				 errhint("The worker's role needs SELECT, INSERT and DELETE on phsync.cluster; without it a restored database may catch up on a scheduled run.")));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	return claimed;
+}
+
+/*
  * Entry point of the background worker.
  */
 void
@@ -640,7 +672,7 @@ phsync_worker_main(Datum main_arg)
 				ereport(LOG,
 						(errmsg("phsync marked %d interrupted run(s) as failed", n)));
 			orphans_checked = true;
-			if (runlog_claim_cluster())
+			if (claim_cluster())
 			{
 				/*
 				 * New here (installed, or restored from a dump): scheduled

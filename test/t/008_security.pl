@@ -39,6 +39,7 @@ $node->safe_psql('postgres', q{
 	GRANT USAGE ON SEQUENCE phsync.runs_id_seq, phsync.rejects_id_seq TO phsync_runner;
 	GRANT SELECT ON phsync.syncs TO phsync_runner;
 	GRANT INSERT, UPDATE ON phsync.verifications TO phsync_runner;
+	GRANT SELECT, INSERT, DELETE ON phsync.cluster TO phsync_runner;
 	GRANT SELECT ON public.posthog_events TO phsync_runner;});
 $node->append_conf('postgresql.conf', "phsync.role = 'phsync_runner'\n");
 $node->restart;

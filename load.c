@@ -180,6 +180,7 @@ find_unique_key(Relation rel, AttrNumber **attnums)
 			continue;
 		idx = (Form_pg_index) GETSTRUCT(tup);
 		usable = idx->indisunique && idx->indimmediate &&
+			idx->indisvalid && idx->indisready &&
 			heap_attisnull(tup, Anum_pg_index_indpred, NULL) &&
 			heap_attisnull(tup, Anum_pg_index_indexprs, NULL);
 		if (usable && (!OidIsValid(chosen) || idx->indisprimary))

@@ -230,6 +230,20 @@ BEGIN
 		RAISE EXCEPTION 'target % is not a table', rel
 			USING ERRCODE = 'wrong_object_type';
 	END IF;
+	IF (SELECT relnamespace FROM pg_class WHERE oid = rel) IN
+	   ('pg_catalog'::regnamespace, 'information_schema'::regnamespace, 'phsync'::regnamespace) THEN
+		RAISE EXCEPTION 'target % is a system or phsync table', rel
+			USING ERRCODE = 'insufficient_privilege';
+	END IF;
+	-- the worker writes with its own rights: the caller must have them too
+	-- (has_table_privilege() with a list is true when any one is held: ask each)
+	IF NOT (has_table_privilege(session_user, rel, 'SELECT') AND has_table_privilege(session_user, rel, 'INSERT')
+			AND (conflict <> 'update' OR has_table_privilege(session_user, rel, 'UPDATE'))) THEN
+		RAISE EXCEPTION 'permission denied for table %', rel
+			USING ERRCODE = 'insufficient_privilege',
+				  DETAIL = format('The sync would write into it; %s needs %s on it.', session_user,
+								  CASE conflict WHEN 'update' THEN 'SELECT, INSERT and UPDATE' ELSE 'SELECT and INSERT' END);
+	END IF;
 
 	SELECT atttypid INTO cursor_type FROM pg_attribute
 	 WHERE attrelid = rel AND attname = cursor_column AND attnum > 0 AND NOT attisdropped;
@@ -245,7 +259,7 @@ BEGIN
 	END IF;
 
 	IF NOT EXISTS (SELECT 1 FROM pg_index
-				   WHERE indrelid = rel AND indisunique AND indimmediate
+				   WHERE indrelid = rel AND indisunique AND indimmediate AND indisvalid AND indisready
 				     AND indpred IS NULL AND indexprs IS NULL) THEN
 		RAISE EXCEPTION 'target table % has no primary key or unique constraint', rel
 			USING ERRCODE = 'invalid_table_definition',

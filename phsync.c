@@ -533,7 +533,7 @@ withdraw_request(uint64 my_request)
 	if (phsync_shared->requests == my_request &&
 		phsync_shared->requests_done < my_request &&
 		phsync_shared->requester_latch == MyLatch &&
-		!phsync_shared->running)
+		phsync_shared->request_taken != my_request)
 	{
 		phsync_shared->requests_done = my_request;
 		phsync_shared->requester_latch = NULL;
@@ -799,6 +799,19 @@ require_arg(FunctionCallInfo fcinfo, int arg, const char *name)
 				 errmsg("%s must not be null", name)));
 }
 
+static void
+check_range(TimestampTz from, TimestampTz to)
+{
+	if (TIMESTAMP_NOT_FINITE(from) || TIMESTAMP_NOT_FINITE(to))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"from\" and \"to\" must be finite timestamps")));
+	if (to <= from)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"from\" must be before \"to\"")));
+}
+
 /*
  * phsync_verify(sync, from, to, bucket, repair) RETURNS TABLE (bucket,
  * posthog_count, local_count, status)
@@ -824,10 +837,15 @@ phsync_verify(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("bucket must be at least one second")));
-	if (request.to <= request.from)
+	check_range(request.from, request.to);
+	if (request.bucket % USECS_PER_SEC != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("\"from\" must be before \"to\"")));
+				 errmsg("bucket must be a whole number of seconds")));
+	/* PostHog counts in whole seconds: so do the bounds */
+	request.from -= ((request.from % USECS_PER_SEC) + USECS_PER_SEC) % USECS_PER_SEC;
+	if (request.to % USECS_PER_SEC != 0)
+		request.to += USECS_PER_SEC - ((request.to % USECS_PER_SEC) + USECS_PER_SEC) % USECS_PER_SEC;
 	submit_request(&request, &answer);
 	return_rows(fcinfo, "SELECT bucket, posthog_count, local_count, status "
 				"FROM phsync.verifications WHERE run_id = $1 AND $2 IS NOT NULL ORDER BY bucket",
@@ -881,10 +899,7 @@ phsync_backfill(PG_FUNCTION_ARGS)
 	from = PG_GETARG_TIMESTAMPTZ(1);
 	to = PG_GETARG_TIMESTAMPTZ(2);
 	check_callable_here();
-	if (to <= from)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("\"from\" must be before \"to\"")));
+	check_range(from, to);
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
@@ -894,6 +909,8 @@ phsync_backfill(PG_FUNCTION_ARGS)
 
 		target = ((PhsyncSync *) linitial(syncs))->target;
 	}
+	/* queued here, by this cluster: the worker must not take it for a restored one */
+	(void) runlog_claim_cluster_spi();
 	values[0] = CStringGetTextDatum(sync);
 	values[1] = CStringGetTextDatum(target);
 	values[2] = TimestampTzGetDatum(from);

@@ -381,7 +381,8 @@ extern void runlog_finish(int64 run_id, bool ok, const char *error,
 						  PhsyncCounters *c);
 extern int	runlog_fail_orphans(void);
 extern int64 runlog_prune(int days);
-extern bool runlog_last_scheduled(TimestampTz *last);
+extern bool runlog_last_scheduled(TimestampTz *last, TimestampTz *owned_since);
 extern bool runlog_claim_cluster(void);
+extern bool runlog_claim_cluster_spi(void);
 
 #endif							/* PHSYNC_H */

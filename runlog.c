@@ -290,6 +290,19 @@ runlog_claim_cluster(void)
 	bool		claimed;
 
 	phsync_xact_begin();
+	claimed = runlog_claim_cluster_spi();
+	phsync_xact_commit();
+	return claimed;
+}
+
+/*
+ * The same, inside the caller's transaction (SPI connected).
+ */
+bool
+runlog_claim_cluster_spi(void)
+{
+	bool		claimed;
+
 	runlog_exec("SELECT 1 FROM phsync.cluster WHERE system_identifier = "
 				"(SELECT system_identifier FROM pg_catalog.pg_control_system())",
 				0, NULL, NULL, NULL, -1);
@@ -301,25 +314,32 @@ runlog_claim_cluster(void)
 					"SELECT system_identifier FROM pg_catalog.pg_control_system()",
 					0, NULL, NULL, NULL, 1);
 	}
-	phsync_xact_commit();
 	return claimed;
 }
 
 /*
- * Start time of the last scheduled run, if there is one.
+ * Start time of the last scheduled run this cluster made, if there is one;
+ * *owned_since is when this cluster took the database over (scheduled runs
+ * before it, restored from a dump, do not count), or 0.
  */
 bool
-runlog_last_scheduled(TimestampTz *last)
+runlog_last_scheduled(TimestampTz *last, TimestampTz *owned_since)
 {
 	bool		isnull = true;
+	bool		owned_null;
 
 	phsync_xact_begin();
-	if (SPI_execute("SELECT max(started_at) FROM phsync.runs WHERE trigger = 'schedule'",
-					true, 1) != SPI_OK_SELECT)
+	if (SPI_execute("SELECT (SELECT max(started_at) FROM phsync.runs WHERE trigger = 'schedule' "
+					"AND started_at >= coalesce((SELECT min(registered_at) FROM phsync.cluster), '-infinity')), "
+					"(SELECT min(registered_at) FROM phsync.cluster)",
+					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "could not read phsync.runs");
-	if (SPI_processed == 1)
-		*last = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
-												  SPI_tuptable->tupdesc, 1, &isnull));
+	*last = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+											  SPI_tuptable->tupdesc, 1, &isnull));
+	*owned_since = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+													 SPI_tuptable->tupdesc, 2, &owned_null));
+	if (owned_null)
+		*owned_since = 0;
 	phsync_xact_commit();
 	return !isnull;
 }

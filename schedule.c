@@ -123,6 +123,11 @@ schedule_slot_after(TimestampTz t)
 	int			today;
 	int			j;
 
+	if (TIMESTAMP_NOT_FINITE(t))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("timestamp out of range")));
+
 	if (phsync_interval % SECS_PER_DAY != 0)
 	{
 		/* a sub-day or odd interval: fixed steps from run_at on 2000-01-01 */

@@ -140,12 +140,12 @@ static TimestampTz
 next_due(void)
 {
 	TimestampTz last;
+	TimestampTz owned_since;
 
-	if (runlog_last_scheduled(&last))
+	if (runlog_last_scheduled(&last, &owned_since))
 		return schedule_slot_after(Max(last, last_schedule_attempt));
-	if (last_schedule_attempt != 0)
-		return schedule_slot_after(last_schedule_attempt);
-	return schedule_slot_after(schedule_base - 1);
+	/* none yet here: the first slot after the worker started or took over */
+	return schedule_slot_after(Max(Max(schedule_base - 1, owned_since), last_schedule_attempt));
 }
 
 /* ---------- catalog probes ---------- */
@@ -276,7 +276,8 @@ answer_request(uint64 request, PhsyncOutcome *outcome)
 	phsync_shared->running = false;
 	phsync_shared->running_run_id = 0;
 	phsync_shared->result_request = request;
-	phsync_shared->result_unread = true;
+	/* a caller that gave up waiting reads nothing; do not wait for it */
+	phsync_shared->result_unread = phsync_shared->requester_latch != NULL;
 	phsync_shared->result_run_id = outcome->run_id;
 	phsync_shared->result_last_run_id = outcome->last_run_id;
 	phsync_shared->result_failed_run_id = outcome->failed_run_id;
@@ -701,6 +702,7 @@ phsync_worker_main(Datum main_arg)
 			continue;
 
 		due = next_due();
+		MemoryContextSwitchTo(loop_cxt);
 		now = GetCurrentTimestamp();
 		if (due <= now)
 		{

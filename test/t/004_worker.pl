@@ -56,7 +56,9 @@ ok(poll_until(sub { $activity->() eq "analytics|idle until $next+00" }, 30, 'aft
 is($node->safe_psql('analytics', "SELECT count(*) FROM phsync.runs WHERE trigger = 'schedule'"), '1', 'no repeated run');
 
 # Runs missed while the server was down happen once at start-up.
-$node->safe_psql('analytics', "UPDATE phsync.runs SET started_at = started_at - interval '3 days' WHERE trigger = 'schedule'");
+# (history made three days ago, on a server that has had the database since before then)
+$node->safe_psql('analytics', "UPDATE phsync.runs SET started_at = started_at - interval '3 days' WHERE trigger = 'schedule';
+	UPDATE phsync.cluster SET registered_at = registered_at - interval '4 days'");
 $node->restart;
 ok(poll_until(sub { $activity->() eq "analytics|idle until $next+00" }, 30, 'catch-up run'), 'catch-up run done, next due tomorrow');
 is($node->safe_psql('analytics', "SELECT count(*) FROM phsync.runs WHERE trigger = 'schedule'"), '2', 'three missed days make one run');

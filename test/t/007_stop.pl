@@ -67,6 +67,17 @@ ok(poll_until(sub { ($activity->() // '') =~ /idle until/ }, 30, 'worker back'),
 like($node->safe_psql('postgres', "SELECT status || ': ' || error FROM phsync.runs ORDER BY id DESC LIMIT 1"),
 	qr/^failed: the phsync worker stopped before the run finished/, 'the interrupted run is marked failed');
 
+# A caller cancelled mid-run that stays connected (a pooled connection) does
+# not keep everyone else out once the run is over.
+fake_post($fake, '/faults', [ {}, { delay_ms => 3000 } ]);
+my $pooled = $node->background_psql('postgres', on_error_stop => 0);
+$pooled->query_safe('SET statement_timeout = 1000');
+$pooled->query('SELECT phsync_run_now()');
+ok(poll_until(sub { $node->safe_psql('postgres', "SELECT status FROM phsync.runs ORDER BY id DESC LIMIT 1") ne 'running' }, 30, 'slow run ends'),
+	'the run of the cancelled caller ends');
+like(run_now($node), qr/^succeeded\|/, 'another session can run right after, while the cancelled one is still connected');
+$pooled->quit;
+
 # statement_timeout on the caller while the worker runs: prompt, clear message
 fake_post($fake, '/faults', [ {}, { delay_ms => 120_000 } ]);
 $t0 = time();

@@ -116,6 +116,10 @@ is($node->safe_psql('postgres', qq{
 	'hourly buckets; a row PostHog lost shows as extra');
 ($ret, $out, $err) = $node->psql('postgres', "SELECT * FROM phsync_verify('default', '$d10', '$d3', bucket => '1 month')");
 like($err, qr/ERROR:  bucket must be given in days, hours or smaller units, not months/, 'month buckets refused');
+($ret, $out, $err) = $node->psql('postgres', "SELECT * FROM phsync_verify('default', '-infinity', 'infinity')");
+like($err, qr/ERROR:  "from" and "to" must be finite timestamps/, 'infinite bounds refused');
+($ret, $out, $err) = $node->psql('postgres', "SELECT * FROM phsync_verify('default', '$d10', '$d3', bucket => '1.5 seconds')");
+like($err, qr/ERROR:  bucket must be a whole number of seconds/, 'fractional buckets refused');
 
 # ---------- the scheduled run verifies yesterday ----------
 my $at = $node->safe_psql('postgres', "SELECT to_char(now() AT TIME ZONE 'UTC' + interval '3 seconds', 'HH24:MI:SS')");

@@ -50,7 +50,9 @@ is(schedule('Asia/Kolkata', '2026-11-20 00:00 UTC', 2), '11-20 06:00 (00:30Z), 1
 set_conf($node, 'phsync.interval' => '6h', 'phsync.timezone' => 'UTC', 'phsync.run_at' => '01:00');
 is(schedule('UTC', '2026-11-20 00:00 UTC', 3), '11-20 01:00 (01:00Z), 11-20 07:00 (07:00Z), 11-20 13:00 (13:00Z)',
 	'a sub-day interval counts from run_at');
-my ($ret, $out, $err) = $node->psql('postgres', "ALTER SYSTEM SET phsync.timezone = 'Mars/Olympus'");
+my ($ret, $out, $err) = $node->psql('postgres', "SELECT phsync_next_run('infinity')");
+like($err, qr/ERROR:  timestamp out of range/, 'phsync_next_run(infinity) is an error, not an endless loop');
+($ret, $out, $err) = $node->psql('postgres', "ALTER SYSTEM SET phsync.timezone = 'Mars/Olympus'");
 like($err, qr/invalid value for parameter "phsync.timezone": "Mars\/Olympus"\nDETAIL:  phsync.timezone must be a time zone name such as UTC or Europe\/Paris\./,
 	'an unknown zone is refused');
 # the worker publishes the same next run

@@ -223,6 +223,19 @@ is($node->safe_psql('postgres', q{
 	'broken:false:public.broken:failed,daily:true:public.daily_counts:succeeded,default:true:public.posthog_events:succeeded,last_seen:true:public.last_seen:succeeded,persons:true:public.people:succeeded',
 	'phsync.status: one row per sync');
 
+# phsync_doctor() checks every enabled sync's target and query
+is($node->safe_psql('postgres', q{
+	SELECT string_agg("check" || ' ' || status || ' ' || detail, E'\n' ORDER BY detail, "check")
+	FROM phsync_doctor() WHERE "check" IN ('target', 'query') AND detail LIKE 'sync %'}),
+	join("\n",
+		'query ok sync daily: PostHog accepts the query',
+		'target ok sync daily: public.daily_counts has a unique key and an index on "day"',
+		'query ok sync last_seen: PostHog accepts the query',
+		'target ok sync last_seen: public.last_seen has a unique key and an index on "seen_at"',
+		'query ok sync persons: PostHog accepts the built-in persons query',
+		'target ok sync persons: public.people has a unique key and an index on "created_at"'),
+	'phsync_doctor() has a target and a query row for each enabled sync');
+
 # dropping a sync keeps its table
 my $kept = $node->safe_psql('postgres', "SELECT count(*) FROM last_seen");
 $node->safe_psql('postgres', "SELECT phsync_drop_sync('last_seen')");

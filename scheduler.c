@@ -319,22 +319,19 @@ take_request(PhsyncRequest *what)
 }
 
 /*
- * Keep phsync.history_days of run history.  Housekeeping: a failure (say,
- * phsync.role may not delete) is a WARNING, never the end of the worker.
+ * Housekeeping: run fn(); if it fails (say, phsync.role lacks a right), a
+ * WARNING "phsync could not <what>: <error>" with the hint, never the end
+ * of the worker.  Returns whether fn() ran to the end.
  */
-static void
-prune_history(void)
+static bool
+housekeeping(void (*fn) (void *), void *arg, const char *what, const char *hint)
 {
 	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
 
 	PG_TRY();
 	{
-		int64		n = runlog_prune(phsync_history_days);
-
-		if (n > 0)
-			ereport(LOG,
-					(errmsg("phsync deleted %lld run(s) older than %d days from phsync.runs",
-							(long long) n, phsync_history_days)));
+		fn(arg);
 	}
 	PG_CATCH();
 	{
@@ -346,11 +343,34 @@ prune_history(void)
 		AbortOutOfAnyTransaction();
 		ereport(WARNING,
 				(errcode(edata->sqlerrcode),
-				 errmsg("phsync could not delete old runs: %s", edata->message),
-				 errhint("The worker's role needs DELETE on phsync.runs and phsync.rejects; phsync.history_days = 0 keeps all history.")));
+				 errmsg("phsync could not %s: %s", what, edata->message),
+				 errhint("%s", hint)));
 		FreeErrorData(edata);
+		ok = false;
 	}
 	PG_END_TRY();
+	return ok;
+}
+
+static void
+prune_runs(void *arg)
+{
+	int64		n = runlog_prune(phsync_history_days);
+
+	if (n > 0)
+		ereport(LOG,
+				(errmsg("phsync deleted %lld run(s) older than %d days from phsync.runs",
+						(long long) n, phsync_history_days)));
+}
+
+/*
+ * Keep phsync.history_days of run history.
+ */
+static void
+prune_history(void)
+{
+	(void) housekeeping(prune_runs, NULL, "delete old runs",
+						"The worker's role needs DELETE on phsync.runs and phsync.rejects; phsync.history_days = 0 keeps all history.");
 }
 
 static void
@@ -534,6 +554,12 @@ run_queued(void)
 	return true;
 }
 
+static void
+claim(void *arg)
+{
+	*(bool *) arg = runlog_claim_cluster();
+}
+
 /*
  * runlog_claim_cluster(), as housekeeping: if the worker's role may not
  * write phsync.cluster, a WARNING, and the history is taken as its own.
@@ -541,28 +567,11 @@ run_queued(void)
 static bool
 claim_cluster(void)
 {
-	MemoryContext cxt = CurrentMemoryContext;
-	volatile bool claimed = false;
+	bool		claimed = false;
 
-	PG_TRY();
-	{
-		claimed = runlog_claim_cluster();
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		AbortOutOfAnyTransaction();
-		ereport(WARNING,
-				(errcode(edata->sqlerrcode),
-				 errmsg("phsync could not record which cluster owns the run history: %s", edata->message),
-				 errhint("The worker's role needs SELECT, INSERT and DELETE on phsync.cluster; without it a restored database may catch up on a scheduled run.")));
-		FreeErrorData(edata);
-	}
-	PG_END_TRY();
+	if (!housekeeping(claim, &claimed, "record which cluster owns the run history",
+					  "The worker's role needs SELECT, INSERT and DELETE on phsync.cluster; without it a restored database may catch up on a scheduled run."))
+		return false;
 	return claimed;
 }
 

@@ -562,23 +562,11 @@ run_now_wait_context(void *arg)
 		errcontext("while waiting for the phsync worker to start a run");
 }
 
-/* what the worker answered a request with */
-typedef struct RunAnswer
-{
-	int64		run_id;			/* first run made */
-	int64		last_run_id;	/* last run made */
-	int64		failed_run_id;	/* the run whose error this is */
-	bool		ok;
-	int			sqlerrcode;
-	char		message[PHSYNC_MAX_MESSAGE];
-	char		hint[PHSYNC_MAX_MESSAGE];
-} RunAnswer;
-
 /*
  * Wait until the worker has answered request my_request.
  */
 static void
-wait_for_run(uint64 my_request, RunAnswer *answer)
+wait_for_run(uint64 my_request, PhsyncAnswer *answer)
 {
 	ErrorContextCallback errcallback;
 	TimestampTz last_notice = GetCurrentTimestamp();
@@ -603,13 +591,7 @@ wait_for_run(uint64 my_request, RunAnswer *answer)
 		if (done)
 		{
 			phsync_shared->result_unread = false;
-			answer->run_id = phsync_shared->result_run_id;
-			answer->last_run_id = phsync_shared->result_last_run_id;
-			answer->failed_run_id = phsync_shared->result_failed_run_id;
-			answer->ok = phsync_shared->result_ok;
-			answer->sqlerrcode = phsync_shared->result_sqlerrcode;
-			strlcpy(answer->message, phsync_shared->result_message, PHSYNC_MAX_MESSAGE);
-			strlcpy(answer->hint, phsync_shared->result_hint, PHSYNC_MAX_MESSAGE);
+			*answer = phsync_shared->result;
 		}
 		SpinLockRelease(&phsync_shared->mutex);
 		if (done)
@@ -662,7 +644,7 @@ wait_for_run(uint64 my_request, RunAnswer *answer)
  * error if it failed (same SQLSTATE and hint as in the worker).
  */
 static void
-submit_request(PhsyncRequest *request, RunAnswer *answer)
+submit_request(PhsyncRequest *request, PhsyncAnswer *answer)
 {
 	volatile uint64 my_request = 0;
 	int64		busy_run = 0;
@@ -766,7 +748,7 @@ Datum
 phsync_run_now(PG_FUNCTION_ARGS)
 {
 	PhsyncRequest request;
-	RunAnswer	answer;
+	PhsyncAnswer	answer;
 
 	memset(&request, 0, sizeof(request));
 	request.kind = PHSYNC_REQUEST_RUN;
@@ -820,7 +802,7 @@ Datum
 phsync_verify(PG_FUNCTION_ARGS)
 {
 	PhsyncRequest request;
-	RunAnswer	answer;
+	PhsyncAnswer	answer;
 
 	require_arg(fcinfo, 0, "sync");
 	require_arg(fcinfo, 1, "from");

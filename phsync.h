@@ -80,6 +80,18 @@ extern struct pg_tz *phsync_tz(void);
 /* ---------- shared state and worker (scheduler.c) ---------- */
 #define PHSYNC_MAX_MESSAGE 1024
 
+/* what the worker answers a session's request with */
+typedef struct PhsyncAnswer
+{
+	int64		run_id;			/* the first run it made */
+	int64		last_run_id;	/* and the last */
+	int64		failed_run_id;	/* the one whose error it reports */
+	bool		ok;
+	int			sqlerrcode;
+	char		message[PHSYNC_MAX_MESSAGE];
+	char		hint[PHSYNC_MAX_MESSAGE];
+} PhsyncAnswer;
+
 /* what a session asks the worker for */
 typedef enum PhsyncRequestKind
 {
@@ -117,13 +129,7 @@ typedef struct PhsyncShared
 	uint64		result_request; /* the request it answers */
 	bool		result_unread;	/* its caller has not read it yet */
 	int			requester_pid;	/* that caller */
-	int64		result_run_id;	/* the first run it made */
-	int64		result_last_run_id; /* and the last */
-	int64		result_failed_run_id;	/* the one whose error it reports */
-	bool		result_ok;
-	int			result_sqlerrcode;
-	char		result_message[PHSYNC_MAX_MESSAGE];
-	char		result_hint[PHSYNC_MAX_MESSAGE];
+	PhsyncAnswer result;
 } PhsyncShared;
 
 extern PhsyncShared *phsync_shared;

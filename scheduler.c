@@ -224,6 +224,33 @@ wait_for_database(void)
 }
 
 /*
+ * Store the answer to request (with the spinlock held) and return the
+ * latch of whoever asked, to be set once the lock is released.  A caller
+ * that gave up waiting reads nothing, so nobody waits for it to.
+ */
+static Latch *
+store_answer(uint64 request, PhsyncOutcome *outcome)
+{
+	PhsyncAnswer *a = &phsync_shared->result;
+	Latch	   *requester = phsync_shared->requester_latch;
+
+	phsync_shared->result_request = request;
+	phsync_shared->result_unread = requester != NULL;
+	a->run_id = outcome->run_id;
+	a->last_run_id = outcome->last_run_id;
+	a->failed_run_id = outcome->failed_run_id;
+	a->ok = outcome->ok;
+	a->sqlerrcode = outcome->sqlerrcode;
+	strlcpy(a->message, outcome->message ? outcome->message : "", PHSYNC_MAX_MESSAGE);
+	strlcpy(a->hint, outcome->hint ? outcome->hint : "", PHSYNC_MAX_MESSAGE);
+	if (phsync_shared->requests_done < request)
+		phsync_shared->requests_done = request;
+	phsync_shared->request_taken = 0;
+	phsync_shared->requester_latch = NULL;
+	return requester;
+}
+
+/*
  * Worker exit (shutdown, pg_terminate_backend, FATAL): leave shared state
  * clean, and answer a manual run cut short, so that its caller gets an
  * error instead of waiting for a run that will never end.
@@ -236,24 +263,13 @@ detach_from_shared(int code, Datum arg)
 	SpinLockAcquire(&phsync_shared->mutex);
 	if (phsync_shared->request_taken)
 	{
-		phsync_shared->result_request = phsync_shared->request_taken;
-		phsync_shared->result_unread = true;
-		phsync_shared->result_run_id = phsync_shared->running_run_id;
-		phsync_shared->result_last_run_id = phsync_shared->running_run_id;
-		phsync_shared->result_failed_run_id = phsync_shared->running_run_id;
-		phsync_shared->result_ok = false;
-		phsync_shared->result_sqlerrcode = ERRCODE_ADMIN_SHUTDOWN;
-		strlcpy(phsync_shared->result_message,
-				"the phsync worker stopped before the run finished",
-				PHSYNC_MAX_MESSAGE);
-		strlcpy(phsync_shared->result_hint,
-				"The next run resumes from the table's watermark; call phsync_run_now() again.",
-				PHSYNC_MAX_MESSAGE);
-		if (phsync_shared->requests_done < phsync_shared->request_taken)
-			phsync_shared->requests_done = phsync_shared->request_taken;
-		phsync_shared->request_taken = 0;
-		requester = phsync_shared->requester_latch;
-		phsync_shared->requester_latch = NULL;
+		PhsyncOutcome cut = {0};
+
+		cut.run_id = cut.last_run_id = cut.failed_run_id = phsync_shared->running_run_id;
+		cut.sqlerrcode = ERRCODE_ADMIN_SHUTDOWN;
+		cut.message = "the phsync worker stopped before the run finished";
+		cut.hint = "The next run resumes from the table's watermark; call phsync_run_now() again.";
+		requester = store_answer(phsync_shared->request_taken, &cut);
 	}
 	phsync_shared->worker_pid = 0;
 	phsync_shared->worker_latch = NULL;
@@ -275,23 +291,7 @@ answer_request(uint64 request, PhsyncOutcome *outcome)
 	SpinLockAcquire(&phsync_shared->mutex);
 	phsync_shared->running = false;
 	phsync_shared->running_run_id = 0;
-	phsync_shared->result_request = request;
-	/* a caller that gave up waiting reads nothing; do not wait for it */
-	phsync_shared->result_unread = phsync_shared->requester_latch != NULL;
-	phsync_shared->result_run_id = outcome->run_id;
-	phsync_shared->result_last_run_id = outcome->last_run_id;
-	phsync_shared->result_failed_run_id = outcome->failed_run_id;
-	phsync_shared->result_ok = outcome->ok;
-	phsync_shared->result_sqlerrcode = outcome->sqlerrcode;
-	strlcpy(phsync_shared->result_message, outcome->message ? outcome->message : "",
-			PHSYNC_MAX_MESSAGE);
-	strlcpy(phsync_shared->result_hint, outcome->hint ? outcome->hint : "",
-			PHSYNC_MAX_MESSAGE);
-	if (phsync_shared->requests_done < request)
-		phsync_shared->requests_done = request;
-	phsync_shared->request_taken = 0;
-	requester = phsync_shared->requester_latch;
-	phsync_shared->requester_latch = NULL;
+	requester = store_answer(request, outcome);
 	SpinLockRelease(&phsync_shared->mutex);
 	if (requester)
 		SetLatch(requester);

@@ -8,6 +8,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 apt_ensure build-essential postgresql-15 postgresql-server-dev-15 \
 	libcurl4-openssl-dev libjson-c-dev libipc-run-perl python3 openssl ca-certificates
 
-export PATH="/usr/lib/postgresql/15/bin:$PATH"
-make -C "$here" -s PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-make -C "$here" -s PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config install
+# PHSYNC_PG_BIN: another PostgreSQL 15 tree (a relocated copy), for side-by-side work
+pgbin=${PHSYNC_PG_BIN:-/usr/lib/postgresql/15/bin}
+export PATH="$pgbin:$PATH"
+make -C "$here" -s PG_CONFIG="$pgbin/pg_config"
+make -C "$here" -s PG_CONFIG="$pgbin/pg_config" install

@@ -14,7 +14,9 @@
 # pg_regress, no package), for quick iterations.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-export PATH="/usr/lib/postgresql/15/bin:$PATH"
+# PHSYNC_PG_BIN: another PostgreSQL 15 tree (a relocated copy), for side-by-side work
+pgbin=${PHSYNC_PG_BIN:-/usr/lib/postgresql/15/bin}
+export PATH="$pgbin:$PATH"
 tests=${PHSYNC_TAP_TESTS:-test/t/*.pl}
 only=()
 [ -n "${PHSYNC_TAP_TESTS:-}" ] && only=(REGRESS=)
@@ -28,11 +30,11 @@ if [ "$(id -u)" = 0 ]; then
 	echo "phsync: running the tests as postgres in $work"
 	status=0
 	runuser -u postgres -- env PATH="$PATH" make -C "$work" -s installcheck \
-		PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config PROVE_TESTS="$tests" "${only[@]}" || status=$?
+		PG_CONFIG="$pgbin/pg_config" PROVE_TESTS="$tests" "${only[@]}" || status=$?
 else
 	work=$here
 	status=0
-	make -C "$work" -s installcheck PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config \
+	make -C "$work" -s installcheck PG_CONFIG="$pgbin/pg_config" \
 		PROVE_TESTS="$tests" "${only[@]}" || status=$?
 fi
 

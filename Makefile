@@ -2,16 +2,31 @@
 # Built with PGXS; see README.md for the test and demo commands.
 
 MODULE_big = phsync
-OBJS = phsync.o scheduler.o schedule.o syncs.o sync.o verify.o retry.o http.o hogql.o load.o runlog.o doctor.o
+# in layer order, bottom up (see phsync.h; test/layers.sh checks it)
+OBJS = settings.o presets.o shmem.o xact.o \
+	schedule.o hogql.o http.o retry.o \
+	runlog.o target.o syncs.o loader.o \
+	fetch.o verify.o \
+	run.o doctor.o \
+	worker.o \
+	phsync.o
 
 EXTENSION = phsync
 DATA = $(notdir $(wildcard $(srcdir)/phsync--*.sql))
 PGFILEDESC = "phsync - sync PostHog data into PostgreSQL"
 
-SHLIB_LINK = -lcurl -ljson-c
-PG_CPPFLAGS = -I/usr/include/json-c
+# the version lives in phsync.control only
+EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(srcdir)/phsync.control)
+
+PKG_CONFIG ?= pkg-config
+SHLIB_LINK = $(shell $(PKG_CONFIG) --libs libcurl json-c)
+PG_CPPFLAGS = $(shell $(PKG_CONFIG) --cflags libcurl json-c) -DPHSYNC_VERSION='"$(EXTVERSION)"'
 # -Wextra minus unused-parameter: hook and fmgr signatures fix the arguments
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Werror
+# PHSYNC_ASSERTS=1: Assert() checks on, even against a server built without
+ifdef PHSYNC_ASSERTS
+PG_CPPFLAGS += -DUSE_ASSERT_CHECKING
+endif
 
 REGRESS = phsync_install phsync_settings phsync_security
 REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./test/regress.conf
@@ -25,4 +40,5 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 # every object depends on the private header (PGXS does not track headers)
-$(OBJS): phsync.h
+# and on the version
+$(OBJS): phsync.h phsync.control

@@ -21,6 +21,7 @@
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "utils/builtins.h"
 #include "utils/timestamp.h"
 
 #include "phsync.h"
@@ -34,13 +35,14 @@ typedef struct Doctor
 	void	   *arg;
 	bool		reachable;		/* host resolves and accepts connections */
 	bool		configured;		/* project and key set */
+	PhsyncEndpoint *endpoint;	/* the settings' connection, once configured */
 } Doctor;
 
 static void
-row(Doctor *d, const char *check, const char *status, const char *detail,
+row(Doctor *d, const char *item, const char *status, const char *detail,
 	const char *hint)
 {
-	d->emit(d->arg, check, status, detail, hint);
+	d->emit(d->arg, item, status, detail, hint);
 }
 
 /*
@@ -83,9 +85,11 @@ check_settings(Doctor *d)
 
 	if (phsync_project_id[0] == '\0')
 		missing = "phsync.project_id";
-	else if (phsync_api_key()[0] == '\0')
+	else if (settings_api_key()[0] == '\0')
 		missing = "phsync.api_key";
 	d->configured = (missing == NULL);
+	if (d->configured)
+		d->endpoint = sync_endpoint(NULL);
 	if (missing)
 		row(d, "settings", "error", psprintf("%s is not set", missing),
 			psprintf("Set %s in postgresql.conf and reload the configuration.", missing));
@@ -102,26 +106,23 @@ check_settings(Doctor *d)
 static void
 check_worker(Doctor *d)
 {
-	pid_t		pid;
-	TimestampTz next;
+	PhsyncWorkerState w;
 
-	if (phsync_shared == NULL)
+	if (!shmem_available())
 	{
 		row(d, "worker", "error", "phsync is not loaded through shared_preload_libraries",
 			"Add phsync to shared_preload_libraries in postgresql.conf and restart the server.");
 		return;
 	}
-	SpinLockAcquire(&phsync_shared->mutex);
-	pid = phsync_shared->worker_pid;
-	next = phsync_shared->next_due;
-	SpinLockRelease(&phsync_shared->mutex);
-	if (pid == 0)
+	shmem_worker_state(&w);
+	if (w.pid == 0)
 		row(d, "worker", "error", "the phsync worker is not running",
 			"The server log says why; it restarts within seconds after a crash.");
 	else
 		row(d, "worker", "ok",
-			next ? psprintf("pid %d, next scheduled run at %s", (int) pid, timestamptz_to_str(next)) :
-			psprintf("pid %d", (int) pid), NULL);
+			w.next_due ? psprintf("pid %d, next scheduled run at %s", (int) w.pid,
+								  timestamptz_to_str(w.next_due)) :
+			psprintf("pid %d", (int) w.pid), NULL);
 }
 
 static void
@@ -157,7 +158,7 @@ check_network(Doctor *d)
 	/* TCP alone: connect-only to the same host and port over plain http */
 	rc = http_probe(psprintf("http://%s%s%s:%d/", strchr(host, ':') ? "[" : "", host,
 							 strchr(host, ':') ? "]" : "", port),
-					DOCTOR_TIMEOUT_MS, &detail);
+					NULL, DOCTOR_TIMEOUT_MS, &detail);
 	if (rc != CURLE_OK)
 	{
 		row(d, "tcp", "error", psprintf("%s: %s", curl_category(rc), detail),
@@ -170,7 +171,7 @@ check_network(Doctor *d)
 
 	if (https)
 	{
-		rc = http_probe(phsync_host, DOCTOR_TIMEOUT_MS, &detail);
+		rc = http_probe(phsync_host, phsync_ca_file, DOCTOR_TIMEOUT_MS, &detail);
 		if (rc != CURLE_OK)
 		{
 			row(d, "tls", "error", psprintf("%s: TLS: %s", curl_category(rc), detail),
@@ -183,26 +184,27 @@ check_network(Doctor *d)
 }
 
 /*
- * POST a HogQL query with a short timeout; a row for the outcome.
+ * POST a HogQL query with a short timeout; a row for the outcome, whose
+ * detail starts with the category errors have elsewhere (auth, network...).
  */
 static bool
-ask_posthog(Doctor *d, const char *check, PhsyncQuery *q, const char *hogql,
-			const char *ok_detail)
+ask_posthog(Doctor *d, const char *item, PhsyncEndpoint *endpoint, PhsyncQuery *q,
+			const char *hogql, const char *ok_detail)
 {
 	PhsyncHttp *http;
 	PhsyncHttpResult res;
-	char	   *url = http_query_url();
+	PhsyncHttpError e;
 	char	   *body;
 
 	q->until = GetCurrentTimestamp();
 	q->since = q->until - USECS_PER_HOUR;
 	body = hogql_request_body(q, hogql, NULL, 0, "phsync doctor", "phsync-doctor");
 
-	http = http_open();
+	http = http_open(endpoint);
 	http_set_timeout(http, DOCTOR_TIMEOUT_MS);
 	PG_TRY();
 	{
-		http_post(http, url, body, &res);
+		http_post(http, http_query_url(endpoint), body, &res);
 	}
 	PG_FINALLY();
 	{
@@ -213,25 +215,14 @@ ask_posthog(Doctor *d, const char *check, PhsyncQuery *q, const char *hogql,
 	if (res.json)
 	{
 		json_object_put(res.json);
-		row(d, check, "ok", ok_detail, NULL);
+		row(d, item, "ok", ok_detail, NULL);
 		return true;
 	}
+	http_explain(endpoint, &res, &e);
 	if (res.curl_code != CURLE_OK)
-		row(d, check, "error", psprintf("%s: %s", curl_category(res.curl_code), res.detail),
-			"Check phsync.host and the network.");
-	else if (res.status == 401)
-		row(d, check, "error", psprintf("auth: HTTP 401: %s", res.detail),
-			"Check phsync.api_key: PostHog does not accept it.");
-	else if (res.status == 403)
-		row(d, check, "error", psprintf("permission: HTTP 403: %s", res.detail),
-			"Check that phsync.api_key has the \"Query Read\" scope and access to phsync.project_id.");
-	else if (res.status == 504 || res.status == 512)
-		row(d, check, "error", psprintf("timeout: HTTP %ld: %s", res.status, res.detail), NULL);
-	else if (res.status == 400)
-		row(d, check, "error", psprintf("query: HTTP 400: %s", res.detail),
-			"Check the HogQL query (phsync.query_file) and phsync.cursor_column.");
+		row(d, item, "error", psprintf("%s: %s", e.category, e.detail), e.hint);
 	else
-		row(d, check, "error", psprintf("network: HTTP %ld: %s", res.status, res.detail), NULL);
+		row(d, item, "error", psprintf("%s: HTTP %ld: %s", e.category, res.status, e.detail), e.hint);
 	return false;
 }
 
@@ -264,26 +255,55 @@ read_query_file_or_null(const char *path, char **failure)
 }
 
 /*
+ * The target of one sync, as the worker will find it.  Returns it, NULL
+ * when it is missing or not acceptable.
+ */
+static PhsyncTarget *
+check_target(Doctor *d, PhsyncSync *sync, const char *prefix)
+{
+	PhsyncTargetSpec spec;
+	PhsyncProblem problem;
+	PhsyncTarget *target;
+
+	memset(&spec, 0, sizeof(spec));
+	spec.name = sync->target;
+	spec.cursor = sync->cursor;
+	spec.cursor_origin = sync_cursor_origin(sync);
+	spec.preset = sync->preset;
+	spec.update = sync->update;
+	target = target_examine(&spec, &problem);
+	if (target == NULL && problem.sqlerrcode == ERRCODE_UNDEFINED_TABLE &&
+		sync_is_default(sync) && sync->preset != PHSYNC_CUSTOM)
+		row(d, "target", "ok", psprintf("%s%s does not exist yet; the first run creates it",
+										prefix, sync->target), NULL);
+	else if (target == NULL)
+		row(d, "target", "error", psprintf("%s%s", prefix, problem.message),
+			problem.hint ? problem.hint : problem.detail);
+	else if (!target->cursor_indexed)
+		row(d, "target", "warning",
+			psprintf("%s%s has a unique key, but no index that starts with \"%s\"",
+					 prefix, target->display, sync->cursor),
+			psprintf("Without one, every run reads the whole table for max(%s): CREATE INDEX ON %s (%s);",
+					 sync->cursor, target->display, quote_identifier(sync->cursor)));
+	else
+		row(d, "target", "ok",
+			psprintf("%s%s has a unique key and an index on \"%s\"", prefix, target->display,
+					 sync->cursor), NULL);
+	return target;
+}
+
+/*
  * The target and the query of one sync.  Rows about a sync other than the
  * default one say which.
  */
 static void
 check_target_and_query(Doctor *d, PhsyncSync *sync, bool authenticated)
 {
-	bool		is_default = strcmp(sync->name, "default") == 0;
-	const char *prefix = is_default ? "" : psprintf("sync %s: ", sync->name);
-	char	   *detail;
-	char	   *hint;
-	char	  **keys;
-	int			nkeys;
-	const char *status;
+	const char *prefix = sync_is_default(sync) ? "" : psprintf("sync %s: ", sync->name);
+	PhsyncTarget *target = check_target(d, sync, prefix);
 	PhsyncQuery q;
 	char	   *hogql;
-
-	status = target_check(sync->target, sync->cursor,
-						  is_default && sync->preset != PHSYNC_CUSTOM,
-						  &detail, &hint, &keys, &nkeys);
-	row(d, "target", status, psprintf("%s%s", prefix, detail), hint);
+	int			i;
 
 	if (!authenticated)
 	{
@@ -294,10 +314,15 @@ check_target_and_query(Doctor *d, PhsyncSync *sync, bool authenticated)
 	memset(&q, 0, sizeof(q));
 	q.preset = sync->preset;
 	q.cursor = sync->cursor;
-	q.keys = keys;
-	q.nkeys = nkeys;
 	q.limit = 0;
 	q.base = sync->query;
+	if (target)
+	{
+		q.nkeys = target->nkeys;
+		q.keys = palloc(sizeof(char *) * Max(q.nkeys, 1));
+		for (i = 0; i < q.nkeys; i++)
+			q.keys[i] = target->cols[target->keys[i]].name;
+	}
 	if (sync->query_file)
 	{
 		char	   *failure = NULL;
@@ -310,7 +335,7 @@ check_target_and_query(Doctor *d, PhsyncSync *sync, bool authenticated)
 		}
 	}
 	hogql = hogql_build(&q, NULL);
-	(void) ask_posthog(d, "query", &q, hogql,
+	(void) ask_posthog(d, "query", sync_endpoint(sync), &q, hogql,
 					   sync->query_file ? "PostHog accepts the query in phsync.query_file" :
 					   sync->preset == PHSYNC_CUSTOM ? psprintf("%sPostHog accepts the query", prefix) :
 					   psprintf("%sPostHog accepts the built-in %s query", prefix,
@@ -326,8 +351,7 @@ check_syncs(Doctor *d, bool authenticated)
 	List	   *syncs = NIL;
 	ListCell   *lc;
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
+	phsync_spi_connect();
 	if (OidIsValid(get_extension_oid("phsync", true)))
 		syncs = sync_list(NULL, true);
 	else if (sync_default())
@@ -337,7 +361,7 @@ check_syncs(Doctor *d, bool authenticated)
 			"phsync.target_table is empty and phsync.syncs has no enabled sync.");
 	foreach(lc, syncs)
 		check_target_and_query(d, lfirst(lc), authenticated);
-	SPI_finish();
+	phsync_spi_finish();
 }
 
 /*
@@ -364,7 +388,7 @@ doctor_run(DoctorRow emit, void *arg)
 		q.cursor = phsync_cursor_column;
 		q.preset = PHSYNC_CUSTOM;	/* no {timestamp_since} */
 		q.base = "SELECT 1";
-		authenticated = ask_posthog(&d, "auth", &q, "SELECT 1",
+		authenticated = ask_posthog(&d, "auth", d.endpoint, &q, "SELECT 1",
 									psprintf("the API key runs queries in project %s", phsync_project_id));
 	}
 	else

@@ -24,32 +24,6 @@
 
 #include "phsync.h"
 
-/* the presets' columns, in the order PostHog returns them */
-static const char *const events_columns[] = {
-	"uuid", "event", "timestamp", "distinct_id", "person_id", "properties",
-	"elements_chain", "created_at", NULL
-};
-static const char *const persons_columns[] = {
-	"id", "created_at", "is_identified", "properties", NULL
-};
-
-/*
- * The columns a preset selects (NULL for a custom query).
- */
-const char *const *
-preset_columns(PhsyncPreset preset)
-{
-	switch (preset)
-	{
-		case PHSYNC_EVENTS:
-			return events_columns;
-		case PHSYNC_PERSONS:
-			return persons_columns;
-		default:
-			return NULL;
-	}
-}
-
 /* the built-in events query also bounds `timestamp`, ClickHouse's sort key */
 static bool
 bounds_timestamp(PhsyncQuery *q)
@@ -194,8 +168,7 @@ append_from_where(StringInfo buf, PhsyncQuery *q)
 	if (q->preset == PHSYNC_CUSTOM)
 		appendStringInfo(buf, "FROM (\n%s\n) AS phsync_q\nWHERE ", q->base);
 	else
-		appendStringInfo(buf, "FROM %s\nWHERE ",
-						 q->preset == PHSYNC_PERSONS ? "persons" : "events");
+		appendStringInfo(buf, "FROM %s\nWHERE ", preset_info(q->preset)->hogql_table);
 
 	append_ident(buf, q->cursor);
 	appendStringInfoString(buf, " >= toDateTime({since}) AND ");
@@ -222,17 +195,21 @@ char *
 hogql_build(PhsyncQuery *q, PhsyncKeyset *after)
 {
 	StringInfoData buf;
-	const char *const *columns = preset_columns(q->preset);
+	const PresetInfo *preset = preset_info(q->preset);
 	int			i;
 
 	initStringInfo(&buf);
-	if (columns == NULL)
+	if (preset == NULL)
 		appendStringInfoString(&buf, "SELECT *\n");
 	else
 	{
 		appendStringInfoString(&buf, "SELECT ");
-		for (i = 0; columns[i]; i++)
-			appendStringInfo(&buf, "%s%s", i ? ", " : "", columns[i]);
+		for (i = 0; preset->columns[i].name; i++)
+		{
+			if (i > 0)
+				appendStringInfoString(&buf, ", ");
+			append_ident(&buf, preset->columns[i].name);
+		}
 		appendStringInfoChar(&buf, '\n');
 	}
 	append_from_where(&buf, q);

@@ -27,7 +27,8 @@
 struct PhsyncHttp
 {
 	CURL	   *curl;
-	long		timeout_ms;		/* 0: phsync.request_timeout */
+	const PhsyncEndpoint *endpoint;
+	long		timeout_ms;
 	char		errbuf[CURL_ERROR_SIZE];
 	/* per request */
 	json_tokener *tok;
@@ -104,19 +105,18 @@ http_progress(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 	} while (0)
 
 /*
- * The query endpoint of phsync.host and phsync.project_id (the setting's
- * check hook has already made sure the host is https://, or http:// to
- * loopback).
+ * The query endpoint of a host and project (the host was checked when it
+ * was set: https://, or http:// to loopback).
  */
 char *
-http_query_url(void)
+http_query_url(const PhsyncEndpoint *endpoint)
 {
-	size_t		len = strlen(phsync_host);
+	size_t		len = strlen(endpoint->host);
 
-	while (len > 0 && phsync_host[len - 1] == '/')
+	while (len > 0 && endpoint->host[len - 1] == '/')
 		len--;
-	return psprintf("%.*s/api/projects/%s/query/", (int) len, phsync_host,
-					phsync_project_id);
+	return psprintf("%.*s/api/projects/%s/query/", (int) len, endpoint->host,
+					endpoint->project_id);
 }
 
 /*
@@ -145,12 +145,13 @@ new_curl_handle(void)
 
 /*
  * What every connection phsync makes shares: https (or http to loopback)
- * only, TLS verified against the system CAs plus phsync.ca_file, no
- * redirects, no signals, a time limit, and a progress callback that lets a
- * cancel or shutdown abort the transfer.
+ * only, TLS verified against the system CAs plus the endpoint's CA file,
+ * no redirects, no signals, a time limit, and a progress callback that
+ * lets a cancel or shutdown abort the transfer.
  */
 static void
-set_transport_options(CURL *curl, char *errbuf, long timeout_ms)
+set_transport_options(CURL *curl, char *errbuf, const char *ca_file,
+					  long timeout_ms)
 {
 	SETOPT(curl, CURLOPT_ERRORBUFFER, errbuf);
 	SETOPT(curl, CURLOPT_NOSIGNAL, 1L);
@@ -158,8 +159,8 @@ set_transport_options(CURL *curl, char *errbuf, long timeout_ms)
 	SETOPT(curl, CURLOPT_PROTOCOLS_STR, "https,http");
 	SETOPT(curl, CURLOPT_SSL_VERIFYPEER, 1L);
 	SETOPT(curl, CURLOPT_SSL_VERIFYHOST, 2L);
-	if (phsync_ca_file && phsync_ca_file[0])
-		SETOPT(curl, CURLOPT_CAINFO, phsync_ca_file);
+	if (ca_file && ca_file[0])
+		SETOPT(curl, CURLOPT_CAINFO, ca_file);
 	SETOPT(curl, CURLOPT_TIMEOUT_MS, timeout_ms);
 	SETOPT(curl, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout_ms, 30000L));
 	SETOPT(curl, CURLOPT_NOPROGRESS, 0L);
@@ -167,13 +168,16 @@ set_transport_options(CURL *curl, char *errbuf, long timeout_ms)
 }
 
 /*
- * A curl handle for PostHog's query API, kept for a whole run.
+ * A curl handle for PostHog's query API, kept for a whole run.  The
+ * endpoint must outlive it.
  */
 PhsyncHttp *
-http_open(void)
+http_open(const PhsyncEndpoint *endpoint)
 {
 	PhsyncHttp *http = MemoryContextAllocZero(TopMemoryContext, sizeof(PhsyncHttp));
 
+	http->endpoint = endpoint;
+	http->timeout_ms = endpoint->timeout_ms;
 	PG_TRY();
 	{
 		http->curl = new_curl_handle();
@@ -188,8 +192,7 @@ http_open(void)
 }
 
 /*
- * Use a shorter limit than phsync.request_timeout for this handle's
- * requests (phsync_doctor()).
+ * Use another time limit for this handle's requests (phsync_doctor()).
  */
 void
 http_set_timeout(PhsyncHttp *http, long timeout_ms)
@@ -202,7 +205,7 @@ http_set_timeout(PhsyncHttp *http, long timeout_ms)
  * handshake for https://.  Returns curl's code; *detail gets its message.
  */
 int
-http_probe(const char *url, long timeout_ms, char **detail)
+http_probe(const char *url, const char *ca_file, long timeout_ms, char **detail)
 {
 	CURL	   *curl = new_curl_handle();
 	char		errbuf[CURL_ERROR_SIZE];
@@ -213,7 +216,7 @@ http_probe(const char *url, long timeout_ms, char **detail)
 	{
 		SETOPT(curl, CURLOPT_URL, url);
 		SETOPT(curl, CURLOPT_CONNECT_ONLY, 1L);
-		set_transport_options(curl, errbuf, timeout_ms);
+		set_transport_options(curl, errbuf, ca_file, timeout_ms);
 		rc = curl_easy_perform(curl);
 	}
 	PG_FINALLY();
@@ -238,45 +241,6 @@ http_close(PhsyncHttp *http)
 	if (http->curl)
 		curl_easy_cleanup(http->curl);
 	pfree(http);
-}
-
-/*
- * Hint for an HTTP status PostHog gives.
- */
-static const char *
-status_hint(long status)
-{
-	switch (status)
-	{
-		case 400:
-			return "Check the HogQL query (phsync.query_file) and phsync.cursor_column.";
-		case 401:
-			return "Check phsync.api_key: PostHog does not accept it.";
-		case 402:
-			return "The PostHog organization is over its billing quota.";
-		case 403:
-			return "Check that phsync.api_key has the \"Query Read\" scope and access to phsync.project_id.";
-		case 404:
-			return "Check phsync.host and phsync.project_id.";
-		default:
-			return NULL;
-	}
-}
-
-static int
-status_errcode(long status)
-{
-	switch (status)
-	{
-		case 400:
-			return ERRCODE_INVALID_PARAMETER_VALUE;
-		case 401:
-			return ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
-		case 403:
-			return ERRCODE_INSUFFICIENT_PRIVILEGE;
-		default:
-			return ERRCODE_CONNECTION_FAILURE;
-	}
 }
 
 /*
@@ -345,7 +309,7 @@ http_post(PhsyncHttp *http, const char *url, const char *body,
 	char	   *auth;
 	volatile CURLcode rc = CURLE_OK;
 	long		status = 0;
-	const char *key = phsync_api_key();
+	const char *key = http->endpoint->api_key;
 
 	memset(result, 0, sizeof(*result));
 	result->retry_after = -1;
@@ -353,7 +317,8 @@ http_post(PhsyncHttp *http, const char *url, const char *body,
 	if (strpbrk(key, "\r\n") != NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("phsync.api_key contains a line break")));
+				 errmsg("the PostHog API key contains a line break"),
+				 errhint("Check %s.", http->endpoint->key_origin)));
 
 	curl_easy_reset(http->curl);
 	http->errbuf[0] = '\0';
@@ -370,7 +335,7 @@ http_post(PhsyncHttp *http, const char *url, const char *body,
 	http->json_done = false;
 	http->json_failed = false;
 	http->too_large = false;
-	http->limit = (size_t) phsync_max_response_size * 1024;
+	http->limit = (size_t) http->endpoint->max_response_kb * 1024;
 	http->received = 0;
 	http->rawlen = 0;
 	http->raw[0] = '\0';
@@ -389,8 +354,8 @@ http_post(PhsyncHttp *http, const char *url, const char *body,
 		SETOPT(http->curl, CURLOPT_HTTPHEADER, headers);
 		SETOPT(http->curl, CURLOPT_USERAGENT, "phsync/" PHSYNC_VERSION);
 		SETOPT(http->curl, CURLOPT_ACCEPT_ENCODING, "");
-		set_transport_options(http->curl, http->errbuf,
-							  http->timeout_ms ? http->timeout_ms : (long) phsync_request_timeout);
+		set_transport_options(http->curl, http->errbuf, http->endpoint->ca_file,
+							  http->timeout_ms);
 		SETOPT(http->curl, CURLOPT_WRITEFUNCTION, http_write);
 		SETOPT(http->curl, CURLOPT_WRITEDATA, http);
 		SETOPT(http->curl, CURLOPT_HEADERFUNCTION, http_header);
@@ -419,7 +384,7 @@ http_post(PhsyncHttp *http, const char *url, const char *body,
 	{
 		result->too_large = true;
 		result->detail = psprintf("The response was larger than phsync.max_response_size (%d kB).",
-								  phsync_max_response_size);
+								  http->endpoint->max_response_kb);
 		return;
 	}
 	if (rc != CURLE_OK)
@@ -446,42 +411,95 @@ http_post(PhsyncHttp *http, const char *url, const char *body,
 }
 
 /*
- * Raise the error a failed request comes to, in PostgreSQL's style, with
- * PostHog's detail or curl's message as the detail and a hint where one
- * helps.
+ * What a failed request comes to, in PostgreSQL's terms: an errcode, a
+ * message, PostHog's detail or curl's message as the detail, a hint that
+ * names where the endpoint's settings are (postgresql.conf, or a foreign
+ * server and its user mapping), and a category (auth, permission,
+ * network, timeout, query, response) for phsync_doctor().
  */
 void
-http_raise(PhsyncHttpResult *result)
+http_explain(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result,
+			 PhsyncHttpError *e)
 {
 	CURLcode	rc = (CURLcode) result->curl_code;
 
+	memset(e, 0, sizeof(*e));
+	e->detail = result->detail;
 	if (result->too_large)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("PostHog response too large"),
-				 errdetail("%s", result->detail),
-				 errhint("Lower phsync.page_size, or raise phsync.max_response_size.")));
-	if (rc != CURLE_OK)
-		ereport(ERROR,
-				(errcode(ERRCODE_CONNECTION_FAILURE),
-				 errmsg("could not reach PostHog at %s", phsync_host),
-				 errdetail("%s", result->detail),
-				 (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CACERT_BADFILE ||
-				  rc == CURLE_SSL_CONNECT_ERROR) ?
-				 errhint("The TLS certificate could not be verified; phsync.ca_file can add a CA.") :
-				 errhint("Check phsync.host and the network.")));
-	if (result->status != 200)
 	{
-		const char *hint = status_hint(result->status);
-
-		ereport(ERROR,
-				(errcode(status_errcode(result->status)),
-				 errmsg("PostHog request failed with HTTP status %ld", result->status),
-				 errdetail("%s", result->detail),
-				 hint ? errhint("%s", hint) : 0));
+		e->sqlerrcode = ERRCODE_PROGRAM_LIMIT_EXCEEDED;
+		e->category = "response";
+		e->message = "PostHog response too large";
+		e->hint = "Lower phsync.page_size, or raise phsync.max_response_size.";
 	}
+	else if (rc != CURLE_OK)
+	{
+		e->sqlerrcode = ERRCODE_CONNECTION_FAILURE;
+		e->category = rc == CURLE_OPERATION_TIMEDOUT ? "timeout" : "network";
+		e->message = psprintf("could not reach PostHog at %s", endpoint->host);
+		e->hint = (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CACERT_BADFILE ||
+				   rc == CURLE_SSL_CONNECT_ERROR) ?
+			psprintf("The TLS certificate could not be verified; %s can add a CA.", endpoint->ca_origin) :
+			psprintf("Check %s and the network.", endpoint->host_origin);
+	}
+	else if (result->status != 200)
+	{
+		e->message = psprintf("PostHog request failed with HTTP status %ld", result->status);
+		e->sqlerrcode = ERRCODE_CONNECTION_FAILURE;
+		e->category = "network";
+		switch (result->status)
+		{
+			case 400:
+				e->sqlerrcode = ERRCODE_INVALID_PARAMETER_VALUE;
+				e->category = "query";
+				e->hint = endpoint->query_origin ?
+					psprintf("Check the HogQL query (%s).", endpoint->query_origin) :
+					"Check the HogQL query.";
+				break;
+			case 401:
+				e->sqlerrcode = ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+				e->category = "auth";
+				e->hint = psprintf("Check %s: PostHog does not accept it.", endpoint->key_origin);
+				break;
+			case 402:
+				e->hint = "The PostHog organization is over its billing quota.";
+				break;
+			case 403:
+				e->sqlerrcode = ERRCODE_INSUFFICIENT_PRIVILEGE;
+				e->category = "permission";
+				e->hint = psprintf("Check that %s has the \"Query Read\" scope and access to project %s.",
+								   endpoint->key_origin, endpoint->project_id);
+				break;
+			case 404:
+				e->hint = psprintf("Check %s and the project id.", endpoint->host_origin);
+				break;
+			case 504:
+			case 512:
+				e->category = "timeout";
+				break;
+		}
+	}
+	else
+	{
+		e->sqlerrcode = ERRCODE_INVALID_TEXT_REPRESENTATION;
+		e->category = "response";
+		e->message = "PostHog sent a response that is not valid JSON";
+	}
+}
+
+/*
+ * Raise the error a failed request comes to (see http_explain).
+ */
+void
+http_raise(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result)
+{
+	PhsyncHttpError e;
+
+	http_explain(endpoint, result, &e);
 	ereport(ERROR,
-			(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-			 errmsg("PostHog sent a response that is not valid JSON"),
-			 errdetail("%s", result->detail)));
+			(errcode(e.sqlerrcode),
+			 errmsg_internal("%s", e.message),
+			 e.detail ? errdetail_internal("%s", e.detail) : 0,
+			 e.hint ? errhint("%s", e.hint) : 0));
+	pg_unreachable();
 }

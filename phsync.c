@@ -1,90 +1,42 @@
 /*-------------------------------------------------------------------------
  *
  * phsync.c
- *		Entry point of phsync: _PG_init, the settings and the SQL-callable
- *		functions.
+ *		Entry point of phsync: _PG_init and the SQL-callable functions.
+ *
+ * Functions that need the worker (phsync_run_now(), phsync_verify()) hand
+ * it a request through shared memory and wait for its answer; a failure
+ * is raised here as the worker's run raised it (message, detail, hint),
+ * with the run in the context.  The others work in the calling session.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include <ctype.h>
-
-#include "access/htup_details.h"
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/latch.h"
-#include "storage/procarray.h"
-#include "nodes/makefuncs.h"
 #include "utils/builtins.h"
-#include "utils/tuplestore.h"
 #include "utils/lsyscache.h"
 #include "utils/regproc.h"
 #include "utils/timestamp.h"
-#include "utils/guc.h"
-#include "pgtime.h"
-#include "utils/varlena.h"
+#include "utils/tuplestore.h"
 #include "utils/wait_event.h"
 
 #include "phsync.h"
 
 PG_MODULE_MAGIC;
 
-char	   *phsync_database = NULL;
-char	   *phsync_host = NULL;
-char	   *phsync_project_id = NULL;
-char	   *phsync_target_table = NULL;
-char	   *phsync_query_file = NULL;
-char	   *phsync_cursor_column = NULL;
-char	   *phsync_initial_since = NULL;
-char	   *phsync_run_at = NULL;
-char	   *phsync_ca_file = NULL;
-int			phsync_lookback = 600;
-int			phsync_interval = 86400;
-int			phsync_page_size = 10000;
-int			phsync_request_timeout = 60000;
-int			phsync_max_retries = 5;
-int			phsync_retry_base_delay = 1000;
-int			phsync_max_retry_delay = 300000;
-int			phsync_max_requests_per_minute = 30;
-int			phsync_max_response_size = 256 * 1024;
-int			phsync_on_bad_row = PHSYNC_BAD_ROW_REJECT;
-char	   *phsync_role = NULL;
-int			phsync_history_days = 90;
-bool		phsync_progress_notices = true;
-char	   *phsync_timezone = NULL;
-bool		phsync_verify_yesterday = true;
-
 /* at most one progress NOTICE this often from phsync_run_now() */
 #define PROGRESS_NOTICE_MS 5000
 /* how long phsync_run_now() waits for a worker that is not there */
 #define WORKER_WAIT_MS 60000
-
-static const struct config_enum_entry on_bad_row_options[] = {
-	{"reject", PHSYNC_BAD_ROW_REJECT, false},
-	{"fail", PHSYNC_BAD_ROW_FAIL, false},
-	{NULL, 0, false}
-};
-
-/*
- * The API key.  The GUC variable itself only ever holds API_KEY_MASK: when a
- * reload changes a setting, PostgreSQL logs "parameter ... changed to ..."
- * with the new text, but only if the stored value differs from the old one.
- * Storing the same mask whatever the key is keeps the key out of the log; the
- * real key travels in the check hook's "extra" and lands in api_key_value.
- */
-#define API_KEY_MASK "********"
-static char *api_key_shown = NULL;
-static char *api_key_value = NULL;
-
-static int	run_at_seconds = 2 * 3600;
-static pg_tz *schedule_tz = NULL;
 
 PG_FUNCTION_INFO_V1(phsync_run_now);
 PG_FUNCTION_INFO_V1(phsync_backfill);
@@ -93,272 +45,12 @@ PG_FUNCTION_INFO_V1(phsync_sync_state);
 PG_FUNCTION_INFO_V1(phsync_next_run);
 PG_FUNCTION_INFO_V1(phsync_worker_state);
 PG_FUNCTION_INFO_V1(phsync_doctor);
+PG_FUNCTION_INFO_V1(phsync_add_sync);
+PG_FUNCTION_INFO_V1(phsync_alter_sync);
+PG_FUNCTION_INFO_V1(phsync_drop_sync);
+PG_FUNCTION_INFO_V1(phsync_create_table);
 
 void		_PG_init(void);
-
-/*
- * The real API key ("" when unset).
- */
-const char *
-phsync_api_key(void)
-{
-	return api_key_value ? api_key_value : "";
-}
-
-/*
- * phsync.run_at as seconds after midnight (in phsync.timezone).
- */
-int
-phsync_run_at_seconds(void)
-{
-	return run_at_seconds;
-}
-
-/*
- * phsync.timezone.
- */
-pg_tz *
-phsync_tz(void)
-{
-	if (schedule_tz == NULL)
-		schedule_tz = pg_tzset("UTC");
-	return schedule_tz;
-}
-
-/* ---------- check and assign hooks ---------- */
-
-static bool
-check_api_key(char **newval, void **extra, GucSource source)
-{
-	char	   *key = malloc(strlen(*newval) + 1);
-	char	   *mask = malloc(sizeof(API_KEY_MASK));
-
-	if (key == NULL || mask == NULL)
-	{
-		free(key);
-		free(mask);
-		return false;
-	}
-	strcpy(key, *newval);
-	strcpy(mask, API_KEY_MASK);
-	free(*newval);
-	*newval = mask;
-	*extra = key;
-	return true;
-}
-
-static void
-assign_api_key(const char *newval, void *extra)
-{
-	api_key_value = (char *) extra;
-}
-
-/*
- * Parse "HH:MM" or "HH:MM:SS" into seconds; -1 if malformed.
- */
-static int
-parse_time_of_day(const char *s)
-{
-	int			h,
-				m,
-				sec = 0,
-				n = 0;
-
-	if (sscanf(s, "%2d:%2d%n", &h, &m, &n) != 2)
-		return -1;
-	if (s[n] == ':')
-	{
-		int			n2 = 0;
-
-		if (sscanf(s + n + 1, "%2d%n", &sec, &n2) != 1 || n2 != 2)
-			return -1;
-		n += 1 + n2;
-	}
-	if (s[n] != '\0' || n < 5 || h < 0 || h > 23 || m < 0 || m > 59 ||
-		sec < 0 || sec > 59)
-		return -1;
-	return h * 3600 + m * 60 + sec;
-}
-
-static bool
-check_run_at(char **newval, void **extra, GucSource source)
-{
-	int		   *secs;
-	int			v = parse_time_of_day(*newval);
-
-	if (v < 0)
-	{
-		GUC_check_errdetail("phsync.run_at must be a time of day (in phsync.timezone), as HH:MM or HH:MM:SS.");
-		return false;
-	}
-	secs = malloc(sizeof(int));
-	if (secs == NULL)
-		return false;
-	*secs = v;
-	*extra = secs;
-	return true;
-}
-
-static void
-assign_run_at(const char *newval, void *extra)
-{
-	run_at_seconds = *(int *) extra;
-}
-
-static bool
-check_timezone(char **newval, void **extra, GucSource source)
-{
-	pg_tz	  **tz = malloc(sizeof(pg_tz *));
-
-	if (tz == NULL)
-		return false;
-	*tz = pg_tzset(*newval);
-	if (*tz == NULL || !pg_tz_acceptable(*tz))
-	{
-		free(tz);
-		GUC_check_errdetail("phsync.timezone must be a time zone name such as UTC or Europe/Paris.");
-		return false;
-	}
-	*extra = tz;
-	return true;
-}
-
-static void
-assign_timezone(const char *newval, void *extra)
-{
-	schedule_tz = *(pg_tz **) extra;
-}
-
-static bool
-check_project_id(char **newval, void **extra, GucSource source)
-{
-	const char *p;
-
-	for (p = *newval; *p; p++)
-	{
-		if (!isdigit((unsigned char) *p))
-		{
-			GUC_check_errdetail("phsync.project_id must be the numeric id of a PostHog project.");
-			return false;
-		}
-	}
-	return true;
-}
-
-static bool
-check_host(char **newval, void **extra, GucSource source)
-{
-	const char *s = *newval;
-	const char *host;
-	size_t		hostlen;
-	bool		https;
-
-	if (strncmp(s, "https://", 8) == 0)
-		https = true;
-	else if (strncmp(s, "http://", 7) == 0)
-		https = false;
-	else
-	{
-		GUC_check_errdetail("phsync.host must start with https://.");
-		return false;
-	}
-	host = s + (https ? 8 : 7);
-	if (*host == '[')
-		hostlen = strcspn(host, "]") + 1;
-	else
-		hostlen = strcspn(host, ":/?#");
-	if (hostlen == 0 || strpbrk(host, "?#@ \t\r\n") != NULL)
-	{
-		GUC_check_errdetail("phsync.host must be a base URL such as https://eu.posthog.com, without user, query or fragment.");
-		return false;
-	}
-	if (!https &&
-		!(hostlen == 9 && strncmp(host, "localhost", 9) == 0) &&
-		!(hostlen == 5 && strncmp(host, "[::1]", 5) == 0) &&
-		!(hostlen >= 4 && strncmp(host, "127.", 4) == 0 &&
-		  strspn(host, "0123456789.") == hostlen))
-	{
-		GUC_check_errdetail("Plain http:// is only allowed to a loopback address; use https://.");
-		return false;
-	}
-	return true;
-}
-
-/*
- * Accept what a person writes for a point in time: YYYY-MM-DD, optionally
- * followed by a time (T or space) and a zone (Z or +HH[:MM]).  The value is
- * converted by timestamptz input at run time; this only catches typos early
- * (and, unlike the datetime parser, needs no time zone set up, which the
- * postmaster may not have yet while reading postgresql.conf).
- */
-static bool
-check_initial_since(char **newval, void **extra, GucSource source)
-{
-	const char *s = *newval;
-	int			y,
-				mo,
-				d,
-				n = 0;
-
-	if (*s == '\0')
-		return true;
-	if (sscanf(s, "%4d-%2d-%2d%n", &y, &mo, &d, &n) != 3 || n != 10 ||
-		mo < 1 || mo > 12 || d < 1 || d > 31)
-	{
-		GUC_check_errdetail("phsync.initial_since must be a timestamp such as 2026-01-01 or 2026-01-01T00:00:00Z.");
-		return false;
-	}
-	s += n;
-	if (*s == 'T' || *s == ' ')
-	{
-		s++;
-		if (strspn(s, "0123456789:.") < 5 || parse_time_of_day(pnstrdup(s, 5)) < 0)
-		{
-			GUC_check_errdetail("phsync.initial_since must be a timestamp such as 2026-01-01 or 2026-01-01T00:00:00Z.");
-			return false;
-		}
-		s += strspn(s, "0123456789:.");
-		if (*s == 'Z' || *s == 'z')
-			s++;
-		else if (*s == '+' || *s == '-')
-			s += 1 + strspn(s + 1, "0123456789:");
-	}
-	if (*s != '\0')
-	{
-		GUC_check_errdetail("phsync.initial_since must be a timestamp such as 2026-01-01 or 2026-01-01T00:00:00Z.");
-		return false;
-	}
-	return true;
-}
-
-static bool
-check_target_table(char **newval, void **extra, GucSource source)
-{
-	char	   *copy = pstrdup(*newval);
-	List	   *names;
-	bool		ok;
-
-	if (**newval == '\0')
-		return true;			/* the default sync is off */
-	ok = SplitIdentifierString(copy, '.', &names);
-	if (!ok || list_length(names) < 1 || list_length(names) > 2)
-	{
-		GUC_check_errdetail("phsync.target_table must be a table name, optionally schema-qualified.");
-		return false;
-	}
-	return true;
-}
-
-static bool
-check_cursor_column(char **newval, void **extra, GucSource source)
-{
-	if (**newval == '\0')
-	{
-		GUC_check_errdetail("phsync.cursor_column must name a column of the target table.");
-		return false;
-	}
-	return true;
-}
 
 /*
  * Module load: settings always; the worker and shared memory only when
@@ -367,141 +59,64 @@ check_cursor_column(char **newval, void **extra, GucSource source)
 void
 _PG_init(void)
 {
-	/*
-	 * phsync.database only matters to the worker, which exists only when
-	 * preloaded; PostgreSQL refuses to define a PGC_POSTMASTER setting after
-	 * start-up, so a session that merely loads the library gets it as a
-	 * reloadable one (CREATE EXTENSION still reads it).
-	 */
-	DefineCustomStringVariable("phsync.database",
-							   "Database the phsync background worker connects to.",
-							   NULL, &phsync_database, "postgres",
-							   process_shared_preload_libraries_in_progress ?
-							   PGC_POSTMASTER : PGC_SIGHUP,
-							   0, NULL, NULL, NULL);
-	DefineCustomStringVariable("phsync.host",
-							   "PostHog base URL (US, EU or self-hosted).",
-							   NULL, &phsync_host, "https://us.posthog.com",
-							   PGC_SIGHUP, 0, check_host, NULL, NULL);
-	DefineCustomStringVariable("phsync.project_id",
-							   "PostHog project id.",
-							   NULL, &phsync_project_id, "",
-							   PGC_SIGHUP, 0, check_project_id, NULL, NULL);
-	DefineCustomStringVariable("phsync.api_key",
-							   "PostHog personal API key (needs the Query Read scope).",
-							   "Shown as " API_KEY_MASK " whatever its value.",
-							   &api_key_shown, "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
-							   check_api_key, assign_api_key, NULL);
-	DefineCustomStringVariable("phsync.target_table",
-							   "Table the synced rows go into.",
-							   NULL, &phsync_target_table, "public.posthog_events",
-							   PGC_SIGHUP, 0, check_target_table, NULL, NULL);
-	DefineCustomStringVariable("phsync.query_file",
-							   "File holding a custom HogQL query; empty means the built-in events query.",
-							   "Absolute, or relative to the data directory.",
-							   &phsync_query_file, "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
-	DefineCustomStringVariable("phsync.cursor_column",
-							   "Column of the target table whose max() is the watermark.",
-							   NULL, &phsync_cursor_column, "created_at",
-							   PGC_SIGHUP, 0, check_cursor_column, NULL, NULL);
-	DefineCustomIntVariable("phsync.lookback",
-							"How far before the watermark each run starts re-reading.",
-							NULL, &phsync_lookback, 600, 0, INT_MAX,
-							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
-	DefineCustomStringVariable("phsync.initial_since",
-							   "Where the first run starts when the target is empty; empty means 30 days before the run.",
-							   NULL, &phsync_initial_since, "",
-							   PGC_SIGHUP, 0, check_initial_since, NULL, NULL);
-	DefineCustomStringVariable("phsync.run_at",
-							   "Time of day (UTC) of the scheduled run, HH:MM.",
-							   NULL, &phsync_run_at, "02:00",
-							   PGC_SIGHUP, 0, check_run_at, assign_run_at, NULL);
-	DefineCustomIntVariable("phsync.interval",
-							"Time between scheduled runs, counted from phsync.run_at.",
-							NULL, &phsync_interval, 86400, 60, INT_MAX,
-							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
-	DefineCustomIntVariable("phsync.page_size",
-							"Rows per PostHog request.",
-							NULL, &phsync_page_size, 10000, 1, 50000,
-							PGC_SIGHUP, 0, NULL, NULL, NULL);
-	DefineCustomIntVariable("phsync.request_timeout",
-							"Limit for one HTTP request.",
-							NULL, &phsync_request_timeout, 60000, 100, INT_MAX,
-							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
-	DefineCustomStringVariable("phsync.ca_file",
-							   "Extra CA bundle for TLS verification.",
-							   NULL, &phsync_ca_file, "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
-
-	DefineCustomIntVariable("phsync.max_retries",
-							"Retries of one request after a transient failure.",
-							NULL, &phsync_max_retries, 5, 0, 100,
-							PGC_SIGHUP, 0, NULL, NULL, NULL);
-	DefineCustomIntVariable("phsync.retry_base_delay",
-							"First backoff delay; it doubles with each retry (with jitter).",
-							NULL, &phsync_retry_base_delay, 1000, 1, 3600 * 1000,
-							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
-	DefineCustomIntVariable("phsync.max_retry_delay",
-							"Longest wait before a retry, Retry-After included.",
-							NULL, &phsync_max_retry_delay, 300000, 1, 24 * 3600 * 1000,
-							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
-	DefineCustomIntVariable("phsync.max_requests_per_minute",
-							"Most PostHog requests phsync starts in a minute; 0 means no limit.",
-							NULL, &phsync_max_requests_per_minute, 30, 0, 60000,
-							PGC_SIGHUP, 0, NULL, NULL, NULL);
-	DefineCustomIntVariable("phsync.max_response_size",
-							"Largest PostHog response accepted (after decompression).",
-							NULL, &phsync_max_response_size, 256 * 1024, 64, INT_MAX,
-							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
-	DefineCustomEnumVariable("phsync.on_bad_row",
-							 "What to do with a row the target refuses: reject (keep it in phsync.rejects) or fail the run.",
-							 NULL, &phsync_on_bad_row, PHSYNC_BAD_ROW_REJECT,
-							 on_bad_row_options, PGC_SIGHUP, 0, NULL, NULL, NULL);
-	DefineCustomStringVariable("phsync.role",
-							   "Role the worker runs as; empty means the bootstrap superuser.",
-							   NULL, &phsync_role, "",
-							   process_shared_preload_libraries_in_progress ?
-							   PGC_POSTMASTER : PGC_SIGHUP,
-							   0, NULL, NULL, NULL);
-
-	DefineCustomIntVariable("phsync.history_days",
-							"Days of run history kept in phsync.runs (and phsync.rejects); 0 keeps all.",
-							NULL, &phsync_history_days, 90, 0, 100000,
-							PGC_SIGHUP, 0, NULL, NULL, NULL);
-	DefineCustomBoolVariable("phsync.progress_notices",
-							 "Whether phsync_run_now() reports progress as NOTICEs while it waits.",
-							 NULL, &phsync_progress_notices, true,
-							 PGC_USERSET, 0, NULL, NULL, NULL);
-	DefineCustomStringVariable("phsync.timezone",
-							   "Time zone of phsync.run_at.",
-							   "Daylight-saving changes are followed: a run_at that does not exist that day runs at the first valid time after it, one that exists twice runs once.",
-							   &phsync_timezone, "UTC",
-							   PGC_SIGHUP, 0, check_timezone, assign_timezone, NULL);
-	DefineCustomBoolVariable("phsync.verify",
-							 "Whether scheduled runs of the default sync also verify the previous day.",
-							 "Only with the built-in events query; added syncs have their own verify flag.",
-							 &phsync_verify_yesterday, true,
-							 PGC_SIGHUP, 0, NULL, NULL, NULL);
-
-	MarkGUCPrefixReserved("phsync");
-
+	settings_define();
 	if (!process_shared_preload_libraries_in_progress)
 		return;
-
-	phsync_shmem_init();
-	phsync_register_worker();
+	shmem_install_hooks();
+	worker_register();
 }
 
-/* ---------- phsync_run_now() ---------- */
+/* ---------- arguments ---------- */
 
+static void
+require_arg(FunctionCallInfo fcinfo, int arg, const char *name)
+{
+	if (PG_ARGISNULL(arg))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+}
+
+static char *
+text_arg(FunctionCallInfo fcinfo, int arg)
+{
+	return PG_ARGISNULL(arg) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(arg));
+}
+
+static int64
+interval_usecs(Interval *iv, const char *what)
+{
+	if (iv->month != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be given in days, hours or smaller units, not months", what)));
+	return iv->time + (int64) iv->day * USECS_PER_DAY;
+}
+
+static void
+check_range(TimestampTz from, TimestampTz to)
+{
+	if (TIMESTAMP_NOT_FINITE(from) || TIMESTAMP_NOT_FINITE(to))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"from\" and \"to\" must be finite timestamps")));
+	if (to <= from)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"from\" must be before \"to\"")));
+}
+
+/* ---------- asking the worker ---------- */
+
+/*
+ * Can the worker be asked from here?
+ */
 static void
 check_callable_here(void)
 {
 	char	   *dbname;
 
-	if (phsync_shared == NULL)
+	if (!shmem_available())
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("phsync is not loaded through shared_preload_libraries"),
@@ -521,80 +136,43 @@ check_callable_here(void)
 }
 
 /*
- * Withdraw a request the worker has not taken yet (the caller was cancelled
- * before the run started): nobody is waiting for it any more.
- */
-static void
-withdraw_request(uint64 my_request)
-{
-	SpinLockAcquire(&phsync_shared->mutex);
-	if (phsync_shared->result_request == my_request)
-		phsync_shared->result_unread = false;
-	if (phsync_shared->requests == my_request &&
-		phsync_shared->requests_done < my_request &&
-		phsync_shared->requester_latch == MyLatch &&
-		phsync_shared->request_taken != my_request)
-	{
-		phsync_shared->requests_done = my_request;
-		phsync_shared->requester_latch = NULL;
-	}
-	else if (phsync_shared->requester_latch == MyLatch)
-		phsync_shared->requester_latch = NULL;
-	SpinLockRelease(&phsync_shared->mutex);
-}
-
-/*
  * Error context while phsync_run_now() waits: a cancel (statement_timeout,
  * Ctrl-C) stops the waiting, not a run the worker has started.
  */
 static void
-run_now_wait_context(void *arg)
+wait_context(void *arg)
 {
-	int64		run_id;
+	PhsyncWorkerState w;
 
-	SpinLockAcquire(&phsync_shared->mutex);
-	run_id = phsync_shared->running_run_id;
-	SpinLockRelease(&phsync_shared->mutex);
-	if (run_id)
+	shmem_worker_state(&w);
+	if (w.run_id)
 		errcontext("while waiting for phsync run %lld, which goes on in the background",
-				   (long long) run_id);
+				   (long long) w.run_id);
 	else
 		errcontext("while waiting for the phsync worker to start a run");
 }
 
 /*
- * Wait until the worker has answered request my_request.
+ * Wait until the worker has answered request `ticket`.
  */
 static void
-wait_for_run(uint64 my_request, PhsyncAnswer *answer)
+wait_for_answer(uint64 ticket, PhsyncAnswer *answer)
 {
 	ErrorContextCallback errcallback;
 	TimestampTz last_notice = GetCurrentTimestamp();
 	TimestampTz absent_since = 0;
 	int			noticed_pages = 0;
-	bool		worker_absent;
 
-	errcallback.callback = run_now_wait_context;
+	errcallback.callback = wait_context;
 	errcallback.arg = NULL;
 	errcallback.previous = error_context_stack;
 	error_context_stack = &errcallback;
 
 	for (;;)
 	{
-		bool		done;
+		bool		worker_absent;
 
-		SpinLockAcquire(&phsync_shared->mutex);
-		done = phsync_shared->requests_done >= my_request &&
-			phsync_shared->result_request == my_request;
-		worker_absent = phsync_shared->worker_pid == 0 &&
-			phsync_shared->request_taken != my_request;
-		if (done)
-		{
-			phsync_shared->result_unread = false;
-			*answer = phsync_shared->result;
-		}
-		SpinLockRelease(&phsync_shared->mutex);
-		if (done)
+		if (shmem_read_answer(ticket, answer, &worker_absent))
 			break;
 
 		/* the postmaster restarts a dead worker within seconds */
@@ -611,21 +189,15 @@ wait_for_run(uint64 my_request, PhsyncAnswer *answer)
 		if (phsync_progress_notices &&
 			TimestampDifferenceExceeds(last_notice, GetCurrentTimestamp(), PROGRESS_NOTICE_MS))
 		{
-			int64		run_id;
-			int			pages;
-			int64		received;
+			PhsyncWorkerState w;
 
-			SpinLockAcquire(&phsync_shared->mutex);
-			run_id = phsync_shared->running_run_id;
-			pages = phsync_shared->progress_pages;
-			received = phsync_shared->progress_received;
-			SpinLockRelease(&phsync_shared->mutex);
-			if (run_id && pages > noticed_pages)
+			shmem_worker_state(&w);
+			if (w.run_id && w.pages > noticed_pages)
 			{
 				ereport(NOTICE,
 						(errmsg("phsync run %lld: %d pages, %lld rows so far",
-								(long long) run_id, pages, (long long) received)));
-				noticed_pages = pages;
+								(long long) w.run_id, w.pages, (long long) w.received)));
+				noticed_pages = w.pages;
 			}
 			last_notice = GetCurrentTimestamp();
 		}
@@ -641,64 +213,32 @@ wait_for_run(uint64 my_request, PhsyncAnswer *answer)
 
 /*
  * Hand a request to the worker, wait for its answer and raise the run's
- * error if it failed (same SQLSTATE and hint as in the worker).
+ * error if it failed, as the run raised it (postgres_fdw relays a remote
+ * error the same way): same SQLSTATE, message, detail and hint, with the
+ * run in the context.
  */
 static void
 submit_request(PhsyncRequest *request, PhsyncAnswer *answer)
 {
-	volatile uint64 my_request = 0;
-	int64		busy_run = 0;
-	int			unread_pid;
-	bool		busy;
-	Latch	   *worker_latch;
+	uint64		ticket;
+	int64		busy_run;
 
 	check_callable_here();
-
-	/* an answer its caller never read, because that backend is gone */
-	SpinLockAcquire(&phsync_shared->mutex);
-	unread_pid = phsync_shared->result_unread ? phsync_shared->requester_pid : 0;
-	SpinLockRelease(&phsync_shared->mutex);
-	if (unread_pid != 0 && BackendPidGetProc(unread_pid) == NULL)
-	{
-		SpinLockAcquire(&phsync_shared->mutex);
-		if (phsync_shared->requester_pid == unread_pid)
-			phsync_shared->result_unread = false;
-		SpinLockRelease(&phsync_shared->mutex);
-	}
-
-	SpinLockAcquire(&phsync_shared->mutex);
-	busy = phsync_shared->running ||
-		phsync_shared->requests != phsync_shared->requests_done ||
-		phsync_shared->result_unread;
-	if (busy)
-		busy_run = phsync_shared->running_run_id;
-	else
-	{
-		my_request = ++phsync_shared->requests;
-		phsync_shared->request = *request;
-		phsync_shared->requester_latch = MyLatch;
-		phsync_shared->requester_pid = MyProcPid;
-	}
-	worker_latch = phsync_shared->worker_latch;
-	SpinLockRelease(&phsync_shared->mutex);
-
-	if (busy)
+	ticket = shmem_submit_request(request, &busy_run);
+	if (ticket == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_IN_USE),
 				 errmsg("a phsync run is already in progress"),
 				 busy_run ? errdetail("Run %lld has not finished yet.", (long long) busy_run) : 0,
 				 errhint("Wait for it to end; SELECT * FROM phsync.runs ORDER BY id DESC shows its progress.")));
 
-	if (worker_latch)
-		SetLatch(worker_latch);
-
 	PG_TRY();
 	{
-		wait_for_run(my_request, answer);
+		wait_for_answer(ticket, answer);
 	}
 	PG_CATCH();
 	{
-		withdraw_request(my_request);
+		shmem_withdraw_request(ticket);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
@@ -707,12 +247,16 @@ submit_request(PhsyncRequest *request, PhsyncAnswer *answer)
 		ereport(ERROR,
 				(errcode(answer->sqlerrcode ? answer->sqlerrcode : ERRCODE_INTERNAL_ERROR),
 				 errmsg_internal("%s", answer->message),
-				 answer->run_id ? errdetail("phsync run %lld failed.", (long long) answer->failed_run_id) : 0,
-				 answer->hint[0] ? errhint("%s", answer->hint) : 0));
+				 answer->detail[0] ? errdetail_internal("%s", answer->detail) : 0,
+				 answer->hint[0] ? errhint("%s", answer->hint) : 0,
+				 answer->failed_run_id ?
+				 errcontext("phsync run %lld of sync %s", (long long) answer->failed_run_id,
+							answer->failed_sync) : 0));
 }
 
 /*
- * Rows of a query (one int8 parameter) into the function's result set.
+ * Rows of a query with two int8 parameters into the function's result set
+ * (the runs committed in the worker; a fresh snapshot sees them).
  */
 static void
 return_rows(FunctionCallInfo fcinfo, const char *sql, int64 arg1, int64 arg2)
@@ -723,9 +267,8 @@ return_rows(FunctionCallInfo fcinfo, const char *sql, int64 arg1, int64 arg2)
 	uint64		i;
 
 	InitMaterializedSRF(fcinfo, 0);
-	/* the runs committed in the worker; a fresh snapshot sees them */
-	SPI_connect();
-	if (SPI_execute_with_args(sql, 2, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
+	phsync_spi_connect();
+	if (phsync_spi_exec(sql, 2, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the results of phsync run %lld", (long long) arg1);
 	if (SPI_processed == 0 && arg1 != 0)
 		ereport(ERROR,
@@ -734,7 +277,7 @@ return_rows(FunctionCallInfo fcinfo, const char *sql, int64 arg1, int64 arg2)
 				 errhint("Call it in a READ COMMITTED transaction.")));
 	for (i = 0; i < SPI_processed; i++)
 		tuplestore_puttuple(rsinfo->setResult, SPI_tuptable->vals[i]);
-	SPI_finish();
+	phsync_spi_finish();
 }
 
 /*
@@ -748,7 +291,7 @@ Datum
 phsync_run_now(PG_FUNCTION_ARGS)
 {
 	PhsyncRequest request;
-	PhsyncAnswer	answer;
+	PhsyncAnswer answer;
 
 	memset(&request, 0, sizeof(request));
 	request.kind = PHSYNC_REQUEST_RUN;
@@ -762,38 +305,6 @@ phsync_run_now(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-static int64
-interval_usecs(Interval *iv, const char *what)
-{
-	if (iv->month != 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s must be given in days, hours or smaller units, not months", what)));
-	return iv->time + (int64) iv->day * USECS_PER_DAY;
-}
-
-static void
-require_arg(FunctionCallInfo fcinfo, int arg, const char *name)
-{
-	if (PG_ARGISNULL(arg))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", name)));
-}
-
-static void
-check_range(TimestampTz from, TimestampTz to)
-{
-	if (TIMESTAMP_NOT_FINITE(from) || TIMESTAMP_NOT_FINITE(to))
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("\"from\" and \"to\" must be finite timestamps")));
-	if (to <= from)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("\"from\" must be before \"to\"")));
-}
-
 /*
  * phsync_verify(sync, from, to, bucket, repair) RETURNS TABLE (bucket,
  * posthog_count, local_count, status)
@@ -802,7 +313,7 @@ Datum
 phsync_verify(PG_FUNCTION_ARGS)
 {
 	PhsyncRequest request;
-	PhsyncAnswer	answer;
+	PhsyncAnswer answer;
 
 	require_arg(fcinfo, 0, "sync");
 	require_arg(fcinfo, 1, "from");
@@ -842,16 +353,8 @@ static bool wake_pending = false;
 static void
 wake_worker_at_commit(XactEvent event, void *arg)
 {
-	if (event == XACT_EVENT_COMMIT && wake_pending && phsync_shared)
-	{
-		Latch	   *latch;
-
-		SpinLockAcquire(&phsync_shared->mutex);
-		latch = phsync_shared->worker_latch;
-		SpinLockRelease(&phsync_shared->mutex);
-		if (latch)
-			SetLatch(latch);
-	}
+	if (event == XACT_EVENT_COMMIT && wake_pending && shmem_available())
+		shmem_wake_worker();
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT)
 		wake_pending = false;
 }
@@ -868,10 +371,8 @@ phsync_backfill(PG_FUNCTION_ARGS)
 	char	   *sync;
 	TimestampTz from;
 	TimestampTz to;
-	Oid			types[4] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
-	Datum		values[4];
-	char	   *target = NULL;
 	TupleDesc	tupdesc;
+	PhsyncSync *s;
 	Datum		result;
 
 	require_arg(fcinfo, 0, "sync");
@@ -885,25 +386,12 @@ phsync_backfill(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	SPI_connect();
-	{
-		List	   *syncs = sync_list(sync, false);
-
-		target = ((PhsyncSync *) linitial(syncs))->target;
-	}
+	phsync_spi_connect();
+	s = linitial(sync_list(sync, false));
 	/* queued here, by this cluster: the worker must not take it for a restored one */
-	(void) runlog_claim_cluster_spi();
-	values[0] = CStringGetTextDatum(sync);
-	values[1] = CStringGetTextDatum(target);
-	values[2] = TimestampTzGetDatum(from);
-	values[3] = TimestampTzGetDatum(to);
-	if (SPI_execute_with_args("INSERT INTO phsync.runs (trigger, status, sync, target, window_from, window_until) "
-							  "VALUES ('backfill', 'queued', $1, $2, $3, $4) RETURNING *",
-							  4, types, values, NULL, false, 1) != SPI_OK_INSERT_RETURNING ||
-		SPI_processed != 1)
-		elog(ERROR, "could not queue the backfill");
-	result = PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], tupdesc));
-	SPI_finish();
+	(void) runlog_claim_cluster();
+	result = runlog_queue_backfill(sync, s->target, from, to, tupdesc);
+	phsync_spi_finish();
 
 	if (!wake_registered)
 	{
@@ -926,39 +414,23 @@ Datum
 phsync_sync_state(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	PhsyncWorkerState w;
 	List	   *syncs;
 	ListCell   *lc;
-	TimestampTz next_due = 0;
-	char		running_sync[NAMEDATALEN] = "";
-	bool		running = false;
-	int64		run_id = 0;
-	int			pages = 0;
-	int64		received = 0;
 
 	InitMaterializedSRF(fcinfo, 0);
-	if (phsync_shared)
-	{
-		SpinLockAcquire(&phsync_shared->mutex);
-		next_due = phsync_shared->next_due;
-		running = phsync_shared->running && phsync_shared->running_sync[0];
-		if (running)
-		{
-			strlcpy(running_sync, phsync_shared->running_sync, NAMEDATALEN);
-			run_id = phsync_shared->running_run_id;
-			pages = phsync_shared->progress_pages;
-			received = phsync_shared->progress_received;
-		}
-		SpinLockRelease(&phsync_shared->mutex);
-	}
+	memset(&w, 0, sizeof(w));
+	if (shmem_available())
+		shmem_worker_state(&w);
 
-	SPI_connect();
+	phsync_spi_connect();
 	syncs = sync_list(NULL, false);
 	foreach(lc, syncs)
 	{
 		PhsyncSync *s = lfirst(lc);
 		Datum		values[9];
 		bool		nulls[9] = {false, false, false, true, true, false, true, false, false};
-		bool		mine = running && strcmp(running_sync, s->name) == 0;
+		bool		mine = w.run_id != 0 && strcmp(w.sync, s->name) == 0;
 		Oid			relid;
 		TimestampTz watermark;
 
@@ -972,22 +444,22 @@ phsync_sync_state(PG_FUNCTION_ARGS)
 			values[3] = TimestampTzGetDatum(watermark);
 			nulls[3] = false;
 		}
-		if (next_due != 0 && s->enabled)
+		if (w.next_due != 0 && s->enabled)
 		{
-			values[4] = TimestampTzGetDatum(next_due);
+			values[4] = TimestampTzGetDatum(w.next_due);
 			nulls[4] = false;
 		}
 		values[5] = BoolGetDatum(mine);
-		if (mine && run_id)
+		if (mine)
 		{
-			values[6] = Int64GetDatum(run_id);
+			values[6] = Int64GetDatum(w.run_id);
 			nulls[6] = false;
 		}
-		values[7] = Int32GetDatum(mine ? pages : 0);
-		values[8] = Int64GetDatum(mine ? received : 0);
+		values[7] = Int32GetDatum(mine ? w.pages : 0);
+		values[8] = Int64GetDatum(mine ? w.received : 0);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
-	SPI_finish();
+	phsync_spi_finish();
 	return (Datum) 0;
 }
 
@@ -1015,14 +487,14 @@ phsync_worker_state(PG_FUNCTION_ARGS)
 }
 
 static void
-doctor_emit(void *arg, const char *check, const char *status, const char *detail,
+doctor_emit(void *arg, const char *item, const char *status, const char *detail,
 			const char *hint)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) arg;
 	Datum		values[4];
 	bool		nulls[4] = {false, false, detail == NULL, hint == NULL};
 
-	values[0] = CStringGetTextDatum(check);
+	values[0] = CStringGetTextDatum(item);
 	values[1] = CStringGetTextDatum(status);
 	values[2] = detail ? CStringGetTextDatum(detail) : (Datum) 0;
 	values[3] = hint ? CStringGetTextDatum(hint) : (Datum) 0;
@@ -1030,7 +502,7 @@ doctor_emit(void *arg, const char *check, const char *status, const char *detail
 }
 
 /*
- * phsync_doctor() RETURNS TABLE (check, status, detail, hint)
+ * phsync_doctor() RETURNS TABLE (item, status, detail, hint)
  */
 Datum
 phsync_doctor(PG_FUNCTION_ARGS)
@@ -1038,4 +510,119 @@ phsync_doctor(PG_FUNCTION_ARGS)
 	InitMaterializedSRF(fcinfo, 0);
 	doctor_run(doctor_emit, fcinfo->resultinfo);
 	return (Datum) 0;
+}
+
+/* ---------- sync definitions ---------- */
+
+/*
+ * The arguments phsync_add_sync() and phsync_alter_sync() share: name,
+ * target, query, preset, cursor, conflict, lookback, enabled, verify.
+ */
+static void
+sync_args(FunctionCallInfo fcinfo, PhsyncSyncArgs *args)
+{
+	memset(args, 0, sizeof(*args));
+	require_arg(fcinfo, 0, "name");
+	args->name = text_arg(fcinfo, 0);
+	args->target = text_arg(fcinfo, 1);
+	args->query = text_arg(fcinfo, 2);
+	args->preset = text_arg(fcinfo, 3);
+	args->cursor = text_arg(fcinfo, 4);
+	args->conflict = text_arg(fcinfo, 5);
+	if (!PG_ARGISNULL(6))
+		args->lookback = DatumGetCString(DirectFunctionCall1(interval_out, PG_GETARG_DATUM(6)));
+	args->has_enabled = !PG_ARGISNULL(7);
+	args->enabled = args->has_enabled && PG_GETARG_BOOL(7);
+	args->has_verify = !PG_ARGISNULL(8);
+	args->verify = args->has_verify && PG_GETARG_BOOL(8);
+}
+
+static TupleDesc
+result_tupdesc(FunctionCallInfo fcinfo)
+{
+	TupleDesc	tupdesc;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	return tupdesc;
+}
+
+/*
+ * phsync_add_sync(name, target, query, preset, cursor, conflict, lookback,
+ * enabled, verify) RETURNS phsync.syncs
+ *
+ * Not SECURITY DEFINER: the sync belongs to the role that calls it, whose
+ * rights on the target are checked.
+ */
+Datum
+phsync_add_sync(PG_FUNCTION_ARGS)
+{
+	PhsyncSyncArgs args;
+	TupleDesc	tupdesc = result_tupdesc(fcinfo);
+	Datum		result;
+
+	sync_args(fcinfo, &args);
+	require_arg(fcinfo, 1, "target");
+	phsync_spi_connect();
+	result = sync_add(&args, tupdesc);
+	phsync_spi_finish();
+	PG_RETURN_DATUM(result);
+}
+
+/*
+ * phsync_alter_sync(name, target, query, preset, cursor, conflict,
+ * lookback, enabled, verify, reread_all) RETURNS phsync.syncs
+ */
+Datum
+phsync_alter_sync(PG_FUNCTION_ARGS)
+{
+	PhsyncSyncArgs args;
+	TupleDesc	tupdesc = result_tupdesc(fcinfo);
+	Datum		result;
+
+	sync_args(fcinfo, &args);
+	args.reread_all = !PG_ARGISNULL(9) && PG_GETARG_BOOL(9);
+	phsync_spi_connect();
+	result = sync_alter(&args, tupdesc);
+	phsync_spi_finish();
+	PG_RETURN_DATUM(result);
+}
+
+/*
+ * phsync_drop_sync(name) RETURNS void
+ */
+Datum
+phsync_drop_sync(PG_FUNCTION_ARGS)
+{
+	require_arg(fcinfo, 0, "name");
+	phsync_spi_connect();
+	sync_drop(text_arg(fcinfo, 0));
+	phsync_spi_finish();
+	PG_RETURN_VOID();
+}
+
+/*
+ * phsync_create_table(preset, table_name) RETURNS regclass
+ *
+ * Not SECURITY DEFINER: the table belongs to whoever creates it.
+ */
+Datum
+phsync_create_table(PG_FUNCTION_ARGS)
+{
+	char	   *preset = text_arg(fcinfo, 0);
+	char	   *name = text_arg(fcinfo, 1);
+	const PresetInfo *p = preset_lookup(preset);
+	Oid			relid;
+
+	require_arg(fcinfo, 1, "table_name");
+	if (p == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unknown preset \"%s\"", preset ? preset : ""),
+				 errhint("The presets are %s.", preset_list())));
+	phsync_spi_connect();
+	target_create(p->preset, name, NULL);
+	phsync_spi_finish();
+	relid = RangeVarGetRelid(target_rangevar(name), NoLock, false);
+	PG_RETURN_OID(relid);
 }

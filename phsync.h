@@ -1,21 +1,35 @@
 /*-------------------------------------------------------------------------
  *
  * phsync.h
- *		Declarations shared between phsync's source files.
+ *		What crosses phsync's source files.
  *
- * Each concern lives in its own file:
- *	phsync.c	 _PG_init, settings (GUCs) and SQL-callable functions
- *	scheduler.c  background worker: shared state, latch loop, due times
- *	sync.c		 one run: window, page loop, error recording
- *	http.c		 libcurl client for PostHog's query API
- *	hogql.c		 HogQL text and request body; reading the response
- *	load.c		 target table: creation, inspection, inserting pages via SPI
- *	runlog.c	 the phsync.runs table
- *	retry.c		 the retry policy and request pacing
- *	doctor.c	 phsync_doctor(): configuration and connectivity checks
- *	syncs.c		 sync definitions: the default one (settings) and phsync.syncs
- *	verify.c	 completeness check: PostHog's counts against the target's
- *	schedule.c	 when scheduled runs are due (phsync.run_at in phsync.timezone)
+ * The files form layers that only call downward; read them bottom-up.
+ * test/layers.sh checks that every call between files goes to a file
+ * listed earlier here.
+ *
+ *	1. foundations
+ *	   settings.c	every phsync.* setting and its check hook
+ *	   presets.c	the built-in queries: tables, columns, keys, defaults
+ *	   shmem.c		the shared-memory protocol between sessions and the worker
+ *	   xact.c		transactions and SPI, recovering from errors
+ *	2. talking to PostHog
+ *	   schedule.c	when scheduled runs are due
+ *	   hogql.c		HogQL text, request bodies, reading responses
+ *	   http.c		the libcurl client
+ *	   retry.c		what is retried, backoff, request pacing
+ *	3. PostgreSQL's side
+ *	   runlog.c		phsync.runs, rejects, verifications, cluster
+ *	   target.c		what makes a table an acceptable target; its watermark
+ *	   syncs.c		sync definitions: default (settings) and phsync.syncs
+ *	   loader.c		rows of a page into the target, through SPI
+ *	4. fetching
+ *	   fetch.c		a window, page by page: keyset, slices, asking for less
+ *	   verify.c		PostHog's counts per bucket against the target's
+ *	5. one run, and the doctor
+ *	   run.c		one run of a sync (load or verify), its outcome
+ *	   doctor.c		phsync_doctor()'s checks
+ *	6. worker.c		the background worker's loop
+ *	7. phsync.c		_PG_init and the SQL-callable functions
  *
  *-------------------------------------------------------------------------
  */
@@ -25,9 +39,11 @@
 #include "postgres.h"
 
 #include "access/attnum.h"
+#include "access/tupdesc.h"
+#include "executor/spi.h"
+#include "nodes/pg_list.h"
 #include "nodes/primnodes.h"
-#include "storage/latch.h"
-#include "storage/spin.h"
+#include "pgtime.h"
 #include "utils/timestamp.h"
 
 /*
@@ -39,9 +55,14 @@
 #define json_object phsync_json_object
 #include <json.h>
 
-#define PHSYNC_VERSION "0.2"
+/* PHSYNC_VERSION comes from phsync.control, through the Makefile */
+#ifndef PHSYNC_VERSION
+#error "PHSYNC_VERSION must be defined (see the Makefile)"
+#endif
 
-/* ---------- settings (phsync.c) ---------- */
+/* ==================== 1. foundations ==================== */
+
+/* ---------- settings.c ---------- */
 extern char *phsync_database;
 extern char *phsync_host;
 extern char *phsync_project_id;
@@ -73,24 +94,49 @@ typedef enum PhsyncBadRow
 	PHSYNC_BAD_ROW_FAIL			/* fail the run */
 } PhsyncBadRow;
 
-extern const char *phsync_api_key(void);
-extern int	phsync_run_at_seconds(void);
-extern struct pg_tz *phsync_tz(void);
+extern void settings_define(void);
+extern const char *settings_api_key(void);
+extern int	settings_run_at_seconds(void);
+extern pg_tz *settings_timezone(void);
+extern bool settings_host_ok(const char *host, const char **detail);
+extern bool settings_project_id_ok(const char *project_id);
 
-/* ---------- shared state and worker (scheduler.c) ---------- */
-#define PHSYNC_MAX_MESSAGE 1024
-
-/* what the worker answers a session's request with */
-typedef struct PhsyncAnswer
+/* ---------- presets.c ---------- */
+typedef enum PhsyncPreset
 {
-	int64		run_id;			/* the first run it made */
-	int64		last_run_id;	/* and the last */
-	int64		failed_run_id;	/* the one whose error it reports */
-	bool		ok;
-	int			sqlerrcode;
-	char		message[PHSYNC_MAX_MESSAGE];
-	char		hint[PHSYNC_MAX_MESSAGE];
-} PhsyncAnswer;
+	PHSYNC_CUSTOM,				/* the user's HogQL */
+	PHSYNC_EVENTS,
+	PHSYNC_PERSONS
+} PhsyncPreset;
+
+typedef struct PresetColumn
+{
+	const char *name;
+	const char *type;			/* PostgreSQL type (and NOT NULL) */
+} PresetColumn;
+
+typedef struct PresetInfo
+{
+	PhsyncPreset preset;
+	const char *name;			/* as users write it */
+	const char *hogql_table;	/* the PostHog table it reads */
+	const PresetColumn *columns;	/* in the order selected; NULL name ends */
+	const char *const *key;		/* the target's primary key; NULL ends */
+	const char *cursor;			/* the default cursor column */
+	bool		update;			/* default conflict mode is update */
+	bool		reread_all;		/* default: no lookback, re-read everything */
+	bool		verify;			/* default: verify yesterday after scheduled runs */
+} PresetInfo;
+
+extern const PresetInfo *preset_info(PhsyncPreset preset);
+extern const PresetInfo *preset_lookup(const char *name);
+extern const char *preset_name(PhsyncPreset preset);
+extern const char *preset_list(void);
+extern bool preset_has_column(const PresetInfo *p, const char *name);
+extern List *preset_create_statements(const PresetInfo *p, const char *qualified);
+
+/* ---------- shmem.c ---------- */
+#define PHSYNC_MAX_MESSAGE 1024
 
 /* what a session asks the worker for */
 typedef enum PhsyncRequestKind
@@ -109,97 +155,83 @@ typedef struct PhsyncRequest
 	bool		repair;
 } PhsyncRequest;
 
-typedef struct PhsyncShared
+/* what the worker answers, an error as it was raised */
+typedef struct PhsyncAnswer
 {
-	slock_t		mutex;
-	pid_t		worker_pid;		/* 0 while no worker is attached */
-	Latch	   *worker_latch;
-	uint64		requests;		/* manual runs asked for */
-	PhsyncRequest request;		/* what the last one asked for */
-	uint64		requests_done;	/* manual runs finished (or refused) */
-	uint64		request_taken;	/* the request the worker is running, or 0 */
-	Latch	   *requester_latch;	/* whom to wake when a manual run ends */
-	bool		running;		/* a run is in progress */
-	int64		running_run_id; /* its phsync.runs id, once known */
-	char		running_sync[NAMEDATALEN];	/* and its sync */
-	int			progress_pages; /* and how far it got */
-	int64		progress_received;
-	TimestampTz next_due;		/* next scheduled run, 0 if unknown */
-	/* outcome of the last manual run, for phsync_run_now() */
-	uint64		result_request; /* the request it answers */
-	bool		result_unread;	/* its caller has not read it yet */
-	int			requester_pid;	/* that caller */
-	PhsyncAnswer result;
-} PhsyncShared;
+	uint64		ticket;			/* the request it answers */
+	int64		run_id;			/* the first run it made */
+	int64		last_run_id;	/* and the last */
+	int64		failed_run_id;	/* the one whose error it reports */
+	char		failed_sync[NAMEDATALEN];
+	bool		ok;
+	int			sqlerrcode;
+	char		message[PHSYNC_MAX_MESSAGE];
+	char		detail[PHSYNC_MAX_MESSAGE];
+	char		hint[PHSYNC_MAX_MESSAGE];
+} PhsyncAnswer;
 
-extern PhsyncShared *phsync_shared;
+/* what the worker is doing, as sessions see it */
+typedef struct PhsyncWorkerState
+{
+	pid_t		pid;			/* 0 when no worker is attached */
+	TimestampTz next_due;		/* 0 when not known */
+	bool		busy;
+	int64		run_id;			/* 0 when no run is in progress */
+	char		sync[NAMEDATALEN];
+	int			pages;
+	int64		received;
+} PhsyncWorkerState;
 
-extern void phsync_shmem_init(void);
-extern void phsync_register_worker(void);
-extern PGDLLEXPORT void phsync_worker_main(Datum main_arg);
+extern void shmem_install_hooks(void);
+extern bool shmem_available(void);
+/* the worker's side */
+extern void shmem_worker_attach(void);
+extern bool shmem_connect_failed(void);
+extern void shmem_set_connect_failed(bool failed);
+extern bool shmem_take_request(PhsyncRequest *request);
+extern void shmem_answer_request(const PhsyncAnswer *answer);
+extern bool shmem_request_cancelled(void);
+extern void shmem_set_busy(bool busy);
+extern void shmem_set_run(int64 run_id, const char *sync);
+extern void shmem_set_progress(int pages, int64 received);
+extern void shmem_set_next_due(TimestampTz due);
+/* the sessions' side */
+extern void shmem_worker_state(PhsyncWorkerState *state);
+extern void shmem_wake_worker(void);
+extern uint64 shmem_submit_request(const PhsyncRequest *request, int64 *busy_run);
+extern bool shmem_read_answer(uint64 ticket, PhsyncAnswer *answer, bool *worker_absent);
+extern void shmem_withdraw_request(uint64 ticket);
 
-/* ---------- when runs are due (schedule.c) ---------- */
+/* ---------- xact.c ---------- */
+extern void phsync_spi_connect(void);
+extern void phsync_spi_finish(void);
+extern bool phsync_spi_connected(void);
+extern int	phsync_spi_exec(const char *sql, int nargs, Oid *types, Datum *values,
+							const char *nulls, bool read_only, long count);
+extern int	phsync_spi_exec_plan(SPIPlanPtr plan, Datum *values, const char *nulls,
+								 bool read_only, long count);
+extern SPIPlanPtr phsync_spi_prepare(const char *sql, int nargs, Oid *types);
+extern MemoryContext xact_begin(void);
+extern void xact_commit(MemoryContext cxt);
+extern ErrorData *xact_recover(MemoryContext cxt);
+
+typedef struct PhsyncAsRole
+{
+	Oid			userid;
+	int			sec_context;
+	int			nestlevel;
+} PhsyncAsRole;
+
+extern void as_role_begin(Oid role, bool restricted, PhsyncAsRole *save);
+extern void as_role_end(PhsyncAsRole *save);
+
+/* ==================== 2. talking to PostHog ==================== */
+
+/* ---------- schedule.c ---------- */
 extern TimestampTz schedule_slot_after(TimestampTz t);
 extern TimestampTz schedule_day_start(TimestampTz t, int days_before);
 
-/* ---------- sync definitions (syncs.c) ---------- */
-typedef enum PhsyncPreset
-{
-	PHSYNC_CUSTOM,				/* the user's HogQL */
-	PHSYNC_EVENTS,
-	PHSYNC_PERSONS
-} PhsyncPreset;
-
-typedef struct PhsyncSync
-{
-	char	   *name;			/* "default" for the settings' sync */
-	char	   *target;
-	PhsyncPreset preset;
-	char	   *query;			/* custom query text */
-	char	   *query_file;		/* default sync: custom query read at run time */
-	char	   *cursor;
-	bool		update;			/* conflict => 'update' */
-	bool		reread_all;		/* no lookback: read everything every run */
-	int64		lookback;		/* microseconds */
-	bool		enabled;
-	bool		verify;			/* scheduled runs verify the previous day */
-} PhsyncSync;
-
-extern List *sync_list(const char *only, bool enabled_only);
-extern PhsyncSync *sync_default(void);
-extern const char *preset_name(PhsyncPreset preset);
-
-/* ---------- HTTP (http.c) ---------- */
-typedef struct PhsyncHttp PhsyncHttp;
-
-/* what one request came to; nothing is raised by http_post */
-typedef struct PhsyncHttpResult
-{
-	json_object *json;			/* the parsed body of a 200, owned by caller */
-	long		status;			/* HTTP status, 0 if no response */
-	int			curl_code;		/* CURLE_OK if the transfer completed */
-	bool		bad_body;		/* 200 but the body is not complete JSON */
-	bool		too_large;		/* aborted at phsync.max_response_size */
-	double		retry_after;	/* seconds from Retry-After, -1 if absent */
-	char	   *detail;			/* PostHog's detail, curl's error, or why */
-} PhsyncHttpResult;
-
-extern PhsyncHttp *http_open(void);
-extern void http_close(PhsyncHttp *http);
-extern void http_post(PhsyncHttp *http, const char *url, const char *body,
-					  PhsyncHttpResult *result);
-extern void http_raise(PhsyncHttpResult *result) pg_attribute_noreturn();
-extern void http_set_timeout(PhsyncHttp *http, long timeout_ms);
-extern int	http_probe(const char *url, long timeout_ms, char **detail);
-extern char *http_query_url(void);
-
-/* ---------- retry policy and pacing (retry.c) ---------- */
-extern bool retry_is_transient(PhsyncHttpResult *result, bool *ask_for_less);
-extern void retry_wait(int64 run_id, int retry, PhsyncHttpResult *result);
-extern void pace_requests(void);
-extern void phsync_sleep(long ms);
-
-/* ---------- HogQL (hogql.c) ---------- */
+/* ---------- hogql.c ---------- */
 typedef struct PhsyncQuery
 {
 	PhsyncPreset preset;
@@ -235,7 +267,6 @@ typedef struct PhsyncPage
 	const char **chtypes;		/* per column, NULL when unknown */
 } PhsyncPage;
 
-extern const char *const *preset_columns(PhsyncPreset preset);
 extern char *hogql_build(PhsyncQuery *q, PhsyncKeyset *after);
 extern char *hogql_count_query(PhsyncQuery *q, const char *distinct_key);
 extern char *hogql_request_body(PhsyncQuery *q, const char *hogql,
@@ -249,6 +280,96 @@ extern void hogql_keyset_reset(PhsyncKeyset *keyset);
 extern char *phsync_format_timestamp(TimestampTz ts);
 extern char *hogql_read_query_file(const char *path);
 
+/* ---------- http.c ---------- */
+
+/*
+ * Where and how to reach one PostHog project, and where each of those
+ * values was set, for hints ("phsync.api_key" or a user mapping).
+ */
+typedef struct PhsyncEndpoint
+{
+	const char *host;			/* base URL */
+	const char *project_id;
+	const char *api_key;
+	const char *ca_file;		/* "" for none */
+	long		timeout_ms;
+	int			max_response_kb;
+	const char *host_origin;
+	const char *key_origin;
+	const char *ca_origin;
+	const char *query_origin;	/* where the sync's query is, NULL: a preset */
+} PhsyncEndpoint;
+
+typedef struct PhsyncHttp PhsyncHttp;
+
+/* what one request came to; nothing is raised by http_post */
+typedef struct PhsyncHttpResult
+{
+	json_object *json;			/* the parsed body of a 200, owned by caller */
+	long		status;			/* HTTP status, 0 if no response */
+	int			curl_code;		/* CURLE_OK if the transfer completed */
+	bool		bad_body;		/* 200 but the body is not complete JSON */
+	bool		too_large;		/* aborted at phsync.max_response_size */
+	double		retry_after;	/* seconds from Retry-After, -1 if absent */
+	char	   *detail;			/* PostHog's detail, curl's error, or why */
+} PhsyncHttpResult;
+
+/* a failed request, explained */
+typedef struct PhsyncHttpError
+{
+	int			sqlerrcode;
+	const char *category;		/* auth, permission, network, timeout, query, response */
+	const char *message;
+	const char *detail;
+	const char *hint;
+} PhsyncHttpError;
+
+extern char *http_query_url(const PhsyncEndpoint *endpoint);
+extern PhsyncHttp *http_open(const PhsyncEndpoint *endpoint);
+extern void http_close(PhsyncHttp *http);
+extern void http_set_timeout(PhsyncHttp *http, long timeout_ms);
+extern void http_post(PhsyncHttp *http, const char *url, const char *body,
+					  PhsyncHttpResult *result);
+extern void http_explain(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result,
+						 PhsyncHttpError *e);
+extern void http_raise(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result) pg_attribute_noreturn();
+extern int	http_probe(const char *url, const char *ca_file, long timeout_ms,
+					   char **detail);
+
+/* ---------- retry.c ---------- */
+typedef struct PhsyncRetryPolicy
+{
+	int			max_retries;
+	int			base_delay_ms;
+	int			max_delay_ms;
+	int			per_minute;		/* requests started per minute, 0: no limit */
+} PhsyncRetryPolicy;
+
+extern bool retry_is_transient(PhsyncHttpResult *result, bool *ask_for_less);
+extern void retry_wait(const PhsyncRetryPolicy *policy, int64 run_id, int retry,
+					   PhsyncHttpResult *result);
+extern void retry_pace(const PhsyncRetryPolicy *policy);
+extern void phsync_sleep(long ms);
+
+/* ==================== 3. PostgreSQL's side ==================== */
+
+/* ---------- runlog.c ---------- */
+typedef enum PhsyncTrigger
+{
+	PHSYNC_TRIGGER_SCHEDULE,
+	PHSYNC_TRIGGER_MANUAL,
+	PHSYNC_TRIGGER_BACKFILL,
+	PHSYNC_TRIGGER_VERIFY
+} PhsyncTrigger;
+
+typedef enum PhsyncBucketStatus
+{
+	PHSYNC_BUCKET_OK,
+	PHSYNC_BUCKET_MISSING,
+	PHSYNC_BUCKET_EXTRA,
+	PHSYNC_BUCKET_REPAIRED
+} PhsyncBucketStatus;
+
 /* what a run did, as phsync.runs shows it */
 typedef struct PhsyncCounters
 {
@@ -261,7 +382,30 @@ typedef struct PhsyncCounters
 	int64		rejected;
 } PhsyncCounters;
 
-/* ---------- target table (load.c) ---------- */
+extern const char *trigger_name(PhsyncTrigger trigger);
+extern int64 runlog_start(PhsyncTrigger trigger, const char *sync, const char *target,
+						  TimestampTz *from, TimestampTz *to);
+extern Datum runlog_queue_backfill(const char *sync, const char *target,
+								   TimestampTz from, TimestampTz to, TupleDesc tupdesc);
+extern void runlog_begin_queued(int64 run_id);
+extern bool runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from,
+							   TimestampTz *to);
+extern void runlog_fail_queued(int64 run_id, const char *error);
+extern void runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
+							int64 posthog, int64 local, PhsyncBucketStatus status);
+extern void runlog_set_mismatches(int64 run_id, int mismatches);
+extern void runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until);
+extern void runlog_progress(int64 run_id, PhsyncCounters *c);
+extern void runlog_reject(int64 run_id, const char *target, Datum columns,
+						  const char *row, const char *error);
+extern void runlog_finish(int64 run_id, bool ok, const char *error,
+						  PhsyncCounters *c);
+extern int	runlog_fail_orphans(void);
+extern int64 runlog_prune(int days);
+extern bool runlog_last_scheduled(TimestampTz *last, TimestampTz *owned_since);
+extern bool runlog_claim_cluster(void);
+
+/* ---------- target.c ---------- */
 typedef struct PhsyncColumn
 {
 	char	   *name;
@@ -285,59 +429,120 @@ typedef struct PhsyncTarget
 	int		   *keys;			/* indexes into cols */
 	int			nuniq;			/* all the unique key's columns, in order */
 	int		   *uniq;			/* indexes into cols */
+	bool		cursor_indexed; /* an index starts with the cursor column */
 } PhsyncTarget;
 
-typedef struct PhsyncLoader PhsyncLoader;
+/* why a table is not an acceptable target */
+typedef struct PhsyncProblem
+{
+	int			sqlerrcode;
+	const char *message;
+	const char *detail;
+	const char *hint;
+} PhsyncProblem;
 
-extern PhsyncTarget *target_prepare(const char *name, const char *cursor,
-									PhsyncPreset create);
+/* what is being asked of the target */
+typedef struct PhsyncTargetSpec
+{
+	const char *name;			/* as given */
+	const char *cursor;
+	const char *cursor_origin;	/* for messages: a setting, or the sync */
+	PhsyncPreset preset;		/* its columns must be there (custom: none) */
+	bool		update;			/* conflict => 'update' */
+	Oid			writer;			/* role that must be able to write, or 0 */
+	const char *suggest_preset; /* for the hint when it does not exist */
+} PhsyncTargetSpec;
+
+extern RangeVar *target_rangevar(const char *name);
+extern PhsyncTarget *target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *problem);
+extern void target_raise(const PhsyncProblem *problem) pg_attribute_noreturn();
+extern int	target_column(PhsyncTarget *target, const char *name);
+extern void target_create(PhsyncPreset preset, const char *name, const char *cursor);
 extern bool target_watermark(PhsyncTarget *target, TimestampTz *from,
 							 TimestampTz *to, TimestampTz *watermark);
-extern RangeVar *target_rangevar(const char *name);
 extern bool relation_watermark(Oid relid, const char *cursor, TimestampTz *from,
 							   TimestampTz *to, TimestampTz *watermark);
+
+/* ---------- syncs.c ---------- */
+typedef struct PhsyncSync
+{
+	char	   *name;			/* "default" for the settings' sync */
+	char	   *target;
+	PhsyncPreset preset;
+	char	   *query;			/* custom query text */
+	char	   *query_file;		/* default sync: custom query read at run time */
+	char	   *cursor;
+	bool		update;			/* conflict => 'update' */
+	bool		reread_all;		/* no lookback: read everything every run */
+	int64		lookback;		/* microseconds */
+	bool		enabled;
+	bool		verify;			/* scheduled runs verify the previous day */
+} PhsyncSync;
+
+/* phsync_add_sync()'s and phsync_alter_sync()'s arguments; NULL: not given */
+typedef struct PhsyncSyncArgs
+{
+	char	   *name;
+	char	   *target;
+	char	   *query;
+	char	   *preset;
+	char	   *cursor;
+	char	   *conflict;
+	char	   *lookback;		/* interval, as text */
+	bool		has_enabled;
+	bool		enabled;
+	bool		has_verify;
+	bool		verify;
+	bool		reread_all;
+} PhsyncSyncArgs;
+
+/* a row of phsync.syncs, as text */
+typedef struct PhsyncSyncDef
+{
+	char	   *name;
+	char	   *target;
+	char	   *preset;			/* NULL with a query */
+	char	   *query;			/* NULL with a preset */
+	char	   *cursor;
+	char	   *conflict;
+	char	   *lookback;		/* NULL: re-read everything */
+	bool		enabled;
+	bool		verify;
+} PhsyncSyncDef;
+
+extern bool sync_is_default(const PhsyncSync *sync);
+extern PhsyncSync *sync_default(void);
+extern List *sync_list(const char *only, bool enabled_only);
+extern const char *sync_cursor_origin(const PhsyncSync *sync);
+extern PhsyncEndpoint *sync_endpoint(const PhsyncSync *sync);
+extern void sync_check_name(const char *name);
+extern Datum sync_add(const PhsyncSyncArgs *args, TupleDesc tupdesc);
+extern Datum sync_alter(const PhsyncSyncArgs *args, TupleDesc tupdesc);
+extern void sync_drop(const char *name);
+
+/* ---------- loader.c ---------- */
+typedef struct PhsyncLoader PhsyncLoader;
+
 extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncPage *page,
-								   bool update);
+								   bool update, PhsyncBadRow on_bad_row);
 extern bool loader_matches(PhsyncLoader *loader, PhsyncPage *page);
 extern void loader_insert(PhsyncLoader *loader, PhsyncPage *page,
 						  int64 run_id, PhsyncCounters *counters);
 extern void loader_free(PhsyncLoader *loader);
-extern const char *target_check(const char *name, const char *cursor,
-								bool builtin, char **detail, char **hint,
-								char ***keys, int *nkeys);
 
-/* ---------- one run (sync.c) ---------- */
-typedef struct PhsyncOutcome
-{
-	int64		run_id;			/* 0 if not even the run row could be made */
-	int64		last_run_id;	/* several runs (every sync): the last one */
-	int64		failed_run_id;	/* the run whose error message is */
-	bool		ok;
-	int			sqlerrcode;
-	char	   *message;		/* the run's error, NULL on success */
-	char	   *hint;
-} PhsyncOutcome;
+/* ==================== 4. fetching ==================== */
 
-/* a run to carry out */
-typedef struct PhsyncJob
-{
-	const char *trigger;		/* schedule, manual, backfill, verify */
-	PhsyncSync *sync;
-	int64		run_id;			/* a queued run (backfill), or 0 */
-	bool		bounded;		/* backfill and verify: within [from, to) */
-	TimestampTz from;
-	TimestampTz to;
-	int64		bucket;			/* verify: bucket width, microseconds */
-	bool		repair;			/* verify: fetch differing buckets again */
-} PhsyncJob;
+/* ---------- fetch.c ---------- */
 
-extern void phsync_run(PhsyncJob *job, PhsyncOutcome *outcome);
-
-/* a run in progress: its resources and counters (sync.c, verify.c) */
+/* a run in progress: its resources and counters (fetch.c, verify.c, run.c) */
 typedef struct PhsyncRunState
 {
 	int64		run_id;
 	PhsyncSync *sync;
+	PhsyncEndpoint endpoint;
+	PhsyncRetryPolicy policy;
+	int			page_size;		/* rows per request, at most */
+	PhsyncBadRow on_bad_row;
 	PhsyncTarget *target;
 	PhsyncQuery *query;			/* the sync's query, window not set */
 	PhsyncHttp *http;
@@ -353,42 +558,49 @@ typedef struct PhsyncRunState
 	int			successes;		/* in a row, since the last shrink */
 } PhsyncRunState;
 
-extern void sync_load_window(PhsyncRunState *st, TimestampTz since,
-							 TimestampTz until);
-extern json_object *sync_fetch(PhsyncRunState *st, PhsyncQuery *q,
+extern void fetch_window(PhsyncRunState *st, TimestampTz since, TimestampTz until);
+extern json_object *fetch_json(PhsyncRunState *st, PhsyncQuery *q,
 							   const char *hogql, int64 bucket);
+extern void fetch_forget(PhsyncRunState *st);
 
-/* ---------- completeness check (verify.c) ---------- */
-extern void verify_run(PhsyncRunState *st, PhsyncJob *job);
-extern void phsync_xact_begin(void);
-extern void phsync_xact_commit(void);
+/* ---------- verify.c ---------- */
+extern void verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to,
+					   int64 bucket, bool repair);
 
-/* ---------- phsync_doctor() (doctor.c) ---------- */
-typedef void (*DoctorRow) (void *arg, const char *check, const char *status,
+/* ==================== 5. one run, and the doctor ==================== */
+
+/* ---------- run.c ---------- */
+
+/* a run to carry out */
+typedef struct PhsyncJob
+{
+	PhsyncTrigger trigger;
+	PhsyncSync *sync;
+	int64		run_id;			/* a queued run (backfill), or 0 */
+	bool		bounded;		/* backfill and verify: within [from, to) */
+	TimestampTz from;
+	TimestampTz to;
+	int64		bucket;			/* verify: bucket width, microseconds */
+	bool		repair;			/* verify: fetch differing buckets again */
+} PhsyncJob;
+
+/* how it went: an error as it was raised */
+typedef struct PhsyncOutcome
+{
+	int64		run_id;			/* 0 if not even the run row could be made */
+	bool		ok;
+	ErrorData  *error;			/* when not ok */
+} PhsyncOutcome;
+
+extern void run_job(PhsyncJob *job, PhsyncOutcome *outcome);
+
+/* ---------- doctor.c ---------- */
+typedef void (*DoctorRow) (void *arg, const char *item, const char *status,
 						   const char *detail, const char *hint);
 extern void doctor_run(DoctorRow emit, void *arg);
 
-/* ---------- phsync.runs (runlog.c) ---------- */
-extern int64 runlog_start(const char *trigger, const char *sync, const char *target,
-						  TimestampTz *from, TimestampTz *to);
-extern void runlog_begin_queued(int64 run_id);
-extern bool runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from,
-							   TimestampTz *to);
-extern void runlog_fail_queued(int64 run_id, const char *error);
-extern void runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
-							int64 posthog, int64 local, const char *status);
-extern void runlog_set_mismatches(int64 run_id, int mismatches);
-extern void runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until);
-
-extern void runlog_progress(int64 run_id, PhsyncCounters *c);
-extern void runlog_reject(int64 run_id, const char *target, Datum columns,
-						  const char *row, const char *error);
-extern void runlog_finish(int64 run_id, bool ok, const char *error,
-						  PhsyncCounters *c);
-extern int	runlog_fail_orphans(void);
-extern int64 runlog_prune(int days);
-extern bool runlog_last_scheduled(TimestampTz *last, TimestampTz *owned_since);
-extern bool runlog_claim_cluster(void);
-extern bool runlog_claim_cluster_spi(void);
+/* ==================== 6. worker.c ==================== */
+extern void worker_register(void);
+extern PGDLLEXPORT void phsync_worker_main(Datum main_arg);
 
 #endif							/* PHSYNC_H */

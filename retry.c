@@ -5,14 +5,14 @@
  *
  * Transient failures (429, 500, 502, 503, 504, 512, connection failures,
  * timeouts, resets, truncated or unreadable bodies) are retried up to
- * phsync.max_retries times per request, with exponential backoff and
- * jitter; a 429's Retry-After is honoured (capped by
+ * max_retries times per request (phsync.max_retries), with exponential
+ * backoff and jitter; a 429's Retry-After is honoured (capped by
  * phsync.max_retry_delay).  504, 512 and our own timeout mean "the query
  * was too big": the caller is told to ask for less.  Everything else
  * (400, 401, 402, 403, 404, TLS verification) fails at once.
  *
- * Requests are spaced so that at most phsync.max_requests_per_minute start
- * in any minute, so a long backfill stays under PostHog's rate limits
+ * Requests are spaced so that at most per_minute start in any minute
+ * (phsync.max_requests_per_minute), so a long backfill stays under PostHog's rate limits
  * instead of being throttled.
  *
  * All waits are on the process latch: a cancel or shutdown ends them.
@@ -114,10 +114,11 @@ retry_is_transient(PhsyncHttpResult *result, bool *ask_for_less)
 /*
  * Wait before retry number `retry` (1-based): Retry-After when PostHog gave
  * one, else base * 2^(retry-1) with "equal jitter" (half fixed, half
- * random), never more than phsync.max_retry_delay.  Logged.
+ * random), never more than the policy's longest delay.  Logged.
  */
 void
-retry_wait(int64 run_id, int retry, PhsyncHttpResult *result)
+retry_wait(const PhsyncRetryPolicy *policy, int64 run_id, int retry,
+		   PhsyncHttpResult *result)
 {
 	double		ms;
 	char		what[64];
@@ -126,12 +127,12 @@ retry_wait(int64 run_id, int retry, PhsyncHttpResult *result)
 		ms = result->retry_after * 1000.0;
 	else
 	{
-		double		full = (double) phsync_retry_base_delay * pow(2.0, Min(retry - 1, 30));
+		double		full = (double) policy->base_delay_ms * pow(2.0, Min(retry - 1, 30));
 
-		full = Min(full, (double) phsync_max_retry_delay);
+		full = Min(full, (double) policy->max_delay_ms);
 		ms = full / 2 + pg_prng_double(&pg_global_prng_state) * full / 2;
 	}
-	ms = Min(ms, (double) phsync_max_retry_delay);
+	ms = Min(ms, (double) policy->max_delay_ms);
 
 	if (result->curl_code != CURLE_OK || result->too_large)
 		snprintf(what, sizeof(what), "request failed");
@@ -142,21 +143,21 @@ retry_wait(int64 run_id, int retry, PhsyncHttpResult *result)
 
 	ereport(LOG,
 			(errmsg("phsync run %lld: %s, retrying in %.1f s (retry %d of %d)",
-					(long long) run_id, what, ms / 1000.0, retry, phsync_max_retries),
+					(long long) run_id, what, ms / 1000.0, retry, policy->max_retries),
 			 errdetail("%s", result->detail)));
 	phsync_sleep((long) ms);
 }
 
 /*
- * Wait until the next request may start under
- * phsync.max_requests_per_minute (0: no limit), and note its start.
+ * Wait until the next request may start under the policy's per_minute (0:
+ * no limit), and note its start.
  */
 void
-pace_requests(void)
+retry_pace(const PhsyncRetryPolicy *policy)
 {
-	if (phsync_max_requests_per_minute > 0 && last_request_start != 0)
+	if (policy->per_minute > 0 && last_request_start != 0)
 	{
-		long		spacing = 60000L / phsync_max_requests_per_minute;
+		long		spacing = 60000L / policy->per_minute;
 		TimestampTz next = TimestampTzPlusMilliseconds(last_request_start, spacing);
 		long		wait = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next);
 

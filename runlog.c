@@ -3,9 +3,14 @@
  * runlog.c
  *		The phsync.runs table: one row per run, written by the worker.
  *
- * runlog_start, runlog_finish, runlog_fail_orphans and runlog_last_scheduled
- * run in a transaction of their own; runlog_set_window and runlog_progress
- * run inside the caller's, so that a page's counters commit with its rows.
+ * runlog_start, runlog_begin_queued, runlog_next_queued, runlog_fail_queued,
+ * runlog_finish, runlog_fail_orphans, runlog_last_scheduled and
+ * runlog_prune run in a transaction of their own (the worker's, between
+ * runs or pages); the others run inside the caller's, with SPI connected,
+ * so that a page's counters commit with its rows.
+ *
+ * Triggers and statuses are enums in C; their names are the values of
+ * phsync.runs.trigger and phsync.verifications.status.
  *
  *-------------------------------------------------------------------------
  */
@@ -19,6 +24,43 @@
 #include "phsync.h"
 
 /*
+ * The name of a trigger, as phsync.runs.trigger holds it.
+ */
+const char *
+trigger_name(PhsyncTrigger trigger)
+{
+	switch (trigger)
+	{
+		case PHSYNC_TRIGGER_SCHEDULE:
+			return "schedule";
+		case PHSYNC_TRIGGER_MANUAL:
+			return "manual";
+		case PHSYNC_TRIGGER_BACKFILL:
+			return "backfill";
+		case PHSYNC_TRIGGER_VERIFY:
+			return "verify";
+	}
+	return "?";					/* keep compiler quiet */
+}
+
+static const char *
+bucket_status_name(PhsyncBucketStatus status)
+{
+	switch (status)
+	{
+		case PHSYNC_BUCKET_OK:
+			return "ok";
+		case PHSYNC_BUCKET_MISSING:
+			return "missing";
+		case PHSYNC_BUCKET_EXTRA:
+			return "extra";
+		case PHSYNC_BUCKET_REPAIRED:
+			return "repaired";
+	}
+	return "?";					/* keep compiler quiet */
+}
+
+/*
  * Execute one statement with parameters; error if it does not do what a
  * run-log statement must.
  */
@@ -26,8 +68,10 @@ static void
 runlog_exec(const char *sql, int nargs, Oid *types, Datum *values,
 			const char *nulls, int expected)
 {
-	int			ret = SPI_execute_with_args(sql, nargs, types, values, nulls,
-											false, 0);
+	int			ret;
+
+	Assert(phsync_spi_connected());
+	ret = phsync_spi_exec(sql, nargs, types, values, nulls, false, 0);
 
 	if (ret < 0 || (expected >= 0 && SPI_processed != (uint64) expected))
 		elog(ERROR, "phsync run log statement failed: %s", SPI_result_code_string(ret));
@@ -38,7 +82,7 @@ runlog_exec(const char *sql, int nargs, Oid *types, Datum *values,
  * the bounds of the run's window (a verification's range).
  */
 int64
-runlog_start(const char *trigger, const char *sync, const char *target,
+runlog_start(PhsyncTrigger trigger, const char *sync, const char *target,
 			 TimestampTz *from, TimestampTz *to)
 {
 	Oid			types[5] = {TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
@@ -46,22 +90,47 @@ runlog_start(const char *trigger, const char *sync, const char *target,
 	char		nulls[5] = {' ', ' ', ' ', from ? ' ' : 'n', to ? ' ' : 'n'};
 	bool		isnull;
 	int64		id;
+	MemoryContext cxt = xact_begin();
 
-	phsync_xact_begin();
-	values[0] = CStringGetTextDatum(trigger);
+	values[0] = CStringGetTextDatum(trigger_name(trigger));
 	values[1] = CStringGetTextDatum(sync);
 	values[2] = CStringGetTextDatum(target);
 	values[3] = from ? TimestampTzGetDatum(*from) : (Datum) 0;
 	values[4] = to ? TimestampTzGetDatum(*to) : (Datum) 0;
-	if (SPI_execute_with_args("INSERT INTO phsync.runs (trigger, sync, target, window_from, window_until) "
+	if (phsync_spi_exec("INSERT INTO phsync.runs (trigger, sync, target, window_from, window_until) "
 							  "VALUES ($1, $2, $3, $4, $5) RETURNING id",
 							  5, types, values, nulls, false, 1) != SPI_OK_INSERT_RETURNING ||
 		SPI_processed != 1)
 		elog(ERROR, "could not insert into phsync.runs");
 	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 									 SPI_tuptable->tupdesc, 1, &isnull));
-	phsync_xact_commit();
+	xact_commit(cxt);
 	return id;
+}
+
+/*
+ * Queue a backfill of [from, to) (inside the caller's transaction): a run
+ * in status 'queued', which the worker takes after the caller commits.
+ * Returns its row, shaped as tupdesc.
+ */
+Datum
+runlog_queue_backfill(const char *sync, const char *target, TimestampTz from,
+					  TimestampTz to, TupleDesc tupdesc)
+{
+	Oid			types[4] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Datum		values[4];
+
+	Assert(phsync_spi_connected());
+	values[0] = CStringGetTextDatum(sync);
+	values[1] = CStringGetTextDatum(target);
+	values[2] = TimestampTzGetDatum(from);
+	values[3] = TimestampTzGetDatum(to);
+	if (phsync_spi_exec("INSERT INTO phsync.runs (trigger, status, sync, target, window_from, window_until) "
+							  "VALUES ('backfill', 'queued', $1, $2, $3, $4) RETURNING *",
+							  4, types, values, NULL, false, 1) != SPI_OK_INSERT_RETURNING ||
+		SPI_processed != 1)
+		elog(ERROR, "could not queue the backfill");
+	return PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], tupdesc));
 }
 
 /*
@@ -72,11 +141,11 @@ runlog_begin_queued(int64 run_id)
 {
 	Oid			types[1] = {INT8OID};
 	Datum		values[1] = {Int64GetDatum(run_id)};
+	MemoryContext cxt = xact_begin();
 
-	phsync_xact_begin();
 	runlog_exec("UPDATE phsync.runs SET status = 'running', started_at = now() "
 				"WHERE id = $1 AND status = 'queued'", 1, types, values, NULL, 1);
-	phsync_xact_commit();
+	xact_commit(cxt);
 }
 
 /*
@@ -86,16 +155,15 @@ bool
 runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *to)
 {
 	bool		found;
-	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext cxt = xact_begin();
 
-	phsync_xact_begin();
 	/* a backfill queued before this cluster took the database over came with a restore */
 	runlog_exec("UPDATE phsync.runs SET status = 'failed', finished_at = clock_timestamp(), "
 				"error = 'queued before this database was restored; call phsync_backfill() again to run it here' "
 				"WHERE status = 'queued' AND started_at < (SELECT min(registered_at) FROM phsync.cluster)",
 				0, NULL, NULL, NULL, -1);
-	if (SPI_execute("SELECT id, sync, window_from, window_until FROM phsync.runs "
-					"WHERE status = 'queued' ORDER BY id LIMIT 1", true, 1) != SPI_OK_SELECT)
+	if (phsync_spi_exec("SELECT id, sync, window_from, window_until FROM phsync.runs "
+						"WHERE status = 'queued' ORDER BY id LIMIT 1", 0, NULL, NULL, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read phsync.runs");
 	found = SPI_processed == 1;
 	if (found)
@@ -109,8 +177,7 @@ runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *t
 		*from = DatumGetTimestampTz(SPI_getbinval(tup, desc, 3, &isnull));
 		*to = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
 	}
-	phsync_xact_commit();
-	MemoryContextSwitchTo(cxt);
+	xact_commit(cxt);
 	return found;
 }
 
@@ -122,12 +189,12 @@ runlog_fail_queued(int64 run_id, const char *error)
 {
 	Oid			types[2] = {INT8OID, TEXTOID};
 	Datum		values[2] = {Int64GetDatum(run_id), CStringGetTextDatum(error)};
+	MemoryContext cxt = xact_begin();
 
-	phsync_xact_begin();
 	runlog_exec("UPDATE phsync.runs SET status = 'failed', started_at = now(), "
 				"finished_at = clock_timestamp(), error = $2 WHERE id = $1",
 				2, types, values, NULL, -1);
-	phsync_xact_commit();
+	xact_commit(cxt);
 }
 
 void
@@ -205,7 +272,7 @@ runlog_reject(int64 run_id, const char *target, Datum columns, const char *row,
  */
 void
 runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
-				int64 posthog, int64 local, const char *status)
+				int64 posthog, int64 local, PhsyncBucketStatus status)
 {
 	Oid			types[6] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8OID, INT8OID, TEXTOID};
 	Datum		values[6];
@@ -215,7 +282,7 @@ runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
 	values[2] = TimestampTzGetDatum(until);
 	values[3] = Int64GetDatum(posthog);
 	values[4] = Int64GetDatum(local);
-	values[5] = CStringGetTextDatum(status);
+	values[5] = CStringGetTextDatum(bucket_status_name(status));
 	runlog_exec("INSERT INTO phsync.verifications (run_id, bucket, bucket_until, posthog_count, local_count, status) "
 				"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (run_id, bucket) DO UPDATE "
 				"SET posthog_count = EXCLUDED.posthog_count, local_count = EXCLUDED.local_count, "
@@ -245,8 +312,8 @@ runlog_finish(int64 run_id, bool ok, const char *error, PhsyncCounters *c)
 	Oid			types[NCOUNTERS + 2];
 	Datum		values[NCOUNTERS + 2];
 	char		nulls[NCOUNTERS + 2];
+	MemoryContext cxt = xact_begin();
 
-	phsync_xact_begin();
 	memset(nulls, ' ', sizeof(nulls));
 	counter_args(run_id, c, types, values);
 	types[NCOUNTERS] = TEXTOID;
@@ -257,7 +324,7 @@ runlog_finish(int64 run_id, bool ok, const char *error, PhsyncCounters *c)
 	runlog_exec("UPDATE phsync.runs SET " COUNTERS_SET ", status = $9, error = $10, "
 				"finished_at = clock_timestamp() WHERE id = $1",
 				NCOUNTERS + 2, types, values, nulls, 1);
-	phsync_xact_commit();
+	xact_commit(cxt);
 }
 
 /*
@@ -268,38 +335,25 @@ int
 runlog_fail_orphans(void)
 {
 	int			n;
+	MemoryContext cxt = xact_begin();
 
-	phsync_xact_begin();
 	runlog_exec("UPDATE phsync.runs SET status = 'failed', finished_at = clock_timestamp(), "
 				"error = 'the phsync worker stopped before the run finished (crash or shutdown)' "
 				"|| CASE trigger WHEN 'backfill' THEN '; call phsync_backfill() again to resume it' ELSE '' END "
 				"WHERE status = 'running'", 0, NULL, NULL, NULL, -1);
 	n = (int) SPI_processed;
-	phsync_xact_commit();
+	xact_commit(cxt);
 	return n;
 }
 
 /*
- * Make this cluster the owner of the database's run history.  True when it
- * was not already: a new install, or a database restored from a dump whose
- * history (scheduled runs, queued backfills) happened elsewhere.
+ * Make this cluster the owner of the database's run history (inside the
+ * caller's transaction).  True when it was not already: a new install, or
+ * a database restored from a dump whose history (scheduled runs, queued
+ * backfills) happened elsewhere.
  */
 bool
 runlog_claim_cluster(void)
-{
-	bool		claimed;
-
-	phsync_xact_begin();
-	claimed = runlog_claim_cluster_spi();
-	phsync_xact_commit();
-	return claimed;
-}
-
-/*
- * The same, inside the caller's transaction (SPI connected).
- */
-bool
-runlog_claim_cluster_spi(void)
 {
 	bool		claimed;
 
@@ -327,12 +381,12 @@ runlog_last_scheduled(TimestampTz *last, TimestampTz *owned_since)
 {
 	bool		isnull = true;
 	bool		owned_null;
+	MemoryContext cxt = xact_begin();
 
-	phsync_xact_begin();
-	if (SPI_execute("SELECT (SELECT max(started_at) FROM phsync.runs WHERE trigger = 'schedule' "
+	if (phsync_spi_exec("SELECT (SELECT max(started_at) FROM phsync.runs WHERE trigger = 'schedule' "
 					"AND started_at >= coalesce((SELECT min(registered_at) FROM phsync.cluster), '-infinity')), "
 					"(SELECT min(registered_at) FROM phsync.cluster)",
-					true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+					0, NULL, NULL, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "could not read phsync.runs");
 	*last = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
 											  SPI_tuptable->tupdesc, 1, &isnull));
@@ -340,7 +394,7 @@ runlog_last_scheduled(TimestampTz *last, TimestampTz *owned_since)
 													 SPI_tuptable->tupdesc, 2, &owned_null));
 	if (owned_null)
 		*owned_since = 0;
-	phsync_xact_commit();
+	xact_commit(cxt);
 	return !isnull;
 }
 
@@ -361,15 +415,17 @@ runlog_prune(int days)
 		return 0;
 	do
 	{
+		MemoryContext cxt;
+
 		CHECK_FOR_INTERRUPTS();
-		phsync_xact_begin();
+		cxt = xact_begin();
 		runlog_exec("DELETE FROM phsync.runs WHERE id IN ("
 					"SELECT id FROM phsync.runs WHERE status <> 'running' "
 					"AND started_at < now() - make_interval(days => $1) ORDER BY id LIMIT 1000)",
 					1, types, values, NULL, -1);
 		n = SPI_processed;
 		total += n;
-		phsync_xact_commit();
+		xact_commit(cxt);
 	} while (n == 1000);
 	return total;
 }

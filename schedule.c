@@ -105,8 +105,8 @@ midnight(Timestamp w)
 TimestampTz
 schedule_day_start(TimestampTz t, int days_before)
 {
-	return local_instant(midnight(wall_clock(t, phsync_tz())) -
-						 (int64) days_before * USECS_PER_DAY, phsync_tz());
+	return local_instant(midnight(wall_clock(t, settings_timezone())) -
+						 (int64) days_before * USECS_PER_DAY, settings_timezone());
 }
 
 /*
@@ -115,8 +115,8 @@ schedule_day_start(TimestampTz t, int days_before)
 TimestampTz
 schedule_slot_after(TimestampTz t)
 {
-	pg_tz	   *tz = phsync_tz();
-	int64		run_at = (int64) phsync_run_at_seconds() * USECS_PER_SEC;
+	pg_tz	   *tz = settings_timezone();
+	int64		run_at = (int64) settings_run_at_seconds() * USECS_PER_SEC;
 	int64		step = (int64) phsync_interval * USECS_PER_SEC;
 	int			days = phsync_interval / SECS_PER_DAY;
 	int			epoch = date2j(2000, 1, 1);

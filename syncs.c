@@ -3,31 +3,34 @@
  * syncs.c
  *		Sync definitions: the sync named "default", which the phsync.*
  *		settings describe, and those added with phsync_add_sync(), which
- *		live in phsync.syncs.
+ *		live in phsync.syncs; the rules a definition must follow and the
+ *		defaults it gets; and how to reach its PostHog project.
+ *
+ * phsync.syncs is written only here, as the bootstrap superuser: the
+ * functions that manage syncs are granted to roles that have no right on
+ * the table itself.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "catalog/pg_authid.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
 #include "phsync.h"
 
-const char *
-preset_name(PhsyncPreset preset)
+#define DEFAULT_SYNC "default"
+/* the lookback of an added sync, unless it says otherwise */
+#define DEFAULT_LOOKBACK "10 minutes"
+
+bool
+sync_is_default(const PhsyncSync *sync)
 {
-	switch (preset)
-	{
-		case PHSYNC_EVENTS:
-			return "events";
-		case PHSYNC_PERSONS:
-			return "persons";
-		default:
-			return "custom";
-	}
+	return strcmp(sync->name, DEFAULT_SYNC) == 0;
 }
 
 /*
@@ -42,7 +45,7 @@ sync_default(void)
 	if (phsync_target_table == NULL || phsync_target_table[0] == '\0')
 		return NULL;
 	s = palloc0(sizeof(PhsyncSync));
-	s->name = "default";
+	s->name = DEFAULT_SYNC;
 	s->target = pstrdup(phsync_target_table);
 	s->cursor = pstrdup(phsync_cursor_column);
 	if (phsync_query_file && phsync_query_file[0])
@@ -58,6 +61,53 @@ sync_default(void)
 	return s;
 }
 
+/*
+ * Where the sync's cursor column is set, for messages.
+ */
+const char *
+sync_cursor_origin(const PhsyncSync *sync)
+{
+	return sync_is_default(sync) ? "phsync.cursor_column" :
+		psprintf("the cursor of sync %s", sync->name);
+}
+
+/*
+ * How to reach the sync's PostHog project: the phsync.* settings (also
+ * with sync NULL: the settings' connection, with no query).
+ */
+PhsyncEndpoint *
+sync_endpoint(const PhsyncSync *sync)
+{
+	PhsyncEndpoint *e = palloc0(sizeof(PhsyncEndpoint));
+
+	if (phsync_project_id == NULL || phsync_project_id[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("phsync.project_id is not set"),
+				 errhint("Set phsync.project_id in postgresql.conf and reload the configuration.")));
+	if (settings_api_key()[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("phsync.api_key is not set"),
+				 errhint("Set phsync.api_key in postgresql.conf and reload the configuration.")));
+	e->host = pstrdup(phsync_host);
+	e->project_id = pstrdup(phsync_project_id);
+	e->api_key = settings_api_key();
+	e->ca_file = pstrdup(phsync_ca_file ? phsync_ca_file : "");
+	e->timeout_ms = phsync_request_timeout;
+	e->max_response_kb = phsync_max_response_size;
+	e->host_origin = "phsync.host";
+	e->key_origin = "phsync.api_key";
+	e->ca_origin = "phsync.ca_file";
+	if (sync == NULL)
+		e->query_origin = NULL;
+	else if (sync->query_file)
+		e->query_origin = "phsync.query_file";
+	else if (sync->preset == PHSYNC_CUSTOM)
+		e->query_origin = psprintf("the query of sync %s", sync->name);
+	return e;
+}
+
 static char *
 text_or_null(HeapTuple tup, TupleDesc desc, int col)
 {
@@ -69,9 +119,8 @@ text_or_null(HeapTuple tup, TupleDesc desc, int col)
 
 /*
  * The syncs, in the order runs take them: default first, then by name.
- * With `only`, just that one (an error if there is no such sync).  Needs a
- * transaction with SPI connected; the list is allocated in the caller's
- * memory context (SPI calls leave SPI's own current, so switch back).
+ * With `only`, just that one (an error if there is no such sync).  Needs
+ * SPI connected; the list is allocated in the caller's memory context.
  */
 List *
 sync_list(const char *only, bool enabled_only)
@@ -84,11 +133,12 @@ sync_list(const char *only, bool enabled_only)
 	char		nulls[1] = {only ? ' ' : 'n'};
 	uint64		i;
 
-	if (def && (only == NULL || strcmp(only, "default") == 0))
+	Assert(phsync_spi_connected());
+	if (def && (only == NULL || strcmp(only, DEFAULT_SYNC) == 0))
 		result = lappend(result, def);
 
 	values[0] = only ? CStringGetTextDatum(only) : (Datum) 0;
-	if (SPI_execute_with_args("SELECT name, target, preset, query, cursor_column, conflict, "
+	if (phsync_spi_exec("SELECT name, target, preset, query, cursor_column, conflict, "
 							  "extract(epoch FROM lookback)::float8, enabled, verify "
 							  "FROM phsync.syncs WHERE $1 IS NULL OR name = $1 ORDER BY name",
 							  1, types, values, nulls, true, 0) != SPI_OK_SELECT)
@@ -100,20 +150,17 @@ sync_list(const char *only, bool enabled_only)
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		MemoryContext old = MemoryContextSwitchTo(cxt);
 		PhsyncSync *s = palloc0(sizeof(PhsyncSync));
-		char	   *preset;
-		char	   *conflict;
+		const PresetInfo *preset;
 		bool		isnull;
 		Datum		d;
 
 		s->name = text_or_null(tup, desc, 1);
 		s->target = text_or_null(tup, desc, 2);
-		preset = text_or_null(tup, desc, 3);
+		preset = preset_lookup(text_or_null(tup, desc, 3));
+		s->preset = preset ? preset->preset : PHSYNC_CUSTOM;
 		s->query = text_or_null(tup, desc, 4);
 		s->cursor = text_or_null(tup, desc, 5);
-		conflict = text_or_null(tup, desc, 6);
-		s->preset = preset == NULL ? PHSYNC_CUSTOM :
-			strcmp(preset, "persons") == 0 ? PHSYNC_PERSONS : PHSYNC_EVENTS;
-		s->update = strcmp(conflict, "update") == 0;
+		s->update = strcmp(text_or_null(tup, desc, 6), "update") == 0;
 		d = SPI_getbinval(tup, desc, 7, &isnull);
 		s->reread_all = isnull;
 		s->lookback = isnull ? 0 : (int64) (DatumGetFloat8(d) * USECS_PER_SEC);
@@ -128,8 +175,305 @@ sync_list(const char *only, bool enabled_only)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("sync \"%s\" does not exist", only),
-				 strcmp(only, "default") == 0 ?
+				 strcmp(only, DEFAULT_SYNC) == 0 ?
 				 errhint("phsync.target_table is empty, which turns the default sync off.") :
 				 errhint("SELECT name FROM phsync.syncs lists the syncs.")));
 	return result;
+}
+
+/* ---------- adding, changing and dropping syncs ---------- */
+
+/*
+ * Run one statement on phsync.syncs as the bootstrap superuser, who owns
+ * it (the caller may only have EXECUTE on the function that got here).
+ */
+static int
+catalog_exec(const char *sql, int nargs, Oid *types, Datum *values,
+			 const char *nulls, bool read_only)
+{
+	PhsyncAsRole save;
+	int			ret;
+
+	as_role_begin(BOOTSTRAP_SUPERUSERID, false, &save);
+	ret = phsync_spi_exec(sql, nargs, types, values, nulls, read_only, 0);
+	as_role_end(&save);
+	if (ret < 0)
+		elog(ERROR, "could not access phsync.syncs: %s", SPI_result_code_string(ret));
+	return ret;
+}
+
+static bool
+sync_exists(const char *name)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(name)};
+
+	catalog_exec("SELECT 1 FROM phsync.syncs WHERE name = $1",
+				 1, types, values, NULL, true);
+	return SPI_processed > 0;
+}
+
+/*
+ * A sync name is lower-case letters, digits and underscores, starting with
+ * a letter or an underscore, and is not "default".
+ */
+void
+sync_check_name(const char *name)
+{
+	const char *p;
+	bool		ok = name && name[0] && strlen(name) < NAMEDATALEN &&
+		(islower((unsigned char) name[0]) || name[0] == '_');
+
+	for (p = name; ok && *p; p++)
+		if (!(islower((unsigned char) *p) || isdigit((unsigned char) *p) || *p == '_') ||
+			IS_HIGHBIT_SET(*p))
+			ok = false;
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("invalid sync name \"%s\"", name ? name : ""),
+				 errhint("Use lower-case letters, digits and underscores, starting with a letter.")));
+	if (strcmp(name, DEFAULT_SYNC) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_NAME),
+				 errmsg("the sync named \"default\" is configured by the phsync.* settings in postgresql.conf"),
+				 errhint("Choose another name.")));
+}
+
+/*
+ * The definition args describes, complete and checked: args' fields that
+ * are not given (NULL) keep old's value (when changing a sync), or take
+ * the defaults of the sync's preset (when adding one).  Errors say what is
+ * wrong and how to fix it.  Needs SPI connected.
+ */
+static PhsyncSyncDef *
+sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
+{
+	PhsyncSyncDef *d = palloc0(sizeof(PhsyncSyncDef));
+	const PresetInfo *preset;
+	char	   *query = NULL;
+	PhsyncTargetSpec spec;
+	PhsyncTarget *target;
+	PhsyncProblem problem;
+
+	if (old)
+		*d = *old;
+	d->name = pstrdup(args->name);
+	if (old == NULL)
+		sync_check_name(d->name);
+
+	/* a preset or a query; adding with neither means the events preset */
+	if (args->query && args->preset && old == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("a sync needs either a preset or a query, not both"),
+				 errhint("Pass preset => 'events' or 'persons', or query => a HogQL query.")));
+	if (args->query)
+	{
+		int			len = strlen(args->query);
+
+		query = pnstrdup(args->query, len);
+		while (len > 0 && strchr(" \t\r\n;", query[len - 1]))
+			query[--len] = '\0';
+		if (len == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("the query of sync \"%s\" is empty", d->name)));
+		d->query = query;
+		d->preset = NULL;
+	}
+	else if (args->preset || old == NULL)
+	{
+		const char *name = args->preset ? args->preset : "events";
+
+		if (preset_lookup(name) == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unknown preset \"%s\"", name),
+					 errhint("The presets are %s; anything else needs query => a HogQL query.",
+							 preset_list())));
+		d->preset = pstrdup(name);
+		d->query = NULL;
+	}
+	preset = preset_lookup(d->preset);
+
+	if (args->conflict)
+	{
+		if (strcmp(args->conflict, "nothing") != 0 && strcmp(args->conflict, "update") != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid conflict mode \"%s\"", args->conflict),
+					 errhint("Use nothing (skip rows already there) or update (rewrite rows whose values changed).")));
+		d->conflict = pstrdup(args->conflict);
+	}
+	else if (old == NULL)
+		d->conflict = (preset && preset->update) ? "update" : "nothing";
+
+	if (args->cursor)
+		d->cursor = pstrdup(args->cursor);
+	else if (old == NULL)
+		d->cursor = preset ? (char *) preset->cursor : "created_at";
+
+	if (args->reread_all)
+		d->lookback = NULL;
+	else if (args->lookback)
+		d->lookback = args->lookback;
+	else if (old == NULL)
+		d->lookback = (preset && preset->reread_all) ? NULL : DEFAULT_LOOKBACK;
+
+	if (args->has_enabled)
+		d->enabled = args->enabled;
+	else if (old == NULL)
+		d->enabled = true;
+	if (args->has_verify)
+		d->verify = args->verify;
+	else if (old == NULL)
+		d->verify = preset && preset->verify;
+
+	/* the target: one definition of acceptable, the worker's too */
+	memset(&spec, 0, sizeof(spec));
+	spec.name = args->target ? args->target : d->target;
+	spec.cursor = d->cursor;
+	spec.cursor_origin = "the sync's cursor";
+	spec.preset = preset ? preset->preset : PHSYNC_CUSTOM;
+	spec.update = strcmp(d->conflict, "update") == 0;
+	spec.writer = GetUserId();
+	spec.suggest_preset = preset ? preset->name : NULL;
+	target = target_examine(&spec, &problem);
+	if (target == NULL)
+		target_raise(&problem);
+	d->target = target->display;
+	return d;
+}
+
+/*
+ * The stored definition of sync `name` (NULL if there is none).
+ */
+static PhsyncSyncDef *
+sync_fetch_def(const char *name)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(name)};
+	PhsyncSyncDef *d;
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+
+	catalog_exec("SELECT name, target, preset, query, cursor_column, conflict, "
+				 "lookback::text, enabled, verify FROM phsync.syncs WHERE name = $1 FOR UPDATE",
+				 1, types, values, NULL, false);
+	if (SPI_processed == 0)
+		return NULL;
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	d = palloc0(sizeof(PhsyncSyncDef));
+	d->name = text_or_null(tup, desc, 1);
+	d->target = text_or_null(tup, desc, 2);
+	d->preset = text_or_null(tup, desc, 3);
+	d->query = text_or_null(tup, desc, 4);
+	d->cursor = text_or_null(tup, desc, 5);
+	d->conflict = text_or_null(tup, desc, 6);
+	d->lookback = text_or_null(tup, desc, 7);
+	d->enabled = DatumGetBool(SPI_getbinval(tup, desc, 8, &isnull));
+	d->verify = DatumGetBool(SPI_getbinval(tup, desc, 9, &isnull));
+	return d;
+}
+
+/*
+ * Write d into phsync.syncs (insert or update) and return the row.
+ */
+static Datum
+sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
+{
+	Oid			types[9] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	TEXTOID, BOOLOID, BOOLOID};
+	Datum		values[9];
+	char		nulls[9] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', ' ', ' ',
+	d->lookback ? ' ' : 'n', ' ', ' '};
+
+	values[0] = CStringGetTextDatum(d->name);
+	values[1] = CStringGetTextDatum(d->target);
+	values[2] = d->preset ? CStringGetTextDatum(d->preset) : (Datum) 0;
+	values[3] = d->query ? CStringGetTextDatum(d->query) : (Datum) 0;
+	values[4] = CStringGetTextDatum(d->cursor);
+	values[5] = CStringGetTextDatum(d->conflict);
+	values[6] = d->lookback ? CStringGetTextDatum(d->lookback) : (Datum) 0;
+	values[7] = BoolGetDatum(d->enabled);
+	values[8] = BoolGetDatum(d->verify);
+	catalog_exec(insert ?
+				 "INSERT INTO phsync.syncs (name, target, preset, query, cursor_column, conflict, "
+				 "lookback, enabled, verify) VALUES ($1, $2, $3, $4, $5, $6, $7::interval, $8, $9) "
+				 "RETURNING *" :
+				 "UPDATE phsync.syncs SET target = $2, preset = $3, query = $4, cursor_column = $5, "
+				 "conflict = $6, lookback = $7::interval, enabled = $8, verify = $9 WHERE name = $1 "
+				 "RETURNING *",
+				 9, types, values, nulls, false);
+	if (SPI_processed != 1)
+		elog(ERROR, "could not write sync \"%s\" into phsync.syncs", d->name);
+	return PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], tupdesc));
+}
+
+/*
+ * phsync_add_sync(): check the definition and store it.  Needs SPI.
+ */
+Datum
+sync_add(const PhsyncSyncArgs *args, TupleDesc tupdesc)
+{
+	PhsyncSyncDef *d;
+
+	Assert(phsync_spi_connected());
+	sync_check_name(args->name);
+	if (sync_exists(args->name))
+		ereport(ERROR,
+				(errcode(ERRCODE_DUPLICATE_OBJECT),
+				 errmsg("sync \"%s\" already exists", args->name),
+				 errhint("Use phsync_alter_sync() to change it.")));
+	d = sync_resolve(args, NULL);
+	return sync_store(d, true, tupdesc);
+}
+
+static void
+refuse_default(const char *name, const char *hint)
+{
+	if (strcmp(name, DEFAULT_SYNC) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the sync named \"default\" is configured by the phsync.* settings in postgresql.conf"),
+				 errhint("%s", hint)));
+}
+
+/*
+ * phsync_alter_sync(): arguments not given keep their value.  Needs SPI.
+ */
+Datum
+sync_alter(const PhsyncSyncArgs *args, TupleDesc tupdesc)
+{
+	PhsyncSyncDef *old;
+
+	Assert(phsync_spi_connected());
+	refuse_default(args->name, "Change the settings and reload; phsync.target_table = '' turns the default sync off.");
+	old = sync_fetch_def(args->name);
+	if (old == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("sync \"%s\" does not exist", args->name)));
+	return sync_store(sync_resolve(args, old), false, tupdesc);
+}
+
+/*
+ * phsync_drop_sync(): the definition goes; its table and history stay.
+ */
+void
+sync_drop(const char *name)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(name)};
+
+	Assert(phsync_spi_connected());
+	refuse_default(name, "Set phsync.target_table = '' and reload to turn it off.");
+	catalog_exec("DELETE FROM phsync.syncs WHERE name = $1", 1, types, values, NULL, false);
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("sync \"%s\" does not exist", name)));
 }

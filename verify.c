@@ -33,7 +33,7 @@ typedef struct Buckets
 	int			n;
 	int64	   *posthog;
 	int64	   *local;
-	char	  **status;
+	PhsyncBucketStatus *status;
 } Buckets;
 
 static TimestampTz
@@ -65,7 +65,7 @@ count_posthog(PhsyncRunState *st, Buckets *b, TimestampTz to)
 		q.since = bucket_start(b, first);
 		q.until = Min(to, bucket_start(b, first + BUCKETS_PER_REQUEST));
 		q.chunked = false;
-		response = sync_fetch(st, &q, hogql_count_query(&q, distinct), b->width);
+		response = fetch_json(st, &q, hogql_count_query(&q, distinct), b->width);
 		hogql_read_page(response, &page);
 		for (r = 0; r < page.nrows; r++)
 		{
@@ -100,10 +100,12 @@ count_local(PhsyncRunState *st, Buckets *b, TimestampTz to)
 	char	   *sql;
 	uint64		r;
 
-	sql = psprintf("SELECT floor(extract(epoch FROM (%s::timestamptz - $1)) / $3)::bigint, count(*) "
-				   "FROM %s WHERE %s >= $1 AND %s < $2 GROUP BY 1",
+	Assert(phsync_spi_connected());
+	sql = psprintf("SELECT pg_catalog.floor(pg_catalog.date_part('epoch', %s::pg_catalog.timestamptz OPERATOR(pg_catalog.-) $1) "
+				   "OPERATOR(pg_catalog./) $3)::pg_catalog.int8, pg_catalog.count(*) "
+				   "FROM %s WHERE %s OPERATOR(pg_catalog.>=) $1 AND %s OPERATOR(pg_catalog.<) $2 GROUP BY 1",
 				   col, st->target->display, col, col);
-	if (SPI_execute_with_args(sql, 3, types, values, NULL, true, 0) != SPI_OK_SELECT)
+	if (phsync_spi_exec(sql, 3, types, values, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not count the rows of %s", st->target->display);
 	memset(b->local, 0, sizeof(int64) * b->n);
 	for (r = 0; r < SPI_processed; r++)
@@ -118,25 +120,29 @@ count_local(PhsyncRunState *st, Buckets *b, TimestampTz to)
 	}
 }
 
-static const char *
+static PhsyncBucketStatus
 compare(int64 posthog, int64 local)
 {
-	return posthog == local ? "ok" : (local < posthog ? "missing" : "extra");
+	return posthog == local ? PHSYNC_BUCKET_OK :
+		(local < posthog ? PHSYNC_BUCKET_MISSING : PHSYNC_BUCKET_EXTRA);
 }
 
 /*
- * Verify [job->from, job->to) of the run's sync in buckets of job->bucket;
- * with job->repair, fetch the buckets that differ again and count anew.
+ * Verify [from, to) of the run's sync in buckets of `bucket`
+ * microseconds; with repair, fetch the buckets that differ again and count
+ * anew.
  */
 void
-verify_run(PhsyncRunState *st, PhsyncJob *job)
+verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 bucket,
+		   bool repair)
 {
 	Buckets		b;
-	int64		nbuckets = (job->to - job->from + job->bucket - 1) / job->bucket;
+	int64		nbuckets = (to - from + bucket - 1) / bucket;
 	int			mismatches = 0;
+	MemoryContext cxt;
 	int			i;
 
-	if (job->bucket <= 0 || job->to <= job->from)
+	if (bucket <= 0 || to <= from)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("nothing to verify: the range is empty or the bucket is not positive")));
@@ -147,62 +153,60 @@ verify_run(PhsyncRunState *st, PhsyncJob *job)
 						MAX_BUCKETS, (long long) nbuckets),
 				 errhint("Use a wider bucket or a shorter range.")));
 
-	b.from = job->from;
-	b.width = job->bucket;
+	b.from = from;
+	b.width = bucket;
 	b.n = (int) nbuckets;
 	b.posthog = palloc0(sizeof(int64) * b.n);
 	b.local = palloc0(sizeof(int64) * b.n);
-	b.status = palloc0(sizeof(char *) * b.n);
+	b.status = palloc0(sizeof(PhsyncBucketStatus) * b.n);
 
-	count_posthog(st, &b, job->to);
-	phsync_xact_begin();
-	count_local(st, &b, job->to);
-	phsync_xact_commit();
-	MemoryContextSwitchTo(st->cxt);
+	count_posthog(st, &b, to);
+	cxt = xact_begin();
+	count_local(st, &b, to);
+	xact_commit(cxt);
 
 	for (i = 0; i < b.n; i++)
-		b.status[i] = (char *) compare(b.posthog[i], b.local[i]);
+		b.status[i] = compare(b.posthog[i], b.local[i]);
 
-	for (i = 0; job->repair && i < b.n; i++)
+	for (i = 0; repair && i < b.n; i++)
 	{
 		int			last = i;
 
-		if (strcmp(b.status[i], "ok") == 0)
+		if (b.status[i] == PHSYNC_BUCKET_OK)
 			continue;
 		/* one window for a run of differing buckets */
-		while (last + 1 < b.n && strcmp(b.status[last + 1], "ok") != 0)
+		while (last + 1 < b.n && b.status[last + 1] != PHSYNC_BUCKET_OK)
 			last++;
 		ereport(LOG,
 				(errmsg("phsync run %lld: repairing sync %s from %s to %s",
 						(long long) st->run_id, st->sync->name,
 						phsync_format_timestamp(bucket_start(&b, i)),
-						phsync_format_timestamp(Min(job->to, bucket_start(&b, last + 1))))));
-		sync_load_window(st, bucket_start(&b, i), Min(job->to, bucket_start(&b, last + 1)));
+						phsync_format_timestamp(Min(to, bucket_start(&b, last + 1))))));
+		fetch_window(st, bucket_start(&b, i), Min(to, bucket_start(&b, last + 1)));
 		i = last;
 	}
 
-	phsync_xact_begin();
-	if (job->repair)
-		count_local(st, &b, job->to);
+	cxt = xact_begin();
+	if (repair)
+		count_local(st, &b, to);
 	for (i = 0; i < b.n; i++)
 	{
-		const char *now = compare(b.posthog[i], b.local[i]);
+		PhsyncBucketStatus now = compare(b.posthog[i], b.local[i]);
 
-		if (strcmp(b.status[i], "ok") != 0 && strcmp(now, "ok") == 0)
-			now = "repaired";
-		else if (strcmp(now, "ok") != 0)
+		if (b.status[i] != PHSYNC_BUCKET_OK && now == PHSYNC_BUCKET_OK)
+			now = PHSYNC_BUCKET_REPAIRED;
+		else if (now != PHSYNC_BUCKET_OK)
 			mismatches++;
-		runlog_verified(st->run_id, bucket_start(&b, i), Min(job->to, bucket_start(&b, i + 1)),
+		runlog_verified(st->run_id, bucket_start(&b, i), Min(to, bucket_start(&b, i + 1)),
 						b.posthog[i], b.local[i], now);
 	}
 	runlog_set_mismatches(st->run_id, mismatches);
 	runlog_progress(st->run_id, &st->counters);
-	phsync_xact_commit();
-	MemoryContextSwitchTo(st->cxt);
+	xact_commit(cxt);
 
 	ereport(mismatches ? WARNING : LOG,
 			(errmsg("phsync run %lld verified sync %s from %s to %s: %d of %d bucket(s) differ",
 					(long long) st->run_id, st->sync->name,
-					phsync_format_timestamp(job->from), phsync_format_timestamp(job->to),
+					phsync_format_timestamp(from), phsync_format_timestamp(to),
 					mismatches, b.n)));
 }

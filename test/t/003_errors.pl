@@ -30,7 +30,7 @@ sub set_and_reload
 
 # 401: a wrong key
 set_and_reload('phsync.api_key', 'phx_wrong_key_abcdef');
-like(run_now($node), qr/ERROR:  PostHog request failed with HTTP status 401: Incorrect authentication credentials\.\nDETAIL:  phsync run \d+ failed\.\nHINT:  Check phsync.api_key: PostHog does not accept it\./,
+like(run_now($node), qr/ERROR:  PostHog request failed with HTTP status 401\nDETAIL:  Incorrect authentication credentials\.\nHINT:  Check phsync.api_key: PostHog does not accept it\.\nCONTEXT:  phsync run \d+ of sync default/,
 	'401: error with PostHog detail and a hint');
 my $run = last_run($node);
 is($run->{status}, 'failed', '401 run failed');
@@ -40,7 +40,7 @@ is(target_count($node), 0, 'nothing inserted');
 # 403: a project the key cannot see
 set_and_reload('phsync.api_key', $API_KEY);
 set_and_reload('phsync.project_id', '2');
-like(run_now($node), qr/ERROR:  PostHog request failed with HTTP status 403: You don't have access to the project\.\nDETAIL:  phsync run \d+ failed\.\nHINT:  Check that phsync.api_key has the "Query Read" scope and access to phsync.project_id\./,
+like(run_now($node), qr/ERROR:  PostHog request failed with HTTP status 403\nDETAIL:  You don't have access to the project\.\nHINT:  Check that phsync.api_key has the "Query Read" scope and access to project \d+\.\nCONTEXT:  phsync run \d+ of sync default/,
 	'403: error with PostHog detail and a hint');
 set_and_reload('phsync.project_id', '1');
 
@@ -49,21 +49,21 @@ open my $fh, '>', $node->data_dir . '/bad.hogql' or die;
 print $fh "SELECT uuid, created_at FROM events ORDER BY created_at LIMIT 5 OFFSET 5\n";
 close $fh;
 set_and_reload('phsync.query_file', 'bad.hogql');
-like(run_now($node), qr/ERROR:  PostHog request failed with HTTP status 400: OFFSET is not allowed.*\nDETAIL:  phsync run \d+ failed\.\nHINT:  Check the HogQL query \(phsync.query_file\) and phsync.cursor_column\./,
+like(run_now($node), qr/ERROR:  PostHog request failed with HTTP status 400\nDETAIL:  OFFSET is not allowed.*\nHINT:  Check the HogQL query \(phsync.query_file\)\.\nCONTEXT:  phsync run \d+ of sync default/,
 	'400: error with PostHog detail and a hint');
 is(last_run($node)->{status}, 'failed', '400 run failed');
 set_and_reload('phsync.query_file', '');
 
 # injected 400 with PostHog's body shape, as for an unknown field
 fake_post($fake, '/faults', [ { status => 400, detail => 'Unknown table `evnts`.' } ]);
-like(run_now($node), qr/HTTP status 400: Unknown table `evnts`\./, 'injected 400 detail reaches the user');
+like(run_now($node), qr/HTTP status 400\nDETAIL:  Unknown table `evnts`\./, 'injected 400 detail reaches the user');
 
 # unsettable key: superuser sees only the mask
 is($node->safe_psql('postgres', 'SHOW phsync.api_key'), '********', 'SHOW gives a mask even to superusers');
 
 # TLS: without our CA the certificate cannot be verified
 set_and_reload('phsync.ca_file', '');
-like(run_now($node), qr/ERROR:  could not reach PostHog at https:\/\/127\.0\.0\.1:\d+: SSL certificate problem: unable to get local issuer certificate\nDETAIL:  phsync run \d+ failed\.\nHINT:  The TLS certificate could not be verified; phsync.ca_file can add a CA\./,
+like(run_now($node), qr/ERROR:  could not reach PostHog at https:\/\/127\.0\.0\.1:\d+\nDETAIL:  SSL certificate problem: unable to get local issuer certificate\nHINT:  The TLS certificate could not be verified; phsync.ca_file can add a CA\.\nCONTEXT:  phsync run \d+ of sync default/,
 	'unknown CA: verification error');
 is(target_count($node), 0, 'nothing inserted');
 
@@ -71,14 +71,14 @@ is(target_count($node), 0, 'nothing inserted');
 set_and_reload('phsync.ca_file', $certs->{ca});
 my $other = $fake->{url} =~ s/127\.0\.0\.1/localhost/r;
 set_and_reload('phsync.host', $other);
-like(run_now($node), qr/ERROR:  could not reach PostHog at https:\/\/localhost:\d+: SSL: no alternative certificate subject name matches target host name 'localhost'/,
+like(run_now($node), qr/ERROR:  could not reach PostHog at https:\/\/localhost:\d+\nDETAIL:  SSL: no alternative certificate subject name matches target host name 'localhost'/,
 	'wrong host name: verification error');
 is(target_count($node), 0, 'nothing inserted');
 
 # TLS: right CA, right name, but expired
 my $stale = start_fake(certs => $certs, expired => 1);
 set_and_reload('phsync.host', $stale->{url});
-like(run_now($node), qr/ERROR:  could not reach PostHog at https:\/\/127\.0\.0\.1:\d+: SSL certificate problem: certificate has expired/,
+like(run_now($node), qr/ERROR:  could not reach PostHog at https:\/\/127\.0\.0\.1:\d+\nDETAIL:  SSL certificate problem: certificate has expired/,
 	'expired certificate: verification error');
 is(target_count($node), 0, 'nothing inserted');
 set_and_reload('phsync.host', $fake->{url});

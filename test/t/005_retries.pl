@@ -56,7 +56,7 @@ is(source_equals_target($node, $fake), 0, 'target equals source');
 # Give-up: a 500 that does not clear.
 add_rows(7);
 fake_post($fake, '/faults', [ { status => 500, detail => 'Code: 241. Memory limit exceeded', count => 5 } ]);
-like(run_now($node), qr/ERROR:  PostHog request failed with HTTP status 500: Code: 241\. Memory limit exceeded/, 'retries used up: the run fails with the last detail');
+like(run_now($node), qr/ERROR:  PostHog request failed with HTTP status 500\nDETAIL:  Code: 241\. Memory limit exceeded/, 'retries used up: the run fails with the last detail');
 is(run_row(), 'failed|5|4|0', 'phsync.max_retries = 4: five requests, four retries');
 ok(slurp_file($node->logfile) =~ qr/giving up on page 1 after 4 retries/, 'the give-up is logged');
 like(run_now($node), qr/^succeeded\|/, 'once PostHog recovers the next run loads the rows');
@@ -66,7 +66,7 @@ is(source_equals_target($node, $fake), 0, 'target equals source');
 for my $status (400, 401, 402, 403)
 {
 	fake_post($fake, '/faults', [ { status => $status, detail => "refused $status" } ]);
-	like(run_now($node), qr/HTTP status $status: refused $status/, "$status fails at once");
+	like(run_now($node), qr/HTTP status $status\nDETAIL:  refused $status/, "$status fails at once");
 	is(run_row(), 'failed|1|0|0', "$status: one request, no retry");
 }
 
@@ -111,7 +111,7 @@ cmp_ok($span, '>=', (@$reqs - 1) * 0.1 - 0.05,
 set_conf($node, 'phsync.max_response_size' => '64kB', 'phsync.page_size' => '1000', 'phsync.max_requests_per_minute' => '0');
 $node->safe_psql('postgres', 'TRUNCATE posthog_events');
 fake_post($fake, '/reset');
-like(run_now($node), qr/ERROR:  PostHog response too large: The response was larger than phsync.max_response_size \(64 kB\)\.\nDETAIL:  phsync run \d+ failed\.\nHINT:  Lower phsync.page_size, or raise phsync.max_response_size\./,
+like(run_now($node), qr/ERROR:  PostHog response too large\nDETAIL:  The response was larger than phsync.max_response_size \(64 kB\)\.\nHINT:  Lower phsync.page_size, or raise phsync.max_response_size\.\nCONTEXT:  phsync run \d+ of sync default/,
 	'oversized response: clear error');
 is(run_row(), 'failed|1|0|0', 'not retried, nothing inserted');
 

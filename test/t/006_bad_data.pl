@@ -96,7 +96,7 @@ like($node->safe_psql('postgres', q{SELECT error FROM phsync.rejects WHERE targe
 set_conf($node, 'phsync.on_bad_row' => 'fail');
 $node->safe_psql('postgres', 'TRUNCATE counts');
 fake_post($fake, '/faults', [ { row_patch => { index => 0, row => [ '2026-11-01', 'x', 'many' ] } } ]);
-like(run_now($node), qr/ERROR:  invalid input syntax for type bigint: "many"\nDETAIL:  phsync run \d+ failed\./, 'fail mode: the run fails with the row\'s error');
+like(run_now($node), qr/ERROR:  invalid input syntax for type bigint: "many"\nCONTEXT:  phsync run \d+ of sync default/, 'fail mode: the run fails with the row\'s error');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM counts'), '0', 'nothing of the page inserted');
 like(run_now($node), qr/^succeeded/, 'the next run (no bad row) succeeds');
 

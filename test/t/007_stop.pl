@@ -61,7 +61,7 @@ ok(poll_until(sub { $worker_pid->() ne $pid }, 30, 'worker gone'), 'pg_terminate
 $took = time() - $t0;
 cmp_ok($took, '<', 10, sprintf('within seconds (%.1f s), not after the 2-minute transfer', $took));
 $h->finish;
-like($err, qr/ERROR:  the phsync worker stopped before the run finished\nDETAIL:  phsync run \d+ failed\.\nHINT:  The next run resumes from the table's watermark; call phsync_run_now\(\) again\./,
+like($err, qr/ERROR:  the phsync worker stopped before the run finished\nHINT:  The next run resumes from the table's watermark; call phsync_run_now\(\) again\.\nCONTEXT:  phsync run \d+ of sync default/,
 	'the waiting caller gets an error, not a silent re-run');
 ok(poll_until(sub { ($activity->() // '') =~ /idle until/ }, 30, 'worker back'), 'the postmaster starts it again');
 like($node->safe_psql('postgres', "SELECT status || ': ' || error FROM phsync.runs ORDER BY id DESC LIMIT 1"),

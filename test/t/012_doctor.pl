@@ -22,12 +22,12 @@ my @all_output;
 sub doctor
 {
 	my $out = $node->safe_psql('postgres',
-		q{SELECT "check" || '|' || status || '|' || coalesce(detail, '') || '|' || coalesce(hint, '') FROM phsync_doctor()});
+		q{SELECT item || '|' || status || '|' || coalesce(detail, '') || '|' || coalesce(hint, '') FROM phsync_doctor()});
 	push @all_output, $out;
 	return { map { my @f = split /\|/, $_, 4; ($f[0] => { status => $f[1], detail => $f[2], hint => $f[3] }) } split /\n/, $out };
 }
 
-my $order = $node->safe_psql('postgres', q{SELECT string_agg("check", ',') FROM phsync_doctor()});
+my $order = $node->safe_psql('postgres', q{SELECT string_agg(item, ',') FROM phsync_doctor()});
 is($order, 'settings,worker,dns,tcp,tls,auth,target,query', 'checks come in the order a person debugs');
 my $d = doctor();
 is(join(',', map { $d->{$_}{status} } qw(settings worker dns tcp tls auth target query)),
@@ -78,12 +78,19 @@ like($d->{auth}{status} . ': ' . $d->{auth}{detail}, qr/^error: timeout: Operati
 cmp_ok($took, '<', 15, sprintf('the doctor returned in %.1f s, not 30', $took));
 fake_post($fake, '/reset');
 
-# target: without a unique key; without a cursor index
+# target: the worker's own rules (one definition of an acceptable target):
+# without the preset's columns, without a unique key; without a cursor index
 $node->safe_psql('postgres', 'CREATE TABLE loose (created_at timestamptz, uuid uuid)');
 set_conf($node, 'phsync.target_table' => 'loose');
 $d = doctor();
-is($d->{target}{status} . ': ' . $d->{target}{detail}, 'error: public.loose has no primary key or unique constraint', 'no unique key: error');
+is($d->{target}{status} . ': ' . $d->{target}{detail}, 'error: target table public.loose has no primary key or unique constraint', 'no unique key: error');
 $node->safe_psql('postgres', 'ALTER TABLE loose ADD PRIMARY KEY (uuid)');
+$d = doctor();
+is($d->{target}{status} . ': ' . $d->{target}{detail},
+	'error: table public.loose lacks column(s) event, "timestamp", distinct_id, person_id, properties, elements_chain of the events preset',
+	'without the columns of the built-in query: error');
+$node->safe_psql('postgres', 'ALTER TABLE loose ADD event text, ADD "timestamp" timestamptz, ADD distinct_id text, '
+	  . 'ADD person_id uuid, ADD properties jsonb, ADD elements_chain text');
 $d = doctor();
 is($d->{target}{status} . ': ' . $d->{target}{detail}, 'warning: public.loose has a unique key, but no index that starts with "created_at"', 'no cursor index: warning');
 is($d->{target}{hint}, 'Without one, every run reads the whole table for max(created_at): CREATE INDEX ON public.loose (created_at);', 'with the fix');
@@ -110,7 +117,7 @@ my $plain = PostgreSQL::Test::Cluster->new('plain');
 $plain->init;
 $plain->start;
 $plain->safe_psql('postgres', 'CREATE EXTENSION phsync');
-is($plain->safe_psql('postgres', q{SELECT status || ': ' || detail FROM phsync_doctor() WHERE "check" = 'worker'}),
+is($plain->safe_psql('postgres', q{SELECT status || ': ' || detail FROM phsync_doctor() WHERE item = 'worker'}),
 	'error: phsync is not loaded through shared_preload_libraries', 'not preloaded: worker error');
 
 done_testing();

@@ -54,7 +54,7 @@ like(psql_err("SELECT phsync_add_sync('p', 'keyed', preset => 'events')"),
 like(psql_err("SELECT phsync_add_sync('p', 'keyed', preset => 'persons', conflict => 'replace')"),
 	qr/ERROR:  invalid conflict mode "replace"/, 'unknown conflict mode refused');
 like(psql_err("SELECT phsync_add_sync('p', 'pg_catalog.pg_authid', query => 'SELECT 1', \"cursor\" => 'rolvaliduntil', conflict => 'update')"),
-	qr/ERROR:  target pg_authid is a system or phsync table/, 'a system catalog is refused as a target');
+	qr/ERROR:  target pg_catalog.pg_authid is a system or phsync table/, 'a system catalog is refused as a target');
 $node->safe_psql('postgres', q{
 	CREATE ROLE sync_admin LOGIN;
 	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean) TO sync_admin;
@@ -200,7 +200,7 @@ $node->safe_psql('postgres', q{
 	SELECT phsync_add_sync('broken', 'broken', query => 'SELECT uuid, created_at FROM no_such_table');});
 my $mark = $node->safe_psql('postgres', 'SELECT max(id) FROM phsync.runs');
 my ($ret, $out, $err) = $node->psql('postgres', 'SELECT sync, status FROM phsync_run_now()');
-like($err, qr/ERROR:  PostHog request failed with HTTP status 400: Query error: no such table: no_such_table\nDETAIL:  phsync run \d+ failed\./,
+like($err, qr/ERROR:  PostHog request failed with HTTP status 400\nDETAIL:  Query error: no such table: no_such_table\nHINT:  Check the HogQL query \(the query of sync broken\)\.\nCONTEXT:  phsync run \d+ of sync broken/,
 	'run_now() raises the failing sync\'s error');
 is($node->safe_psql('postgres', q{
 	SELECT string_agg(sync || ':' || status, ',' ORDER BY id) FROM phsync.runs WHERE id > } . $mark),
@@ -225,8 +225,8 @@ is($node->safe_psql('postgres', q{
 
 # phsync_doctor() checks every enabled sync's target and query
 is($node->safe_psql('postgres', q{
-	SELECT string_agg("check" || ' ' || status || ' ' || detail, E'\n' ORDER BY detail, "check")
-	FROM phsync_doctor() WHERE "check" IN ('target', 'query') AND detail LIKE 'sync %'}),
+	SELECT string_agg(item || ' ' || status || ' ' || detail, E'\n' ORDER BY detail, item)
+	FROM phsync_doctor() WHERE item IN ('target', 'query') AND detail LIKE 'sync %'}),
 	join("\n",
 		'query ok sync daily: PostHog accepts the query',
 		'target ok sync daily: public.daily_counts has a unique key and an index on "day"',

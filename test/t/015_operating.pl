@@ -1,5 +1,5 @@
 # Operating phsync: run_at in a time zone across daylight-saving changes,
-# the upgrade from 0.1 (same objects as a fresh 0.2 install), and
+# the upgrade from 0.1 (same objects as a fresh install), and
 # pg_dump/pg_restore keeping sync definitions and history without starting
 # a run.
 use strict;
@@ -100,17 +100,17 @@ my $catalog = q{
 		       || ' version ' || extversion FROM pg_extension WHERE extname = 'phsync') s
 	ORDER BY line};
 my $fresh = $node->safe_psql('postgres', $catalog);
-like($fresh, qr/version 0\.2/, 'a fresh install is version 0.2');
+like($fresh, qr/version 0\.3/, 'a fresh install is version 0.3');
 $node->safe_psql('postgres', q{
 	DROP EXTENSION phsync CASCADE;
 	CREATE EXTENSION phsync VERSION '0.1';
 	INSERT INTO phsync.runs (trigger, status, target, rows_inserted) VALUES ('manual', 'succeeded', 'public.posthog_events', 42);});
 ($ret, $out, $err) = $node->psql('postgres', 'SELECT * FROM phsync_run_now()');
-like($err, qr/ERROR:  extension "phsync" is at version 0\.1, but the library is version 0\.2\nHINT:  ALTER EXTENSION phsync UPDATE;/,
-	'with 0.1 installed, the 0.2 worker asks for the update');
+like($err, qr/ERROR:  extension "phsync" is at version 0\.1, but the library is version 0\.3\nHINT:  ALTER EXTENSION phsync UPDATE;/,
+	'with 0.1 installed, the 0.3 worker asks for the update');
 $node->safe_psql('postgres', 'ALTER EXTENSION phsync UPDATE');
 my $upgraded = $node->safe_psql('postgres', $catalog);
-is($upgraded, $fresh, 'ALTER EXTENSION phsync UPDATE from 0.1 yields exactly the objects of a fresh 0.2 install');
+is($upgraded, $fresh, 'ALTER EXTENSION phsync UPDATE from 0.1 yields exactly the objects of a fresh 0.3 install');
 is($node->safe_psql('postgres', "SELECT sync || ' ' || rows_inserted || ' ' || rows_updated FROM phsync.runs"), 'default 42 0',
 	'the 0.1 history is kept, as runs of the default sync');
 like(run_now($node), qr/^succeeded\|/, 'after the update the worker runs again');

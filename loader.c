@@ -1,8 +1,7 @@
 /*-------------------------------------------------------------------------
  *
- * load.c
- *		The target table: creating the built-in one, finding its unique key
- *		and cursor column, and inserting PostHog's rows through SPI.
+ * loader.c
+ *		Inserting the rows of PostHog's pages into a target through SPI.
  *
  * A page is inserted in batches of rows, each one execution of a prepared
  *		INSERT INTO target (c1, ...) VALUES ($1, ...), (...), ...
@@ -54,6 +53,7 @@ struct PhsyncLoader
 {
 	PhsyncTarget *target;
 	bool		update;			/* ON CONFLICT DO UPDATE rows that changed */
+	PhsyncBadRow on_bad_row;
 	int		   *keycols;		/* update: result column of each unique key column */
 	int			ncolumns;		/* result columns, all mapped */
 	int		   *colmap;			/* result column -> index in target->cols */
@@ -65,291 +65,13 @@ struct PhsyncLoader
 };
 
 /*
- * A target name as the worker reads it: schema-qualified, or in public (the
- * worker's search_path is the default one), so that phsync_doctor() and
- * phsync.status, which run elsewhere, find the same table.
- */
-RangeVar *
-target_rangevar(const char *name)
-{
-	RangeVar   *rv = makeRangeVarFromNameList(stringToQualifiedNameList(name));
-
-	if (rv->schemaname == NULL)
-		rv->schemaname = "public";
-	return rv;
-}
-
-/*
- * max(cursor)::timestamptz of a table, with SPI connected; with bounds,
- * only among rows whose cursor is in [*from, *to).  False when there is no
- * such row.
- */
-bool
-relation_watermark(Oid relid, const char *cursor, TimestampTz *from,
-				   TimestampTz *to, TimestampTz *watermark)
-{
-	bool		isnull = true;
-	const char *col = quote_identifier(cursor);
-	Oid			types[2] = {TIMESTAMPTZOID, TIMESTAMPTZOID};
-	Datum		values[2] = {from ? TimestampTzGetDatum(*from) : 0, to ? TimestampTzGetDatum(*to) : 0};
-	char	   *sql = psprintf("SELECT max(%s)::timestamptz FROM %s%s",
-							   col,
-							   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
-														  get_rel_name(relid)),
-							   from ? psprintf(" WHERE %s >= $1 AND %s < $2", col, col) : "");
-
-	if (SPI_execute_with_args(sql, from ? 2 : 0, types, values, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not read the watermark of %s", get_rel_name(relid));
-	if (SPI_processed == 1)
-		*watermark = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
-													   SPI_tuptable->tupdesc, 1,
-													   &isnull));
-	return !isnull;
-}
-
-static bool
-is_preset_column(PhsyncPreset preset, const char *name)
-{
-	const char *const *columns = preset_columns(preset);
-	int			i;
-
-	for (i = 0; columns && columns[i]; i++)
-		if (strcmp(columns[i], name) == 0)
-			return true;
-	return false;
-}
-
-/*
- * Create a preset's target table with phsync_create_table(), the function
- * users call for the same purpose (found in the extension's schema).
- */
-static void
-create_preset_table(PhsyncPreset preset, const char *qualified)
-{
-	Oid			types[2] = {TEXTOID, TEXTOID};
-	Datum		values[2];
-	char	   *schema;
-
-	if (SPI_execute("SELECT n.nspname FROM pg_catalog.pg_extension e "
-					"JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
-					"WHERE e.extname = 'phsync'", true, 1) != SPI_OK_SELECT ||
-		SPI_processed != 1)
-		elog(ERROR, "could not find the schema of extension phsync");
-	schema = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-	values[0] = CStringGetTextDatum(preset_name(preset));
-	values[1] = CStringGetTextDatum(qualified);
-	if (SPI_execute_with_args(psprintf("SELECT %s.phsync_create_table($1, $2)",
-									   quote_identifier(schema)),
-							  2, types, values, NULL, false, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not create target table %s", qualified);
-}
-
-static int
-find_column(PhsyncTarget *target, const char *name)
-{
-	int			i;
-
-	for (i = 0; i < target->ncols; i++)
-		if (strcmp(target->cols[i].name, name) == 0)
-			return i;
-	return -1;
-}
-
-/*
- * Pick the unique key phsync relies on: the primary key, else the first
- * valid, immediate, non-partial unique index on plain columns.  Returns the
- * number of key columns, 0 if there is none; attnums are filled in.
- */
-static int
-find_unique_key(Relation rel, AttrNumber **attnums)
-{
-	List	   *indexes = RelationGetIndexList(rel);
-	ListCell   *lc;
-	Oid			chosen = InvalidOid;
-	int			nkeys = 0;
-
-	foreach(lc, indexes)
-	{
-		Oid			indexoid = lfirst_oid(lc);
-		HeapTuple	tup = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(indexoid));
-		Form_pg_index idx;
-		bool		usable;
-		int			i;
-
-		if (!HeapTupleIsValid(tup))
-			continue;
-		idx = (Form_pg_index) GETSTRUCT(tup);
-		usable = idx->indisunique && idx->indimmediate &&
-			idx->indisvalid && idx->indisready &&
-			heap_attisnull(tup, Anum_pg_index_indpred, NULL) &&
-			heap_attisnull(tup, Anum_pg_index_indexprs, NULL);
-		if (usable && (!OidIsValid(chosen) || idx->indisprimary))
-		{
-			chosen = indexoid;
-			nkeys = idx->indnkeyatts;
-			*attnums = palloc(sizeof(AttrNumber) * nkeys);
-			for (i = 0; i < nkeys; i++)
-				(*attnums)[i] = idx->indkey.values[i];
-		}
-		ReleaseSysCache(tup);
-		if (usable && idx->indisprimary)
-			break;
-	}
-	list_free(indexes);
-	return nkeys;
-}
-
-static PhsyncColumn *
-column_info(PhsyncColumn *col, Form_pg_attribute att)
-{
-	col->name = pstrdup(NameStr(att->attname));
-	col->attnum = att->attnum;
-	col->typid = att->atttypid;
-	col->typmod = att->atttypmod;
-	getTypeInputInfo(col->typid, &col->typinput, &col->typioparam);
-	get_typlenbyval(col->typid, &col->typlen, &col->typbyval);
-	return col;
-}
-
-/*
- * Find (or, with create set, create for the preset) the target table and
- * describe it.  Runs inside a transaction with SPI connected; the result is
- * allocated in the caller's current memory context (pass it in cxt, since
- * SPI switches contexts).
- */
-PhsyncTarget *
-target_prepare(const char *name, const char *cursor, PhsyncPreset create)
-{
-	MemoryContext cxt = CurrentMemoryContext;
-	RangeVar   *rv;
-	Oid			relid;
-	Relation	rel;
-	TupleDesc	desc;
-	PhsyncTarget *target;
-	AttrNumber *keyatts = NULL;
-	int			nkeys;
-	int			i;
-	char	   *qualified;
-
-	rv = target_rangevar(name);
-	qualified = quote_qualified_identifier(rv->schemaname, rv->relname);
-	relid = RangeVarGetRelid(rv, AccessShareLock, true);
-
-	if (!OidIsValid(relid))
-	{
-		if (create == PHSYNC_CUSTOM)
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_TABLE),
-					 errmsg("target table %s does not exist", qualified),
-					 errhint("Create the target table first, with a primary key or unique constraint (phsync_create_table() makes one for a preset).")));
-		if (!is_preset_column(create, cursor))
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_COLUMN),
-					 errmsg("phsync.cursor_column \"%s\" is not a column of the built-in events query", cursor),
-					 errhint("Use created_at (the default) or timestamp.")));
-		create_preset_table(create, qualified);
-		if (strcmp(cursor, "created_at") != 0 &&
-			SPI_execute(psprintf("CREATE INDEX ON %s (%s)", qualified, quote_identifier(cursor)),
-						false, 0) != SPI_OK_UTILITY)
-			elog(ERROR, "could not index target table %s", qualified);
-		ereport(LOG,
-				(errmsg("phsync created target table %s", qualified)));
-		CommandCounterIncrement();
-		relid = RangeVarGetRelid(rv, AccessShareLock, false);
-	}
-
-	rel = relation_open(relid, AccessShareLock);
-	if (rel->rd_rel->relkind != RELKIND_RELATION &&
-		rel->rd_rel->relkind != RELKIND_PARTITIONED_TABLE)
-		ereport(ERROR,
-				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
-				 errmsg("target %s is not a table", qualified)));
-
-	target = MemoryContextAllocZero(cxt, sizeof(PhsyncTarget));
-	target->relid = relid;
-	target->display = MemoryContextStrdup(cxt,
-										  quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-																	 RelationGetRelationName(rel)));
-	desc = RelationGetDescr(rel);
-	target->cols = MemoryContextAllocZero(cxt, sizeof(PhsyncColumn) * desc->natts);
-	for (i = 0; i < desc->natts; i++)
-	{
-		Form_pg_attribute att = TupleDescAttr(desc, i);
-		MemoryContext old;
-
-		if (att->attisdropped || att->attgenerated)
-			continue;
-		old = MemoryContextSwitchTo(cxt);
-		column_info(&target->cols[target->ncols++], att);
-		MemoryContextSwitchTo(old);
-	}
-
-	target->cursor = find_column(target, cursor);
-	if (target->cursor < 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_COLUMN),
-				 errmsg("column \"%s\" named by phsync.cursor_column does not exist in table %s",
-						cursor, target->display)));
-	if (target->cols[target->cursor].typid != TIMESTAMPTZOID &&
-		target->cols[target->cursor].typid != TIMESTAMPOID &&
-		target->cols[target->cursor].typid != DATEOID)
-		ereport(ERROR,
-				(errcode(ERRCODE_DATATYPE_MISMATCH),
-				 errmsg("cursor column \"%s\" of table %s must be of type timestamptz, timestamp or date",
-						cursor, target->display)));
-
-	nkeys = find_unique_key(rel, &keyatts);
-	if (nkeys == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_TABLE_DEFINITION),
-				 errmsg("target table %s has no primary key or unique constraint", target->display),
-				 errdetail("phsync skips rows it already has with ON CONFLICT DO NOTHING, which needs a unique key."),
-				 errhint("Add one on the columns that identify a row, for example: ALTER TABLE %s ADD PRIMARY KEY (uuid);",
-						 target->display)));
-
-	target->keys = MemoryContextAlloc(cxt, sizeof(int) * nkeys);
-	target->uniq = MemoryContextAlloc(cxt, sizeof(int) * nkeys);
-	target->nuniq = nkeys;
-	for (i = 0; i < nkeys; i++)
-	{
-		int			c;
-
-		for (c = 0; c < target->ncols; c++)
-			if (target->cols[c].attnum == keyatts[i])
-				break;
-		if (c == target->ncols)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_TABLE_DEFINITION),
-					 errmsg("the unique key of table %s includes a generated column", target->display),
-					 errdetail("phsync inserts the key columns, and generated columns cannot be inserted.")));
-		target->uniq[i] = c;
-		if (c != target->cursor)
-			target->keys[target->nkeys++] = c;
-	}
-
-	relation_close(rel, AccessShareLock);
-	return target;
-}
-
-/*
- * max(cursor) of the target, the watermark (within [*from, *to) when
- * given).  False when there is no row.
- */
-bool
-target_watermark(PhsyncTarget *target, TimestampTz *from, TimestampTz *to,
-				 TimestampTz *watermark)
-{
-	return relation_watermark(target->relid, target->cols[target->cursor].name,
-							  from, to, watermark);
-}
-
-/*
  * Map the result columns of a page to target columns.  A result column the
  * target does not have is an error, raised before anything is inserted.
  * Allocated in the current memory context; no SPI needed.
  */
 PhsyncLoader *
-loader_create(PhsyncTarget *target, PhsyncPage *page, bool update)
+loader_create(PhsyncTarget *target, PhsyncPage *page, bool update,
+			  PhsyncBadRow on_bad_row)
 {
 	PhsyncLoader *loader = palloc0(sizeof(PhsyncLoader));
 	int			i,
@@ -357,6 +79,7 @@ loader_create(PhsyncTarget *target, PhsyncPage *page, bool update)
 
 	loader->target = target;
 	loader->update = update;
+	loader->on_bad_row = on_bad_row;
 	loader->cxt = CurrentMemoryContext;
 	loader->ncolumns = page->ncolumns;
 	loader->colmap = palloc(sizeof(int) * page->ncolumns);
@@ -364,7 +87,7 @@ loader_create(PhsyncTarget *target, PhsyncPage *page, bool update)
 	loader->batch_rows = Max(1, Min(BATCH_ROWS, 65535 / Max(page->ncolumns, 1)));
 	for (i = 0; i < page->ncolumns; i++)
 	{
-		int			c = find_column(target, page->columns[i]);
+		int			c = target_column(target, page->columns[i]);
 
 		if (c < 0)
 			ereport(ERROR,
@@ -511,7 +234,7 @@ loader_plan(PhsyncLoader *loader, int nrows, bool keep)
 	}
 	append_conflict_clause(loader, &sql);
 
-	plan = SPI_prepare(sql.data, ncols * nrows, argtypes);
+	plan = phsync_spi_prepare(sql.data, ncols * nrows, argtypes);
 	if (plan == NULL)
 		elog(ERROR, "could not prepare insert into %s: %s", target->display,
 			 SPI_result_code_string(SPI_result));
@@ -695,7 +418,7 @@ insert_rows(void *arg)
 		else
 			plan = loader_plan(loader, nrows, false);
 
-		ret = SPI_execute_plan(plan, pv->values, pv->nulls, false, 0);
+		ret = phsync_spi_exec_plan(plan, pv->values, pv->nulls, false, 0);
 		if (ret == SPI_OK_INSERT)
 			pv->inserted += SPI_processed;
 		else if (ret == SPI_OK_INSERT_RETURNING)
@@ -928,7 +651,8 @@ loader_insert(PhsyncLoader *loader, PhsyncPage *page, int64 run_id,
 	pv.first = 0;
 	pv.n = nrows;
 
-	if (phsync_on_bad_row == PHSYNC_BAD_ROW_FAIL)
+	Assert(phsync_spi_connected());
+	if (loader->on_bad_row == PHSYNC_BAD_ROW_FAIL)
 		insert_rows(&pv);
 	else if (try_in_subtransaction(insert_rows, &pv) != NULL)
 	{
@@ -978,89 +702,4 @@ loader_free(PhsyncLoader *loader)
 	if (loader->single_plan)
 		SPI_freeplan(loader->single_plan);
 	loader->batch_plan = loader->single_plan = NULL;
-}
-
-/*
- * Inspect a target without creating or changing anything (phsync_doctor()).
- * Returns "ok", "warning" or "error", with a detail and maybe a hint; the
- * key columns (cursor excluded) are returned when the table exists.
- */
-const char *
-target_check(const char *name, const char *cursor, bool builtin,
-			 char **detail, char **hint, char ***keys, int *nkeys)
-{
-	RangeVar   *rv = target_rangevar(name);
-	Oid			relid;
-	Relation	rel;
-	AttrNumber *keyatts = NULL;
-	AttrNumber	cursor_att;
-	int			n,
-				i;
-	bool		indexed = false;
-	List	   *indexes;
-	ListCell   *lc;
-	char	   *display;
-
-	*hint = NULL;
-	*keys = NULL;
-	*nkeys = 0;
-	relid = RangeVarGetRelid(rv, AccessShareLock, true);
-	display = quote_qualified_identifier(rv->schemaname, rv->relname);
-	if (!OidIsValid(relid))
-	{
-		if (builtin)
-		{
-			*detail = psprintf("%s does not exist yet; the first run creates it", display);
-			return "ok";
-		}
-		*detail = psprintf("%s does not exist", display);
-		*hint = "With a custom query, create the target first, with a primary key or unique constraint.";
-		return "error";
-	}
-
-	rel = relation_open(relid, AccessShareLock);
-	cursor_att = get_attnum(relid, cursor);
-	if (cursor_att == InvalidAttrNumber)
-	{
-		relation_close(rel, AccessShareLock);
-		*detail = psprintf("%s has no column \"%s\" (phsync.cursor_column)", display, cursor);
-		return "error";
-	}
-	n = find_unique_key(rel, &keyatts);
-	if (n == 0)
-	{
-		relation_close(rel, AccessShareLock);
-		*detail = psprintf("%s has no primary key or unique constraint", display);
-		*hint = "phsync skips rows it already has with ON CONFLICT DO NOTHING, which needs one.";
-		return "error";
-	}
-	*keys = palloc(sizeof(char *) * n);
-	for (i = 0; i < n; i++)
-		if (keyatts[i] != cursor_att)
-			(*keys)[(*nkeys)++] = get_attname(relid, keyatts[i], false);
-
-	indexes = RelationGetIndexList(rel);
-	foreach(lc, indexes)
-	{
-		HeapTuple	tup = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(lfirst_oid(lc)));
-
-		if (HeapTupleIsValid(tup))
-		{
-			Form_pg_index idx = (Form_pg_index) GETSTRUCT(tup);
-
-			if (idx->indnkeyatts > 0 && idx->indkey.values[0] == cursor_att)
-				indexed = true;
-			ReleaseSysCache(tup);
-		}
-	}
-	relation_close(rel, AccessShareLock);
-	if (!indexed)
-	{
-		*detail = psprintf("%s has a unique key, but no index that starts with \"%s\"", display, cursor);
-		*hint = psprintf("Without one, every run reads the whole table for max(%s): CREATE INDEX ON %s (%s);",
-						 cursor, display, quote_identifier(cursor));
-		return "warning";
-	}
-	*detail = psprintf("%s has a unique key and an index on \"%s\"", display, cursor);
-	return "ok";
 }

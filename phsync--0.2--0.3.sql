@@ -1,0 +1,93 @@
+/* phsync--0.2--0.3.sql: upgrade from phsync 0.2 to 0.3 */
+
+-- complain if script is sourced in psql, rather than via ALTER EXTENSION
+\echo Use "ALTER EXTENSION phsync UPDATE TO '0.3'" to load this file. \quit
+
+COMMENT ON SCHEMA phsync IS 'phsync''s tables: sync definitions, run history, rejects, verifications';
+
+-- phsync_doctor()'s first column was "check", a reserved word
+DROP FUNCTION @extschema@.phsync_doctor();
+CREATE FUNCTION @extschema@.phsync_doctor(
+	OUT item text, OUT status text, OUT detail text, OUT hint text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'phsync_doctor'
+LANGUAGE C VOLATILE STRICT
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_doctor() IS
+	'checks phsync''s settings, worker, network, TLS, API key, target and query, one row each';
+
+REVOKE ALL ON FUNCTION @extschema@.phsync_doctor() FROM PUBLIC;
+
+-- sync definitions are checked by the library, as the worker checks them
+CREATE OR REPLACE FUNCTION @extschema@.phsync_add_sync(
+	name text, target text,
+	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
+	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
+	enabled boolean DEFAULT true, verify boolean DEFAULT NULL)
+RETURNS phsync.syncs
+AS 'MODULE_PATHNAME', 'phsync_add_sync'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+CREATE OR REPLACE FUNCTION @extschema@.phsync_alter_sync(
+	name text, target text DEFAULT NULL,
+	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
+	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
+	enabled boolean DEFAULT NULL, verify boolean DEFAULT NULL,
+	reread_all boolean DEFAULT false)
+RETURNS phsync.syncs
+AS 'MODULE_PATHNAME', 'phsync_alter_sync'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+CREATE OR REPLACE FUNCTION @extschema@.phsync_drop_sync(name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'phsync_drop_sync'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+CREATE OR REPLACE FUNCTION @extschema@.phsync_create_table(preset text, table_name text)
+RETURNS regclass
+AS 'MODULE_PATHNAME', 'phsync_create_table'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+DROP FUNCTION phsync.check_sync(text, text, text, text, text, text);
+DROP FUNCTION phsync.target_regclass(text);
+
+-- every table and column is documented
+COMMENT ON COLUMN phsync.runs.id IS 'run id, as phsync_run_now() notices and log lines name it';
+COMMENT ON COLUMN phsync.runs.started_at IS 'when the run started (queued backfills: when they were queued, until they start)';
+COMMENT ON COLUMN phsync.runs.finished_at IS 'when the run ended; NULL while it is queued or running';
+COMMENT ON COLUMN phsync.rejects.id IS 'reject id';
+COMMENT ON COLUMN phsync.rejects.run_id IS 'the run that received the row';
+COMMENT ON COLUMN phsync.rejects.rejected_at IS 'when the target refused it';
+COMMENT ON COLUMN phsync.rejects.target IS 'the target table that refused it';
+COMMENT ON COLUMN phsync.syncs.name IS 'the sync''s name: lower-case letters, digits and underscores';
+COMMENT ON COLUMN phsync.syncs.enabled IS 'whether scheduled runs and phsync_run_now() run it';
+COMMENT ON COLUMN phsync.syncs.created_at IS 'when it was added';
+COMMENT ON COLUMN phsync.verifications.run_id IS 'the verify run';
+COMMENT ON COLUMN phsync.verifications.bucket IS 'start of the bucket (inclusive)';
+COMMENT ON COLUMN phsync.verifications.bucket_until IS 'end of the bucket (exclusive)';
+COMMENT ON COLUMN phsync.verifications.posthog_count IS 'rows PostHog has in the bucket (distinct keys when the key has one column)';
+COMMENT ON COLUMN phsync.verifications.local_count IS 'rows the target has in the bucket';
+COMMENT ON COLUMN phsync.cluster.system_identifier IS 'pg_control_system().system_identifier of that cluster';
+COMMENT ON COLUMN phsync.cluster.registered_at IS 'when it took the run history over';
+COMMENT ON COLUMN phsync.status.sync IS 'the sync: default, or a name from phsync.syncs';
+COMMENT ON COLUMN phsync.status.enabled IS 'whether scheduled runs run it';
+COMMENT ON COLUMN phsync.status.target IS 'its target table';
+COMMENT ON COLUMN phsync.status.last_run_id IS 'its last finished run that was not a verification';
+COMMENT ON COLUMN phsync.status.last_status IS 'how that run ended: succeeded or failed';
+COMMENT ON COLUMN phsync.status.last_started_at IS 'when that run started';
+COMMENT ON COLUMN phsync.status.last_finished_at IS 'when that run ended';
+COMMENT ON COLUMN phsync.status.last_rows_inserted IS 'rows that run inserted';
+COMMENT ON COLUMN phsync.status.last_error IS 'why that run failed';
+COMMENT ON COLUMN phsync.status.watermark IS 'max() of the target''s cursor column: where the next run starts (less the lookback)';
+COMMENT ON COLUMN phsync.status.lag IS 'now() - watermark';
+COMMENT ON COLUMN phsync.status.next_run IS 'when the next scheduled run is due';
+COMMENT ON COLUMN phsync.status.running IS 'whether a run of this sync is in progress';
+COMMENT ON COLUMN phsync.status.run_id IS 'the run in progress';
+COMMENT ON COLUMN phsync.status.pages IS 'pages the run in progress has loaded';
+COMMENT ON COLUMN phsync.status.rows_received IS 'rows the run in progress has received';
+COMMENT ON COLUMN phsync.status.last_verify_mismatches IS 'buckets that differed in its last verification';

@@ -1,0 +1,298 @@
+/*-------------------------------------------------------------------------
+ *
+ * run.c
+ *		One run of one sync: record it in phsync.runs, decide its window
+ *		(or carry out a verification), fetch and load, and record how it
+ *		ended.  A failure never escapes: it is logged, stored in
+ *		phsync.runs and handed back as the error it was.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+
+#include "phsync.h"
+
+/* rows younger than this may still be settling in PostHog */
+#define SETTLE_USECS (30 * USECS_PER_SEC)
+/* first run on an empty table with no phsync.initial_since */
+#define DEFAULT_INITIAL_USECS (30 * USECS_PER_DAY)
+/* a full re-read (no lookback) starts here */
+#define REREAD_FROM_USECS (-INT64CONST(946684800) * USECS_PER_SEC)	/* 1970-01-01 */
+
+/*
+ * phsync.initial_since as a timestamp (SPI connected), or 30 days before
+ * until when it is empty.
+ */
+static TimestampTz
+initial_since(TimestampTz until)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+	bool		isnull;
+
+	if (phsync_initial_since == NULL || phsync_initial_since[0] == '\0')
+		return until - DEFAULT_INITIAL_USECS;
+	/* the worker's TimeZone is UTC: a value without an offset is UTC */
+	values[0] = CStringGetTextDatum(phsync_initial_since);
+	if (phsync_spi_exec("SELECT $1::pg_catalog.timestamptz", 1, types, values, NULL,
+							  true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read phsync.initial_since");
+	return DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * The target of the run: examined, and, for the default sync with a
+ * preset, created when missing.  Raises when it is not acceptable.
+ */
+static PhsyncTarget *
+open_target(PhsyncSync *sync)
+{
+	PhsyncTargetSpec spec;
+	PhsyncProblem problem;
+	PhsyncTarget *target;
+
+	memset(&spec, 0, sizeof(spec));
+	spec.name = sync->target;
+	spec.cursor = sync->cursor;
+	spec.cursor_origin = sync_cursor_origin(sync);
+	spec.preset = sync->preset;
+	spec.update = sync->update;
+	target = target_examine(&spec, &problem);
+	if (target == NULL && problem.sqlerrcode == ERRCODE_UNDEFINED_TABLE &&
+		sync_is_default(sync) && sync->preset != PHSYNC_CUSTOM)
+	{
+		const PresetInfo *preset = preset_info(sync->preset);
+
+		if (!preset_has_column(preset, sync->cursor))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("phsync.cursor_column \"%s\" is not a column of the built-in %s query",
+							sync->cursor, preset->name),
+					 errhint("Use created_at (the default) or timestamp.")));
+		target_create(sync->preset, sync->target, sync->cursor);
+		ereport(LOG,
+				(errmsg("phsync created target table %s", sync->target)));
+		target = target_examine(&spec, &problem);
+	}
+	if (target == NULL)
+		target_raise(&problem);
+	return target;
+}
+
+/*
+ * The sync's query, its target and its connection: everything a run needs
+ * before its window is known.
+ */
+static void
+run_prepare(PhsyncRunState *st)
+{
+	PhsyncSync *sync = st->sync;
+	PhsyncQuery *q = palloc0(sizeof(PhsyncQuery));
+	MemoryContext cxt;
+	int			i;
+
+	st->endpoint = *sync_endpoint(sync);
+	st->policy.max_retries = phsync_max_retries;
+	st->policy.base_delay_ms = phsync_retry_base_delay;
+	st->policy.max_delay_ms = phsync_max_retry_delay;
+	st->policy.per_minute = phsync_max_requests_per_minute;
+	st->page_size = phsync_page_size;
+	st->on_bad_row = phsync_on_bad_row;
+
+	q->preset = sync->preset;
+	q->cursor = pstrdup(sync->cursor);
+	q->limit = st->page_size;
+	if (sync->preset == PHSYNC_CUSTOM)
+		q->base = sync->query_file ? hogql_read_query_file(sync->query_file) : sync->query;
+
+	cxt = xact_begin();
+	st->target = open_target(sync);
+	xact_commit(cxt);
+
+	q->nkeys = st->target->nkeys;
+	q->keys = palloc(sizeof(char *) * Max(q->nkeys, 1));
+	for (i = 0; i < q->nkeys; i++)
+		q->keys[i] = st->target->cols[st->target->keys[i]].name;
+	st->query = q;
+	st->url = http_query_url(&st->endpoint);
+	st->name = psprintf("phsync %s", sync->name);
+	st->http = http_open(&st->endpoint);
+}
+
+/*
+ * Where a run starts reading.  A scheduled or manual run: from the
+ * watermark (max(cursor)) less the lookback, or everything when the sync
+ * re-reads all.  A backfill: from its own progress, max(cursor) inside
+ * [from, to), so that an interrupted one resumes and a repeated one adds
+ * nothing twice.
+ */
+static TimestampTz
+window_start(PhsyncRunState *st, PhsyncJob *job, TimestampTz until)
+{
+	TimestampTz watermark;
+	TimestampTz since;
+	MemoryContext cxt = xact_begin();
+
+	if (job->bounded)
+		since = target_watermark(st->target, &job->from, &job->to, &watermark) ?
+			Max(job->from, watermark - st->sync->lookback) : job->from;
+	else if (st->sync->reread_all)
+		since = REREAD_FROM_USECS;
+	else if (target_watermark(st->target, NULL, NULL, &watermark))
+		since = watermark - st->sync->lookback;
+	else
+		since = initial_since(until);
+	xact_commit(cxt);
+	return since;
+}
+
+/*
+ * Let go of the run's connection, loader and position.
+ */
+static void
+release(PhsyncRunState *st)
+{
+	fetch_forget(st);
+	http_close(st->http);
+	st->http = NULL;
+	loader_free(st->loader);
+	st->loader = NULL;
+}
+
+/*
+ * The body of a run; errors propagate to run_job().
+ */
+static void
+run_body(PhsyncRunState *st, PhsyncJob *job)
+{
+	TimestampTz started = GetCurrentTimestamp();
+	TimestampTz until = started - SETTLE_USECS;
+	TimestampTz since;
+
+	run_prepare(st);
+	if (job->trigger == PHSYNC_TRIGGER_VERIFY)
+	{
+		verify_run(st, job->from, job->to, job->bucket, job->repair);
+		return;
+	}
+	if (job->bounded)
+		until = Min(until, job->to);
+	since = window_start(st, job, until);
+
+	if (!job->bounded)
+	{
+		/* a backfill's row keeps the range it was asked for */
+		MemoryContext cxt = xact_begin();
+
+		runlog_set_window(st->run_id, since, Max(since, until));
+		xact_commit(cxt);
+	}
+
+	if (since < until)
+		fetch_window(st, since, until);
+
+	ereport(LOG,
+			(errmsg("phsync run %lld (sync %s) into %s: %s to %s, %d pages, %lld rows received, %lld inserted, %lld updated, %lld rejected, %d retries, %.1f s",
+					(long long) st->run_id, st->sync->name, st->target->display,
+					phsync_format_timestamp(since), phsync_format_timestamp(until),
+					st->counters.pages, (long long) st->counters.received,
+					(long long) st->counters.inserted, (long long) st->counters.updated,
+					(long long) st->counters.rejected, st->counters.retries,
+					(double) (GetCurrentTimestamp() - started) / USECS_PER_SEC)));
+}
+
+/*
+ * The text phsync.runs.error holds for an error: its message, and its
+ * detail after a colon.
+ */
+static char *
+error_text(ErrorData *edata)
+{
+	return edata->detail ? psprintf("%s: %s", edata->message, edata->detail) :
+		pstrdup(edata->message);
+}
+
+/*
+ * Carry out one job: a run of one sync (scheduled, manual or a backfill)
+ * or a verification.  Never raises an error (except FATAL on shutdown): a
+ * failure is logged, recorded in phsync.runs and handed back in outcome,
+ * allocated in the caller's memory context.
+ */
+void
+run_job(PhsyncJob *job, PhsyncOutcome *outcome)
+{
+	MemoryContext outer = CurrentMemoryContext;
+	MemoryContext run_cxt;
+	PhsyncRunState st;
+
+	memset(outcome, 0, sizeof(*outcome));
+	memset(&st, 0, sizeof(st));
+	run_cxt = AllocSetContextCreate(TopMemoryContext, "phsync run",
+									ALLOCSET_DEFAULT_SIZES);
+	MemoryContextSwitchTo(run_cxt);
+	st.cxt = run_cxt;
+	st.sync = job->sync;
+
+	PG_TRY();
+	{
+		if (job->run_id)
+			runlog_begin_queued(job->run_id);
+		else
+			job->run_id = runlog_start(job->trigger, job->sync->name, job->sync->target,
+									   job->bounded ? &job->from : NULL,
+									   job->bounded ? &job->to : NULL);
+		st.run_id = job->run_id;
+		outcome->run_id = st.run_id;
+		shmem_set_run(st.run_id, job->sync->name);
+		ereport(LOG,
+				(errmsg("phsync run %lld (%s of sync %s) started",
+						(long long) st.run_id, trigger_name(job->trigger), job->sync->name)));
+
+		run_body(&st, job);
+		release(&st);
+		runlog_finish(st.run_id, true, NULL, &st.counters);
+		outcome->ok = true;
+	}
+	PG_CATCH();
+	{
+		HOLD_INTERRUPTS();
+		EmitErrorReport();
+		outcome->error = xact_recover(outer);
+		release(&st);
+		RESUME_INTERRUPTS();
+		outcome->ok = false;
+	}
+	PG_END_TRY();
+
+	/*
+	 * Record the failure outside the catch block: if even that fails (the
+	 * database refuses writes, say), the worker must go on; the run stays
+	 * "running" and is marked failed when the worker next starts.
+	 */
+	if (!outcome->ok && outcome->run_id != 0)
+	{
+		PG_TRY();
+		{
+			runlog_finish(outcome->run_id, false, error_text(outcome->error), &st.counters);
+		}
+		PG_CATCH();
+		{
+			EmitErrorReport();
+			FreeErrorData(xact_recover(outer));
+		}
+		PG_END_TRY();
+	}
+
+	shmem_set_run(0, NULL);
+	MemoryContextSwitchTo(outer);
+	MemoryContextDelete(run_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}

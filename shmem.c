@@ -1,0 +1,449 @@
+/*-------------------------------------------------------------------------
+ *
+ * shmem.c
+ *		The shared-memory protocol between sessions and the worker.
+ *
+ * One struct, one spinlock.  Every section that takes the lock is a
+ * function of this file; nothing else touches the struct.
+ *
+ * The request slot.  A session (phsync_run_now(), phsync_verify()) hands
+ * the worker one request at a time:
+ *
+ *	  NONE --submit--> PENDING --take--> TAKEN --answer--> ANSWERED --read--> NONE
+ *
+ *	- submit: a session, only when the slot is NONE and no run of any kind
+ *	  is in progress ("already in progress" otherwise).  It records its
+ *	  latch, so that the worker can wake it.
+ *	- take: the worker, between runs; the worker is then busy.
+ *	- answer: the worker, when the request's runs are over.  If the session
+ *	  gave up meanwhile (it was cancelled), the answer is dropped and the
+ *	  slot goes straight back to NONE.
+ *	- read: the session that asked, once it sees its ticket answered.
+ *	- withdraw: a session that stops waiting.  A PENDING request is simply
+ *	  removed; a TAKEN one is marked cancelled, which stops its runs; an
+ *	  ANSWERED one is forgotten.
+ *	- A session that died before reading its answer leaves ANSWERED behind;
+ *	  the next submit finds its pid gone and frees the slot.
+ *	- If the worker exits with a request TAKEN (shutdown, crash of the
+ *	  worker alone), its exit callback answers it with an error, so that
+ *	  the session does not wait for a run that will never end.
+ *
+ * Besides the slot: the worker's pid and latch (0/NULL while none is
+ * attached), when its next scheduled run is due, the run in progress (id,
+ * sync, pages, rows received) for phsync.status and progress notices, and
+ * whether the last attempt to connect to phsync.database failed.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "storage/procarray.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
+
+#include "phsync.h"
+
+typedef enum RequestState
+{
+	REQUEST_NONE,
+	REQUEST_PENDING,
+	REQUEST_TAKEN,
+	REQUEST_ANSWERED
+} RequestState;
+
+typedef struct PhsyncShared
+{
+	slock_t		mutex;
+
+	/* the worker */
+	pid_t		worker_pid;		/* 0 while none is attached */
+	Latch	   *worker_latch;
+	TimestampTz next_due;		/* next scheduled run, 0 if unknown */
+	bool		connect_failed; /* the last start could not connect */
+
+	/* the request slot */
+	RequestState state;
+	uint64		ticket;			/* the last request submitted */
+	PhsyncRequest request;
+	pid_t		requester_pid;
+	Latch	   *requester_latch;	/* NULL once its session gave up */
+	bool		cancelled;		/* the session gave up on a TAKEN request */
+	PhsyncAnswer answer;
+
+	/* the run in progress */
+	bool		busy;			/* a run of any kind */
+	int64		run_id;			/* its phsync.runs id, once known */
+	char		sync[NAMEDATALEN];
+	int			pages;
+	int64		received;
+} PhsyncShared;
+
+static PhsyncShared *shared = NULL;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static void
+shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(PhsyncShared)));
+}
+
+static void
+shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	shared = ShmemInitStruct("phsync", sizeof(PhsyncShared), &found);
+	if (!found)
+	{
+		memset(shared, 0, sizeof(PhsyncShared));
+		SpinLockInit(&shared->mutex);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * Install the shared memory hooks (from _PG_init, while preloading).
+ */
+void
+shmem_install_hooks(void)
+{
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = shmem_startup;
+}
+
+/*
+ * Is phsync's shared memory there (was the library preloaded)?
+ */
+bool
+shmem_available(void)
+{
+	return shared != NULL;
+}
+
+/* ---------- the worker's side ---------- */
+
+/*
+ * Store an answer to the TAKEN request (lock held) and return the latch
+ * of whoever asked, to be set once the lock is released.  A session that
+ * gave up reads nothing, so the slot is free at once.
+ */
+static Latch *
+store_answer(const PhsyncAnswer *answer)
+{
+	Latch	   *requester = shared->requester_latch;
+
+	Assert(shared->state == REQUEST_TAKEN);
+	shared->answer = *answer;
+	shared->answer.ticket = shared->ticket;
+	shared->state = requester ? REQUEST_ANSWERED : REQUEST_NONE;
+	shared->requester_latch = NULL;
+	shared->cancelled = false;
+	return requester;
+}
+
+/*
+ * Worker exit (shutdown, pg_terminate_backend, FATAL): leave the struct
+ * clean, and answer a request cut short.
+ */
+static void
+worker_detach(int code, Datum arg)
+{
+	Latch	   *requester = NULL;
+
+	SpinLockAcquire(&shared->mutex);
+	if (shared->state == REQUEST_TAKEN)
+	{
+		PhsyncAnswer cut;
+
+		memset(&cut, 0, sizeof(cut));
+		cut.run_id = cut.last_run_id = cut.failed_run_id = shared->run_id;
+		strlcpy(cut.failed_sync, shared->sync, NAMEDATALEN);
+		cut.sqlerrcode = ERRCODE_ADMIN_SHUTDOWN;
+		strlcpy(cut.message, "the phsync worker stopped before the run finished",
+				sizeof(cut.message));
+		strlcpy(cut.hint, "The next run resumes from the table's watermark; call phsync_run_now() again.",
+				sizeof(cut.hint));
+		requester = store_answer(&cut);
+	}
+	shared->worker_pid = 0;
+	shared->worker_latch = NULL;
+	shared->busy = false;
+	shared->run_id = 0;
+	shared->sync[0] = '\0';
+	SpinLockRelease(&shared->mutex);
+	if (requester)
+		SetLatch(requester);
+}
+
+/*
+ * The worker announces itself (once connected to its database).
+ */
+void
+shmem_worker_attach(void)
+{
+	SpinLockAcquire(&shared->mutex);
+	shared->worker_pid = MyProcPid;
+	shared->worker_latch = MyLatch;
+	shared->busy = false;
+	shared->run_id = 0;
+	SpinLockRelease(&shared->mutex);
+	on_shmem_exit(worker_detach, (Datum) 0);
+}
+
+/*
+ * Did the last attempt to connect to phsync.database end the worker?
+ * (Set before connecting, cleared once connected.)
+ */
+bool
+shmem_connect_failed(void)
+{
+	return shared->connect_failed;
+}
+
+void
+shmem_set_connect_failed(bool failed)
+{
+	shared->connect_failed = failed;
+}
+
+/*
+ * Take the pending request, if any: the worker is busy from now on.
+ * Returns false when there is none.
+ */
+bool
+shmem_take_request(PhsyncRequest *request)
+{
+	bool		taken = false;
+
+	SpinLockAcquire(&shared->mutex);
+	if (shared->state == REQUEST_PENDING)
+	{
+		*request = shared->request;
+		shared->state = REQUEST_TAKEN;
+		shared->cancelled = false;
+		shared->busy = true;
+		taken = true;
+	}
+	SpinLockRelease(&shared->mutex);
+	return taken;
+}
+
+/*
+ * Answer the request taken, and wake whoever asked.
+ */
+void
+shmem_answer_request(const PhsyncAnswer *answer)
+{
+	Latch	   *requester;
+
+	SpinLockAcquire(&shared->mutex);
+	shared->busy = false;
+	shared->run_id = 0;
+	requester = store_answer(answer);
+	SpinLockRelease(&shared->mutex);
+	if (requester)
+		SetLatch(requester);
+}
+
+/*
+ * Did the session whose request is running give up on it?
+ */
+bool
+shmem_request_cancelled(void)
+{
+	bool		cancelled;
+
+	SpinLockAcquire(&shared->mutex);
+	cancelled = shared->state == REQUEST_TAKEN && shared->cancelled;
+	SpinLockRelease(&shared->mutex);
+	return cancelled;
+}
+
+/*
+ * A run that no session asked for (scheduled, a queued backfill) starts
+ * or ends: sessions asking meanwhile are told a run is in progress.
+ */
+void
+shmem_set_busy(bool busy)
+{
+	SpinLockAcquire(&shared->mutex);
+	shared->busy = busy;
+	if (!busy)
+		shared->run_id = 0;
+	SpinLockRelease(&shared->mutex);
+}
+
+/*
+ * The run in progress has this phsync.runs id and sync (0 and NULL: none).
+ */
+void
+shmem_set_run(int64 run_id, const char *sync)
+{
+	SpinLockAcquire(&shared->mutex);
+	shared->run_id = run_id;
+	strlcpy(shared->sync, sync ? sync : "", NAMEDATALEN);
+	shared->pages = 0;
+	shared->received = 0;
+	SpinLockRelease(&shared->mutex);
+}
+
+/*
+ * How far the run in progress has got.
+ */
+void
+shmem_set_progress(int pages, int64 received)
+{
+	SpinLockAcquire(&shared->mutex);
+	shared->pages = pages;
+	shared->received = received;
+	SpinLockRelease(&shared->mutex);
+}
+
+void
+shmem_set_next_due(TimestampTz due)
+{
+	SpinLockAcquire(&shared->mutex);
+	shared->next_due = due;
+	SpinLockRelease(&shared->mutex);
+}
+
+/* ---------- the sessions' side ---------- */
+
+/*
+ * What the worker does now: its pid (0 when none is attached), its next
+ * scheduled run, and the run in progress (run_id 0 when none).
+ */
+void
+shmem_worker_state(PhsyncWorkerState *state)
+{
+	SpinLockAcquire(&shared->mutex);
+	state->pid = shared->worker_pid;
+	state->next_due = shared->next_due;
+	state->busy = shared->busy;
+	state->run_id = shared->run_id;
+	strlcpy(state->sync, shared->sync, NAMEDATALEN);
+	state->pages = shared->pages;
+	state->received = shared->received;
+	SpinLockRelease(&shared->mutex);
+}
+
+/*
+ * Wake the worker (a backfill was queued, say).
+ */
+void
+shmem_wake_worker(void)
+{
+	Latch	   *latch;
+
+	SpinLockAcquire(&shared->mutex);
+	latch = shared->worker_latch;
+	SpinLockRelease(&shared->mutex);
+	if (latch)
+		SetLatch(latch);
+}
+
+/*
+ * Hand a request to the worker.  Returns its ticket, or 0 when the worker
+ * is busy (*busy_run is then the run in progress, or 0).
+ */
+uint64
+shmem_submit_request(const PhsyncRequest *request, int64 *busy_run)
+{
+	pid_t		unread_pid = 0;
+	uint64		ticket = 0;
+	Latch	   *worker_latch = NULL;
+
+	/* an answer nobody read, because that session is gone */
+	SpinLockAcquire(&shared->mutex);
+	if (shared->state == REQUEST_ANSWERED)
+		unread_pid = shared->requester_pid;
+	SpinLockRelease(&shared->mutex);
+	if (unread_pid != 0 && BackendPidGetProc(unread_pid) == NULL)
+	{
+		SpinLockAcquire(&shared->mutex);
+		if (shared->state == REQUEST_ANSWERED && shared->requester_pid == unread_pid)
+			shared->state = REQUEST_NONE;
+		SpinLockRelease(&shared->mutex);
+	}
+
+	SpinLockAcquire(&shared->mutex);
+	*busy_run = shared->run_id;
+	if (shared->state == REQUEST_NONE && !shared->busy)
+	{
+		ticket = ++shared->ticket;
+		shared->request = *request;
+		shared->state = REQUEST_PENDING;
+		shared->requester_pid = MyProcPid;
+		shared->requester_latch = MyLatch;
+		shared->cancelled = false;
+		worker_latch = shared->worker_latch;
+	}
+	SpinLockRelease(&shared->mutex);
+	if (worker_latch)
+		SetLatch(worker_latch);
+	return ticket;
+}
+
+/*
+ * Has request `ticket` been answered?  If so, the answer is copied out and
+ * the slot freed.  *worker_absent tells whether no worker is attached to
+ * take the request, which is not taken yet.
+ */
+bool
+shmem_read_answer(uint64 ticket, PhsyncAnswer *answer, bool *worker_absent)
+{
+	bool		done;
+
+	SpinLockAcquire(&shared->mutex);
+	done = shared->state == REQUEST_ANSWERED && shared->answer.ticket == ticket;
+	if (done)
+	{
+		*answer = shared->answer;
+		shared->state = REQUEST_NONE;
+	}
+	*worker_absent = shared->worker_pid == 0 &&
+		shared->state == REQUEST_PENDING && shared->ticket == ticket;
+	SpinLockRelease(&shared->mutex);
+	return done;
+}
+
+/*
+ * The session that submitted `ticket` stops waiting (it was cancelled, or
+ * the worker never came): see the comment at the top.
+ */
+void
+shmem_withdraw_request(uint64 ticket)
+{
+	SpinLockAcquire(&shared->mutex);
+	if (shared->ticket == ticket)
+	{
+		switch (shared->state)
+		{
+			case REQUEST_PENDING:
+			case REQUEST_ANSWERED:
+				shared->state = REQUEST_NONE;
+				break;
+			case REQUEST_TAKEN:
+				shared->requester_latch = NULL;
+				shared->cancelled = true;
+				break;
+			case REQUEST_NONE:
+				break;
+		}
+	}
+	SpinLockRelease(&shared->mutex);
+}

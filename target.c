@@ -1,0 +1,411 @@
+/*-------------------------------------------------------------------------
+ *
+ * target.c
+ *		What makes a table an acceptable target, in one place: the worker
+ *		before a run, phsync_add_sync() and phsync_alter_sync() before they
+ *		store a definition, and phsync_doctor() all ask target_examine().
+ *		Also creating a preset's table, and reading a target's watermark.
+ *
+ * A target is acceptable when it is an ordinary or partitioned table,
+ * neither temporary nor a system or phsync table; the role that writes
+ * into it may SELECT and INSERT (and UPDATE, for conflict => 'update');
+ * its cursor column exists and is a timestamptz, timestamp or date; it has
+ * a primary key or a usable unique index (valid, immediate, not partial,
+ * on plain columns that are not generated); and it has every column of
+ * its preset.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/relation.h"
+#include "catalog/catalog.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_index.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "nodes/makefuncs.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/regproc.h"
+#include "utils/syscache.h"
+
+#include "phsync.h"
+
+/*
+ * A target name as phsync reads it: schema-qualified, or in public, so
+ * that the worker, the doctor and the status view, which run with other
+ * search paths, find the same table.
+ */
+RangeVar *
+target_rangevar(const char *name)
+{
+	RangeVar   *rv = makeRangeVarFromNameList(stringToQualifiedNameList(name));
+
+	if (rv->schemaname == NULL)
+		rv->schemaname = "public";
+	return rv;
+}
+
+static void
+problem(PhsyncProblem *p, int sqlerrcode, const char *message, const char *detail,
+		const char *hint)
+{
+	p->sqlerrcode = sqlerrcode;
+	p->message = message;
+	p->detail = detail;
+	p->hint = hint;
+}
+
+/*
+ * Raise a problem target_examine() found.
+ */
+void
+target_raise(const PhsyncProblem *p)
+{
+	ereport(ERROR,
+			(errcode(p->sqlerrcode),
+			 errmsg_internal("%s", p->message),
+			 p->detail ? errdetail_internal("%s", p->detail) : 0,
+			 p->hint ? errhint("%s", p->hint) : 0));
+	pg_unreachable();
+}
+
+/*
+ * The unique key phsync relies on: the primary key, else the first valid,
+ * immediate, non-partial unique index on plain columns.  Returns the
+ * number of key columns, 0 if there is none; attnums are filled in.
+ */
+static int
+find_unique_key(Relation rel, AttrNumber **attnums)
+{
+	List	   *indexes = RelationGetIndexList(rel);
+	ListCell   *lc;
+	Oid			chosen = InvalidOid;
+	int			nkeys = 0;
+
+	foreach(lc, indexes)
+	{
+		Oid			indexoid = lfirst_oid(lc);
+		HeapTuple	tup = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(indexoid));
+		Form_pg_index idx;
+		bool		usable;
+		int			i;
+
+		if (!HeapTupleIsValid(tup))
+			continue;
+		idx = (Form_pg_index) GETSTRUCT(tup);
+		usable = idx->indisunique && idx->indimmediate &&
+			idx->indisvalid && idx->indisready &&
+			heap_attisnull(tup, Anum_pg_index_indpred, NULL) &&
+			heap_attisnull(tup, Anum_pg_index_indexprs, NULL);
+		if (usable && (!OidIsValid(chosen) || idx->indisprimary))
+		{
+			chosen = indexoid;
+			nkeys = idx->indnkeyatts;
+			*attnums = palloc(sizeof(AttrNumber) * nkeys);
+			for (i = 0; i < nkeys; i++)
+				(*attnums)[i] = idx->indkey.values[i];
+		}
+		ReleaseSysCache(tup);
+		if (usable && idx->indisprimary)
+			break;
+	}
+	list_free(indexes);
+	return nkeys;
+}
+
+/*
+ * Does an index of rel start with column attnum?
+ */
+static bool
+has_index_on(Relation rel, AttrNumber attnum)
+{
+	List	   *indexes = RelationGetIndexList(rel);
+	ListCell   *lc;
+	bool		found = false;
+
+	foreach(lc, indexes)
+	{
+		HeapTuple	tup = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(lfirst_oid(lc)));
+
+		if (!HeapTupleIsValid(tup))
+			continue;
+		if (((Form_pg_index) GETSTRUCT(tup))->indnkeyatts > 0 &&
+			((Form_pg_index) GETSTRUCT(tup))->indkey.values[0] == attnum)
+			found = true;
+		ReleaseSysCache(tup);
+	}
+	list_free(indexes);
+	return found;
+}
+
+/*
+ * The index in target->cols of the column of that name, -1 if none.
+ */
+int
+target_column(PhsyncTarget *target, const char *name)
+{
+	int			i;
+
+	for (i = 0; i < target->ncols; i++)
+		if (strcmp(target->cols[i].name, name) == 0)
+			return i;
+	return -1;
+}
+
+static void
+column_info(PhsyncColumn *col, Form_pg_attribute att)
+{
+	col->name = pstrdup(NameStr(att->attname));
+	col->attnum = att->attnum;
+	col->typid = att->atttypid;
+	col->typmod = att->atttypmod;
+	getTypeInputInfo(col->typid, &col->typinput, &col->typioparam);
+	get_typlenbyval(col->typid, &col->typlen, &col->typbyval);
+}
+
+/*
+ * The privileges a writer lacks on the table ("SELECT and INSERT"), or
+ * NULL when it has them all.  Each is asked on its own: all must be held.
+ */
+static char *
+missing_privileges(Oid relid, Oid writer, bool update)
+{
+	bool		ok = pg_class_aclcheck(relid, writer, ACL_SELECT) == ACLCHECK_OK &&
+		pg_class_aclcheck(relid, writer, ACL_INSERT) == ACLCHECK_OK &&
+		(!update || pg_class_aclcheck(relid, writer, ACL_UPDATE) == ACLCHECK_OK);
+
+	if (ok)
+		return NULL;
+	return update ? "SELECT, INSERT and UPDATE" : "SELECT and INSERT";
+}
+
+/*
+ * Check the table spec names against the rules at the top of this file
+ * and describe it.  Returns NULL with *p filled in when it is not
+ * acceptable (ERRCODE_UNDEFINED_TABLE: it does not exist).  The result is
+ * allocated in the current memory context; SPI need not be connected.
+ */
+PhsyncTarget *
+target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *p)
+{
+	RangeVar   *rv;
+	Oid			relid;
+	Relation	rel;
+	TupleDesc	desc;
+	PhsyncTarget *target;
+	AttrNumber *keyatts = NULL;
+	const PresetInfo *preset = preset_info(spec->preset);
+	char	   *nspname;
+	char	   *lacking;
+	int			nkeys;
+	int			i;
+	StringInfoData missing;
+
+	memset(p, 0, sizeof(*p));
+	rv = target_rangevar(spec->name);
+	relid = RangeVarGetRelid(rv, AccessShareLock, true);
+	if (!OidIsValid(relid))
+	{
+		problem(p, ERRCODE_UNDEFINED_TABLE,
+				psprintf("target table %s does not exist", spec->name), NULL,
+				spec->suggest_preset ?
+				psprintf("Create it first, with a primary key or unique constraint, for example: SELECT phsync_create_table(%s, %s).",
+						 quote_literal_cstr(spec->suggest_preset), quote_literal_cstr(spec->name)) :
+				"Create it first, with a primary key or unique constraint.");
+		return NULL;
+	}
+
+	rel = relation_open(relid, NoLock);
+	nspname = get_namespace_name(RelationGetNamespace(rel));
+	target = palloc0(sizeof(PhsyncTarget));
+	target->relid = relid;
+	target->display = quote_qualified_identifier(nspname, RelationGetRelationName(rel));
+
+	if (rel->rd_rel->relkind != RELKIND_RELATION &&
+		rel->rd_rel->relkind != RELKIND_PARTITIONED_TABLE)
+		problem(p, ERRCODE_WRONG_OBJECT_TYPE,
+				psprintf("target %s is not a table", target->display), NULL, NULL);
+	else if (rel->rd_rel->relpersistence == RELPERSISTENCE_TEMP)
+		problem(p, ERRCODE_WRONG_OBJECT_TYPE,
+				psprintf("target %s is a temporary table", target->display),
+				"The worker runs in a session of its own, which cannot see another session's temporary tables.",
+				NULL);
+	else if (IsCatalogNamespace(RelationGetNamespace(rel)) ||
+			 strcmp(nspname, "information_schema") == 0 ||
+			 strcmp(nspname, "phsync") == 0)
+		problem(p, ERRCODE_INSUFFICIENT_PRIVILEGE,
+				psprintf("target %s is a system or phsync table", target->display), NULL, NULL);
+	else if (OidIsValid(spec->writer) &&
+			 (lacking = missing_privileges(relid, spec->writer, spec->update)) != NULL)
+		problem(p, ERRCODE_INSUFFICIENT_PRIVILEGE,
+				psprintf("permission denied for table %s", target->display),
+				psprintf("The sync would write into it; %s needs %s on it.",
+						 GetUserNameFromId(spec->writer, false), lacking),
+				NULL);
+	if (p->message)
+	{
+		relation_close(rel, NoLock);
+		return NULL;
+	}
+
+	desc = RelationGetDescr(rel);
+	target->cols = palloc0(sizeof(PhsyncColumn) * Max(desc->natts, 1));
+	for (i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+
+		if (!att->attisdropped && !att->attgenerated)
+			column_info(&target->cols[target->ncols++], att);
+	}
+
+	target->cursor = target_column(target, spec->cursor);
+	nkeys = find_unique_key(rel, &keyatts);
+	if (target->cursor < 0)
+		problem(p, ERRCODE_UNDEFINED_COLUMN,
+				psprintf("cursor column \"%s\" does not exist in table %s", spec->cursor, target->display),
+				psprintf("The cursor column is named by %s.", spec->cursor_origin),
+				"The cursor is the timestamp or date column whose max() is the watermark, for example created_at.");
+	else if (target->cols[target->cursor].typid != TIMESTAMPTZOID &&
+			 target->cols[target->cursor].typid != TIMESTAMPOID &&
+			 target->cols[target->cursor].typid != DATEOID)
+		problem(p, ERRCODE_DATATYPE_MISMATCH,
+				psprintf("cursor column \"%s\" of table %s must be of type timestamptz, timestamp or date, not %s",
+						 spec->cursor, target->display,
+						 format_type_be(target->cols[target->cursor].typid)),
+				psprintf("The cursor column is named by %s.", spec->cursor_origin), NULL);
+	else if (nkeys == 0)
+		problem(p, ERRCODE_INVALID_TABLE_DEFINITION,
+				psprintf("target table %s has no primary key or unique constraint", target->display),
+				"phsync skips or updates rows it already has with ON CONFLICT, which needs a unique key.",
+				psprintf("Add one on the columns that identify a row, for example: ALTER TABLE %s ADD PRIMARY KEY (%s);",
+						 target->display, preset ? quote_identifier(preset->key[0]) : "uuid"));
+	if (p->message)
+	{
+		relation_close(rel, NoLock);
+		return NULL;
+	}
+
+	target->keys = palloc(sizeof(int) * nkeys);
+	target->uniq = palloc(sizeof(int) * nkeys);
+	target->nuniq = nkeys;
+	for (i = 0; i < nkeys; i++)
+	{
+		int			c;
+
+		for (c = 0; c < target->ncols; c++)
+			if (target->cols[c].attnum == keyatts[i])
+				break;
+		if (c == target->ncols)
+		{
+			problem(p, ERRCODE_INVALID_TABLE_DEFINITION,
+					psprintf("the unique key of table %s includes a generated column", target->display),
+					"phsync inserts the key columns, and generated columns cannot be inserted.", NULL);
+			relation_close(rel, NoLock);
+			return NULL;
+		}
+		target->uniq[i] = c;
+		if (c != target->cursor)
+			target->keys[target->nkeys++] = c;
+	}
+
+	initStringInfo(&missing);
+	for (i = 0; preset && preset->columns[i].name; i++)
+		if (target_column(target, preset->columns[i].name) < 0)
+			appendStringInfo(&missing, "%s%s", missing.len ? ", " : "",
+							 quote_identifier(preset->columns[i].name));
+	if (missing.len > 0)
+	{
+		problem(p, ERRCODE_UNDEFINED_COLUMN,
+				psprintf("table %s lacks column(s) %s of the %s preset",
+						 target->display, missing.data, preset->name), NULL,
+				psprintf("phsync_create_table(%s, ...) creates a table with every column of the preset.",
+						 quote_literal_cstr(preset->name)));
+		relation_close(rel, NoLock);
+		return NULL;
+	}
+
+	target->cursor_indexed = has_index_on(rel, target->cols[target->cursor].attnum);
+	relation_close(rel, NoLock);
+	return target;
+}
+
+/*
+ * Create a target table for a preset, with its key and an index on its
+ * cursor column (and on `cursor`, when another column is the sync's), as
+ * the current user, who owns it.  Needs SPI connected.
+ */
+void
+target_create(PhsyncPreset preset, const char *name, const char *cursor)
+{
+	const PresetInfo *p = preset_info(preset);
+	RangeVar   *rv = target_rangevar(name);
+	char	   *qualified = quote_qualified_identifier(rv->schemaname, rv->relname);
+	List	   *statements;
+	ListCell   *lc;
+
+	Assert(phsync_spi_connected());
+	if (p == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("a table for a custom query cannot be created from a preset")));
+	statements = preset_create_statements(p, qualified);
+	if (cursor && strcmp(cursor, p->cursor) != 0)
+		statements = lappend(statements,
+							 psprintf("CREATE INDEX ON %s (%s)", qualified, quote_identifier(cursor)));
+	foreach(lc, statements)
+	{
+		if (phsync_spi_exec(lfirst(lc), 0, NULL, NULL, NULL, false, 0) != SPI_OK_UTILITY)
+			elog(ERROR, "could not create table %s", qualified);
+	}
+	CommandCounterIncrement();
+}
+
+/*
+ * max(cursor)::timestamptz of a table, with SPI connected; with bounds,
+ * only among rows whose cursor is in [*from, *to).  False when there is no
+ * such row.
+ */
+bool
+relation_watermark(Oid relid, const char *cursor, TimestampTz *from,
+				   TimestampTz *to, TimestampTz *watermark)
+{
+	bool		isnull = true;
+	const char *col = quote_identifier(cursor);
+	Oid			types[2] = {TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Datum		values[2] = {from ? TimestampTzGetDatum(*from) : 0, to ? TimestampTzGetDatum(*to) : 0};
+	char	   *sql = psprintf("SELECT pg_catalog.max(%s)::pg_catalog.timestamptz FROM %s%s",
+							   col,
+							   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+														  get_rel_name(relid)),
+							   from ? psprintf(" WHERE %s OPERATOR(pg_catalog.>=) $1 AND %s OPERATOR(pg_catalog.<) $2",
+											   col, col) : "");
+
+	Assert(phsync_spi_connected());
+	if (phsync_spi_exec(sql, from ? 2 : 0, types, values, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read the watermark of %s", get_rel_name(relid));
+	if (SPI_processed == 1)
+		*watermark = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+													   SPI_tuptable->tupdesc, 1,
+													   &isnull));
+	return !isnull;
+}
+
+/*
+ * max(cursor) of the target, the watermark (within [*from, *to) when
+ * given).  False when there is no row.
+ */
+bool
+target_watermark(PhsyncTarget *target, TimestampTz *from, TimestampTz *to,
+				 TimestampTz *watermark)
+{
+	return relation_watermark(target->relid, target->cols[target->cursor].name,
+							  from, to, watermark);
+}

@@ -1,0 +1,622 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *		The phsync background worker: its start, and its loop, which reads
+ *		as the steps it takes, in order of precedence:
+ *
+ *			wait for the extension -> take over the run history ->
+ *			serve a session's request -> run a queued backfill ->
+ *			run the scheduled syncs when due -> sleep until due
+ *
+ *		Each step is a function below; a step that did something starts
+ *		the loop over, so a request is never kept waiting behind a queue.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "commands/dbcommands.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include "phsync.h"
+
+/* how often to look again for a missing database or extension */
+#define POLL_MS 5000L
+/* the longest single sleep: bounds the effect of a jump of the clock */
+#define MAX_SLEEP_MS (10 * 60 * 1000L)
+
+/*
+ * When the worker started or last re-read its settings: with no scheduled
+ * run in phsync.runs yet, the first slot after this is due.  (It must not be
+ * "now", or the due time would slide forward as time passes.)
+ */
+static TimestampTz schedule_base = 0;
+
+/*
+ * When this worker last started a scheduled run.  A run that fails before
+ * it could even write its phsync.runs row (no INSERT right, disk full)
+ * leaves no trace there; without this the same past slot would be due again
+ * at once, for ever.
+ */
+static TimestampTz last_schedule_attempt = 0;
+
+/* the run history was taken over since the extension appeared */
+static bool took_over = false;
+
+/*
+ * Register the one static worker (from _PG_init, while preloading).  It
+ * starts once recovery is over, so a standby never runs it; the postmaster
+ * restarts it if it dies.
+ */
+void
+worker_register(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 5;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "phsync");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "phsync_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "phsync worker");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "phsync worker");
+	RegisterBackgroundWorker(&worker);
+}
+
+static void
+report_activity(const char *fmt,...) pg_attribute_printf(1, 2);
+
+static void
+report_activity(const char *fmt,...)
+{
+	char		buf[256];
+	va_list		ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	pgstat_report_activity(STATE_IDLE, buf);
+}
+
+/*
+ * Sleep on the latch until woken or ms have passed.  The table statistics
+ * of the last transactions are flushed first, so that they show (and
+ * autovacuum sees them) while the worker waits.
+ */
+static void
+nap(long ms)
+{
+	if (!IsTransactionState())
+		pgstat_report_stat(true);
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					 ms, PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+}
+
+/*
+ * Connected to no database: sleep until phsync.database exists, then exit so
+ * that the postmaster starts us again and we connect to it.  Quiet: nothing
+ * is logged while waiting.
+ */
+static void
+wait_for_database(void)
+{
+	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	report_activity("waiting for database \"%s\" to be created", phsync_database);
+
+	for (;;)
+	{
+		bool		exists;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		StartTransactionCommand();
+		exists = OidIsValid(get_database_oid(phsync_database, true));
+		CommitTransactionCommand();
+		if (exists)
+		{
+			shmem_set_connect_failed(false);
+			ereport(LOG,
+					(errmsg("phsync worker found database \"%s\" and restarts to connect to it",
+							phsync_database)));
+			proc_exit(1);
+		}
+		nap(POLL_MS);
+	}
+}
+
+/*
+ * Start: signals, the connection to phsync.database as phsync.role (or,
+ * when the last attempt failed because it does not exist, a quiet wait for
+ * it), and the session settings every run relies on.
+ */
+static void
+worker_start(void)
+{
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	if (shmem_connect_failed())
+		wait_for_database();	/* does not return */
+
+	/* If this fails (no such database), the next start waits quietly. */
+	shmem_set_connect_failed(true);
+	BackgroundWorkerInitializeConnection(phsync_database,
+										 phsync_role[0] ? phsync_role : NULL, 0);
+	shmem_set_connect_failed(false);
+
+	/* phsync speaks UTC to PostHog; make timestamp text unambiguous too */
+	SetConfigOption("TimeZone", "UTC", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("application_name", "phsync worker", PGC_USERSET, PGC_S_OVERRIDE);
+
+	shmem_worker_attach();
+	schedule_base = GetCurrentTimestamp();
+}
+
+/*
+ * Is extension phsync there, and at the library's version?  *version gets
+ * the installed version, NULL when there is none.
+ */
+static bool
+extension_ready(char **version)
+{
+	MemoryContext cxt = xact_begin();
+
+	*version = NULL;
+	if (phsync_spi_exec("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'phsync'",
+						0, NULL, NULL, NULL, true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+		*version = MemoryContextStrdup(cxt, SPI_getvalue(SPI_tuptable->vals[0],
+														 SPI_tuptable->tupdesc, 1));
+	xact_commit(cxt);
+	return *version && strcmp(*version, PHSYNC_VERSION) == 0;
+}
+
+/*
+ * An answer that carries an error given here, not by a run.
+ */
+static void
+answer_error(PhsyncAnswer *answer, int sqlerrcode, const char *message, const char *hint)
+{
+	memset(answer, 0, sizeof(*answer));
+	answer->sqlerrcode = sqlerrcode;
+	strlcpy(answer->message, message, sizeof(answer->message));
+	strlcpy(answer->hint, hint ? hint : "", sizeof(answer->hint));
+}
+
+/*
+ * Step 1: until extension phsync exists at the library's version, answer
+ * any request with why not, and wait.  Returns whether it is ready.
+ */
+static bool
+wait_for_extension(void)
+{
+	PhsyncRequest request;
+	char	   *version;
+
+	if (extension_ready(&version))
+		return true;
+
+	/*
+	 * A request can only come from a session that sees the extension, so
+	 * that session has not committed CREATE EXTENSION yet (or the extension
+	 * is older than the library).
+	 */
+	if (shmem_take_request(&request))
+	{
+		PhsyncAnswer answer;
+
+		if (version)
+			answer_error(&answer, ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+						 psprintf("extension \"phsync\" is at version %s, but the library is version %s",
+								  version, PHSYNC_VERSION),
+						 "ALTER EXTENSION phsync UPDATE;");
+		else
+			answer_error(&answer, ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+						 "the phsync worker does not see extension \"phsync\" yet",
+						 "Commit the transaction that ran CREATE EXTENSION phsync before calling phsync_run_now().");
+		shmem_answer_request(&answer);
+	}
+	took_over = false;
+	shmem_set_next_due(0);
+	if (version)
+		report_activity("waiting for ALTER EXTENSION phsync UPDATE (version %s installed, library %s)",
+						version, PHSYNC_VERSION);
+	else
+		report_activity("waiting for CREATE EXTENSION phsync in database \"%s\"",
+						phsync_database);
+	nap(POLL_MS);
+	return false;
+}
+
+/*
+ * Housekeeping: run fn(); if it fails (say, phsync.role lacks a right), a
+ * WARNING "phsync could not <what>: <error>" with the hint, never the end
+ * of the worker.  Returns whether fn() ran to the end.
+ */
+static bool
+housekeeping(void (*fn) (void *), void *arg, const char *what, const char *hint)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		fn(arg);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata = xact_recover(cxt);
+
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("phsync could not %s: %s", what, edata->message),
+				 errhint("%s", hint)));
+		FreeErrorData(edata);
+		ok = false;
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+static void
+prune_runs(void *arg)
+{
+	int64		n = runlog_prune(phsync_history_days);
+
+	if (n > 0)
+		ereport(LOG,
+				(errmsg("phsync deleted %lld run(s) older than %d days from phsync.runs",
+						(long long) n, phsync_history_days)));
+}
+
+/*
+ * Keep phsync.history_days of run history.
+ */
+static void
+prune_history(void)
+{
+	(void) housekeeping(prune_runs, NULL, "delete old runs",
+						"The worker's role needs DELETE on phsync.runs and phsync.rejects; phsync.history_days = 0 keeps all history.");
+}
+
+static void
+claim(void *arg)
+{
+	MemoryContext cxt = xact_begin();
+
+	*(bool *) arg = runlog_claim_cluster();
+	xact_commit(cxt);
+}
+
+/*
+ * Step 2, once per appearance of the extension: runs left "running" by a
+ * crash are failed, and if this cluster is new to the run history
+ * (installed, or restored from a dump), scheduled runs recorded elsewhere
+ * are not runs this server missed.
+ */
+static void
+take_over_history(void)
+{
+	int			n = runlog_fail_orphans();
+	bool		claimed = false;
+
+	if (n > 0)
+		ereport(LOG,
+				(errmsg("phsync marked %d interrupted run(s) as failed", n)));
+	if (housekeeping(claim, &claimed, "record which cluster owns the run history",
+					 "The worker's role needs SELECT, INSERT and DELETE on phsync.cluster; without it a restored database may catch up on a scheduled run.") &&
+		claimed)
+	{
+		last_schedule_attempt = GetCurrentTimestamp();
+		ereport(LOG,
+				(errmsg("phsync worker took over database \"%s\"; the next scheduled run is the next slot",
+						phsync_database)));
+	}
+	prune_history();
+	took_over = true;
+}
+
+/*
+ * The syncs a job is about (sync_list() in a transaction of its own); on
+ * an error (no such sync), NIL with the error in outcome.
+ */
+static List *
+load_syncs(const char *only, PhsyncOutcome *outcome)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	List	   *volatile syncs = NIL;
+
+	PG_TRY();
+	{
+		MemoryContext xcxt = xact_begin();
+
+		syncs = sync_list(only, true);
+		xact_commit(xcxt);
+	}
+	PG_CATCH();
+	{
+		EmitErrorReport();
+		outcome->ok = false;
+		outcome->error = xact_recover(cxt);
+		syncs = NIL;
+	}
+	PG_END_TRY();
+	return syncs;
+}
+
+/*
+ * Add one run's outcome to the answer for a series of runs: the first and
+ * last run, and the first failure.
+ */
+static void
+add_outcome(PhsyncAnswer *answer, PhsyncOutcome *one, const char *sync)
+{
+	if (one->run_id)
+	{
+		if (answer->run_id == 0)
+			answer->run_id = one->run_id;
+		answer->last_run_id = one->run_id;
+	}
+	if (!one->ok && answer->ok)
+	{
+		answer->ok = false;
+		answer->failed_run_id = one->run_id;
+		strlcpy(answer->failed_sync, sync ? sync : "", NAMEDATALEN);
+		answer->sqlerrcode = one->error->sqlerrcode;
+		strlcpy(answer->message, one->error->message ? one->error->message : "",
+				PHSYNC_MAX_MESSAGE);
+		strlcpy(answer->detail, one->error->detail ? one->error->detail : "",
+				PHSYNC_MAX_MESSAGE);
+		strlcpy(answer->hint, one->error->hint ? one->error->hint : "",
+				PHSYNC_MAX_MESSAGE);
+	}
+}
+
+/*
+ * Run the enabled syncs (or the one named), one after the other, each in
+ * its own phsync.runs row; a failure does not stop the others.  Scheduled
+ * runs then verify the previous day of the syncs that ask for it.
+ */
+static void
+run_syncs(PhsyncTrigger trigger, const char *only, PhsyncAnswer *answer)
+{
+	PhsyncOutcome failed = {0};
+	List	   *syncs;
+	ListCell   *lc;
+	int			nfailed = 0;
+
+	memset(answer, 0, sizeof(*answer));
+	answer->ok = true;
+	syncs = load_syncs(only, &failed);
+	if (!failed.ok && failed.error)
+	{
+		add_outcome(answer, &failed, NULL);
+		return;
+	}
+
+	foreach(lc, syncs)
+	{
+		PhsyncSync *sync = lfirst(lc);
+		PhsyncJob	job = {0};
+		PhsyncOutcome outcome;
+
+		job.trigger = trigger;
+		job.sync = sync;
+		run_job(&job, &outcome);
+		if (!outcome.ok)
+			nfailed++;
+		add_outcome(answer, &outcome, sync->name);
+
+		if (trigger == PHSYNC_TRIGGER_SCHEDULE && sync->verify && outcome.ok)
+		{
+			PhsyncJob	check = {0};
+			PhsyncOutcome verified;
+
+			check.trigger = PHSYNC_TRIGGER_VERIFY;
+			check.sync = sync;
+			check.bounded = true;
+			check.from = schedule_day_start(GetCurrentTimestamp(), 1);
+			check.to = schedule_day_start(GetCurrentTimestamp(), 0);
+			check.bucket = check.to - check.from;
+			run_job(&check, &verified);
+		}
+	}
+	if (nfailed > 1)
+	{
+		char	   *more = psprintf("%s (and %d more of the %d syncs failed; see phsync.runs)",
+									answer->message, nfailed - 1, list_length(syncs));
+
+		strlcpy(answer->message, more, PHSYNC_MAX_MESSAGE);
+	}
+}
+
+/*
+ * A session's verification: one verify run.
+ */
+static void
+run_verify(PhsyncRequest *request, PhsyncAnswer *answer)
+{
+	PhsyncOutcome outcome = {0};
+	PhsyncJob	job = {0};
+	List	   *syncs;
+
+	memset(answer, 0, sizeof(*answer));
+	answer->ok = true;
+	syncs = load_syncs(request->sync, &outcome);
+	if (syncs != NIL)
+	{
+		job.trigger = PHSYNC_TRIGGER_VERIFY;
+		job.sync = linitial(syncs);
+		job.bounded = true;
+		job.from = request->from;
+		job.to = request->to;
+		job.bucket = request->bucket;
+		job.repair = request->repair;
+		run_job(&job, &outcome);
+	}
+	add_outcome(answer, &outcome, request->sync);
+}
+
+/*
+ * Step 3: carry out a session's request, if one is pending.
+ */
+static bool
+serve_request(void)
+{
+	PhsyncRequest request;
+	PhsyncAnswer answer;
+
+	if (!shmem_take_request(&request))
+		return false;
+	if (request.kind == PHSYNC_REQUEST_RUN)
+		run_syncs(PHSYNC_TRIGGER_MANUAL, request.sync[0] ? request.sync : NULL, &answer);
+	else
+		run_verify(&request, &answer);
+	shmem_answer_request(&answer);
+	prune_history();
+	return true;
+}
+
+/*
+ * Step 4: carry out the oldest queued backfill, if there is one.
+ */
+static bool
+run_queued(void)
+{
+	int64		run_id;
+	char	   *sync;
+	TimestampTz from;
+	TimestampTz to;
+	List	   *syncs;
+	PhsyncOutcome outcome = {0};
+	PhsyncJob	job = {0};
+
+	if (!runlog_next_queued(&run_id, &sync, &from, &to))
+		return false;
+	syncs = load_syncs(sync, &outcome);
+	if (syncs == NIL)
+	{
+		runlog_fail_queued(run_id, outcome.error->message);
+		return true;
+	}
+	job.trigger = PHSYNC_TRIGGER_BACKFILL;
+	job.sync = linitial(syncs);
+	job.run_id = run_id;
+	job.bounded = true;
+	job.from = from;
+	job.to = to;
+	shmem_set_busy(true);
+	run_job(&job, &outcome);
+	shmem_set_busy(false);
+	return true;
+}
+
+/*
+ * When the next scheduled run is due: the first slot after the last
+ * scheduled run recorded in phsync.runs, so that a restart neither repeats
+ * a run nor skips one, and runs missed while the server was down collapse
+ * into one at start-up.  With no scheduled run yet, the first slot from the
+ * worker's start or its last reload of the settings.
+ */
+static TimestampTz
+next_due(void)
+{
+	TimestampTz last;
+	TimestampTz owned_since;
+
+	if (runlog_last_scheduled(&last, &owned_since))
+		return schedule_slot_after(Max(last, last_schedule_attempt));
+	/* none yet here: the first slot after the worker started or took over */
+	return schedule_slot_after(Max(Max(schedule_base - 1, owned_since), last_schedule_attempt));
+}
+
+/*
+ * Step 5: run every enabled sync if the schedule says so.  Otherwise
+ * publish when it will, and return that time in *due.
+ */
+static bool
+run_due(TimestampTz *due)
+{
+	PhsyncAnswer answer;
+
+	*due = next_due();
+	if (*due > GetCurrentTimestamp())
+	{
+		shmem_set_next_due(*due);
+		return false;
+	}
+	shmem_set_busy(true);
+	last_schedule_attempt = GetCurrentTimestamp();
+	run_syncs(PHSYNC_TRIGGER_SCHEDULE, NULL, &answer);
+	shmem_set_busy(false);
+	prune_history();
+	return true;
+}
+
+/*
+ * Step 6: sleep until the next run is due (or a session wakes us).
+ */
+static void
+sleep_until(TimestampTz due)
+{
+	long		ms = (long) Min((due - GetCurrentTimestamp() + 999) / 1000, MAX_SLEEP_MS);
+
+	report_activity("idle until %s", timestamptz_to_str(due));
+	nap(Max(ms, 1));
+}
+
+/*
+ * Entry point of the background worker.
+ */
+void
+phsync_worker_main(Datum main_arg)
+{
+	MemoryContext loop_cxt;
+
+	worker_start();
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "phsync worker loop",
+									 ALLOCSET_DEFAULT_SIZES);
+	for (;;)
+	{
+		TimestampTz due;
+
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			schedule_base = GetCurrentTimestamp();
+		}
+
+		if (!wait_for_extension())
+			continue;
+		if (!took_over)
+			take_over_history();
+		if (serve_request())
+			continue;
+		if (run_queued())
+			continue;
+		if (run_due(&due))
+			continue;
+		sleep_until(due);
+	}
+}

@@ -78,6 +78,14 @@ if ! diff -u --label expected --label "files in $(basename "$deb")" "$tmp/expect
 	echo "(- expected but missing from the package, + in the package but not expected)"
 	fail=1
 fi
+# 5. one version: phsync.control's default_version is the version; the
+# package, META.json and the newest install script must agree with it
+extver=$(sed -n "s/^default_version *= *'\(.*\)'/\1/p" "$here/phsync.control")
+[ "${version%%-*}" = "$extver.0" ] || { echo "debian/changelog says ${version%%-*}, phsync.control $extver"; fail=1; }
+grep -q "\"version\": \"$extver.0\"" "$here/META.json" || { echo "META.json does not say version $extver.0"; fail=1; }
+grep -q "\"file\": \"phsync--$extver.sql\"" "$here/META.json" || { echo "META.json does not name phsync--$extver.sql"; fail=1; }
+[ -f "$here/phsync--$extver.sql" ] || { echo "no install script phsync--$extver.sql"; fail=1; }
+grep -q "^## $extver" "$here/CHANGELOG.md" || { echo "CHANGELOG.md has no section for $extver"; fail=1; }
 [ "$fail" = 0 ] || die "package check failed: $deb"
 
 mkdir -p "$out"

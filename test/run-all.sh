@@ -21,6 +21,9 @@ tests=${PHSYNC_TAP_TESTS:-test/t/*.pl}
 only=()
 [ -n "${PHSYNC_TAP_TESTS:-}" ] && only=(REGRESS=)
 
+# the tests run against a build with Assert() checks on
+export PHSYNC_ASSERTS=${PHSYNC_ASSERTS-1}
+
 if [ "$(id -u)" = 0 ]; then
 	"$here/test/install-deps.sh"
 	work=$(mktemp -d /tmp/phsync-test.XXXXXX)
@@ -36,6 +39,11 @@ else
 	status=0
 	make -C "$work" -s installcheck PG_CONFIG="$pgbin/pg_config" \
 		PROVE_TESTS="$tests" "${only[@]}" || status=$?
+fi
+
+# every call between files goes downward (see phsync.h)
+if [ $status -eq 0 ]; then
+	"$here/test/layers.sh" "$here" || status=$?
 fi
 
 if [ $status -ne 0 ]; then

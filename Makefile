@@ -39,6 +39,10 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
-# every object depends on the private header (PGXS does not track headers)
-# and on the version
-$(OBJS): phsync.h phsync.control
+# every object depends on the private header (PGXS does not track headers),
+# on the version, and on the flags (PHSYNC_ASSERTS=1 rebuilds everything)
+$(OBJS): phsync.h phsync.control .build-flags
+.build-flags: FORCE
+	@echo '$(PG_CPPFLAGS)' | cmp -s - $@ || echo '$(PG_CPPFLAGS)' > $@
+FORCE:
+EXTRA_CLEAN = .build-flags

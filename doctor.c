@@ -271,6 +271,14 @@ check_target(Doctor *d, PhsyncSync *sync, const char *prefix)
 	spec.cursor_origin = sync_cursor_origin(sync);
 	spec.preset = sync->preset;
 	spec.update = sync->update;
+	spec.owner = sync->owner;
+	if (!OidIsValid(sync->owner))
+	{
+		row(d, "target", "error",
+			psprintf("%srole \"%s\", which owns the sync, does not exist", prefix, sync->owner_name),
+			NULL);
+		return NULL;
+	}
 	target = target_examine(&spec, &problem);
 	if (target == NULL && problem.sqlerrcode == ERRCODE_UNDEFINED_TABLE &&
 		sync_is_default(sync) && sync->preset != PHSYNC_CUSTOM)

@@ -111,6 +111,7 @@ fetch_json(PhsyncRunState *st, PhsyncQuery *q, const char *hogql, int64 bucket)
 		bool		less;
 
 		CHECK_FOR_INTERRUPTS();
+		shmem_check_cancel();
 		snprintf(client_id, sizeof(client_id), "phsync-%lld-%d-%016llx",
 				 (long long) st->run_id, st->counters.requests + 1,
 				 (unsigned long long) pg_prng_uint64(&pg_global_prng_state));

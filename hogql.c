@@ -282,6 +282,45 @@ hogql_count_query(PhsyncQuery *q, const char *distinct_key)
 }
 
 /*
+ * Text PostHog sent (an error's detail, a column name, a raw row) made
+ * safe to store and to show: bytes that are not UTF-8 become '?', NUL
+ * bytes end it, and in a database whose encoding is not UTF-8 what the
+ * encoding cannot hold becomes '?' too.  Without this, one bad byte in an
+ * error makes phsync.runs impossible to dump and reload.
+ */
+char *
+foreign_text(const char *s, int len)
+{
+	char	   *out = palloc(len + 1);
+	int			i = 0;
+	int			o = 0;
+
+	while (i < len && s[i] != '\0')
+	{
+		int			l = pg_encoding_verifymbchar(PG_UTF8, s + i, len - i);
+
+		if (l <= 0)
+		{
+			out[o++] = '?';
+			i++;
+		}
+		else if (l > 1 && GetDatabaseEncoding() != PG_UTF8)
+		{
+			out[o++] = '?';
+			i += l;
+		}
+		else
+		{
+			memcpy(out + o, s + i, l);
+			o += l;
+			i += l;
+		}
+	}
+	out[o] = '\0';
+	return out;
+}
+
+/*
  * RFC 3339 text of a timestamp, in UTC, with the fraction only when it is
  * not zero (as PostHog writes them).
  */
@@ -403,7 +442,7 @@ hogql_read_page(json_object *response, PhsyncPage *page)
 
 		if (!json_object_is_type(c, json_type_string))
 			bad_response("A column name is not a string.");
-		page->columns[i] = json_object_get_string(c);
+		page->columns[i] = foreign_text(json_object_get_string(c), json_object_get_string_len(c));
 	}
 
 	/* types: [[name, type], ...] in column order; optional */

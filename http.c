@@ -84,14 +84,15 @@ http_write(char *data, size_t size, size_t nmemb, void *userdata)
 }
 
 /*
- * libcurl progress callback: abort the transfer when PostgreSQL wants us to
- * stop (SIGTERM, cancel), so that a slow request never delays shutdown.
+ * libcurl progress callback (at least once a second): abort the transfer
+ * when PostgreSQL wants us to stop (SIGTERM, cancel) or the run was
+ * cancelled, so that a slow request never delays either.
  */
 static int
 http_progress(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 			  curl_off_t ultotal, curl_off_t ulnow)
 {
-	return (ProcDiePending || QueryCancelPending) ? 1 : 0;
+	return (ProcDiePending || QueryCancelPending || shmem_cancel_pending()) ? 1 : 0;
 }
 
 #define SETOPT(h, opt, val) \
@@ -225,6 +226,7 @@ http_probe(const char *url, const char *ca_file, long timeout_ms, char **detail)
 	}
 	PG_END_TRY();
 	CHECK_FOR_INTERRUPTS();
+	shmem_check_cancel();
 	*detail = pstrdup(errbuf[0] ? errbuf : curl_easy_strerror(rc));
 	return (int) rc;
 }
@@ -256,16 +258,9 @@ error_detail(PhsyncHttp *http)
 		json_object_is_type(http->parsed, json_type_object) &&
 		json_object_object_get_ex(http->parsed, "detail", &detail) &&
 		json_object_is_type(detail, json_type_string))
-		return pstrdup(json_object_get_string(detail));
+		return foreign_text(json_object_get_string(detail), json_object_get_string_len(detail));
 	if (http->rawlen > 0)
-	{
-		char	   *raw = pnstrdup(http->raw, http->rawlen);
-
-		/* a body that is not valid text is not worth showing */
-		if (pg_verifymbstr(raw, (int) strlen(raw), true))
-			return raw;
-		return pstrdup("The response body is not valid UTF-8.");
-	}
+		return foreign_text(http->raw, (int) http->rawlen);
 	return pstrdup("The response had no body.");
 }
 
@@ -374,6 +369,7 @@ http_post(PhsyncHttp *http, const char *url, const char *body,
 
 	/* a cancel or shutdown made the progress callback abort: act on it */
 	CHECK_FOR_INTERRUPTS();
+	shmem_check_cancel();
 
 	curl_easy_getinfo(http->curl, CURLINFO_RESPONSE_CODE, &status);
 	result->status = status;

@@ -54,6 +54,7 @@ struct PhsyncLoader
 	PhsyncTarget *target;
 	bool		update;			/* ON CONFLICT DO UPDATE rows that changed */
 	PhsyncBadRow on_bad_row;
+	Oid			writer;			/* the role inserts run as */
 	int		   *keycols;		/* update: result column of each unique key column */
 	int			ncolumns;		/* result columns, all mapped */
 	int		   *colmap;			/* result column -> index in target->cols */
@@ -80,6 +81,8 @@ loader_create(PhsyncTarget *target, PhsyncPage *page, bool update,
 	loader->target = target;
 	loader->update = update;
 	loader->on_bad_row = on_bad_row;
+	loader->writer = target->writer;
+	Assert(OidIsValid(loader->writer));
 	loader->cxt = CurrentMemoryContext;
 	loader->ncolumns = page->ncolumns;
 	loader->colmap = palloc(sizeof(int) * page->ncolumns);
@@ -374,7 +377,10 @@ convert_row(PageValues *pv, int r, int slot)
 }
 
 /*
- * Convert and insert rows [first, first + n), a batch at a time.
+ * Convert and insert rows [first, first + n), a batch at a time, as the
+ * role the sync acts as (see target.c): the target's column types' input
+ * functions, its triggers and defaults run with that role's rights, under
+ * SECURITY_RESTRICTED_OPERATION.
  */
 static void
 insert_rows(void *arg)
@@ -386,7 +392,9 @@ insert_rows(void *arg)
 												   ALLOCSET_DEFAULT_SIZES);
 	MemoryContext oldcxt = CurrentMemoryContext;
 	int			done = 0;
+	PhsyncAsRole save;
 
+	as_role_begin(loader->writer, true, &save);
 	pv->inserted = 0;
 	pv->updated = 0;
 	pv->rowcxt = AllocSetContextCreate(CurrentMemoryContext, "phsync row",
@@ -399,6 +407,7 @@ insert_rows(void *arg)
 					ret;
 
 		CHECK_FOR_INTERRUPTS();
+		shmem_check_cancel();
 		MemoryContextSwitchTo(batchcxt);
 		for (r = 0; r < nrows; r++)
 			convert_row(pv, pv->rows[pv->first + done + r], r);
@@ -448,12 +457,16 @@ insert_rows(void *arg)
 	}
 	MemoryContextDelete(pv->rowcxt);
 	MemoryContextDelete(batchcxt);
+	as_role_end(&save);
 }
 
 /*
  * Is this an error about the row's data (SQLSTATE class 22, data
- * exception, or 23, integrity constraint violation), rather than about the
- * table, the session or the server?
+ * exception, or 23, integrity constraint violation, or a value too big or
+ * too deep to take: 54000 program_limit_exceeded, 54001
+ * statement_too_complex, such as a properties object nested 100,000
+ * deep), rather than about the table, the session or the server?  Such a
+ * row must not stop a sync: anyone can send PostHog an event.
  */
 static bool
 is_row_error(int sqlerrcode)
@@ -461,7 +474,9 @@ is_row_error(int sqlerrcode)
 	int			category = ERRCODE_TO_CATEGORY(sqlerrcode);
 
 	return category == ERRCODE_DATA_EXCEPTION ||
-		category == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION;
+		category == ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION ||
+		sqlerrcode == ERRCODE_PROGRAM_LIMIT_EXCEEDED ||
+		sqlerrcode == ERRCODE_STATEMENT_TOO_COMPLEX;
 }
 
 /*
@@ -517,24 +532,8 @@ static char *
 raw_row_text(json_object *row)
 {
 	const char *s = row ? json_object_to_json_string_ext(row, JSON_C_TO_STRING_PLAIN) : "null";
-	int			len = (int) strlen(s);
-	char	   *out = palloc(len + 1);
-	int			i = 0;
 
-	while (i < len)
-	{
-		int			l = pg_encoding_verifymbchar(PG_UTF8, s + i, len - i);
-
-		if (l <= 0)
-		{
-			out[i++] = '?';
-			continue;
-		}
-		memcpy(out + i, s + i, l);
-		i += l;
-	}
-	out[len] = '\0';
-	return pg_any_to_server(out, len, PG_UTF8);
+	return foreign_text(s, (int) strlen(s));
 }
 
 static Datum
@@ -665,6 +664,7 @@ loader_insert(PhsyncLoader *loader, PhsyncPage *page, int64 run_id,
 			char	   *failure;
 
 			CHECK_FOR_INTERRUPTS();
+			shmem_check_cancel();
 			pv.first = r;
 			pv.n = 1;
 			failure = try_in_subtransaction(insert_rows, &pv);

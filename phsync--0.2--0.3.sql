@@ -74,11 +74,86 @@ COMMENT ON COLUMN phsync.verifications.posthog_count IS 'rows PostHog has in the
 COMMENT ON COLUMN phsync.verifications.local_count IS 'rows the target has in the bucket';
 COMMENT ON COLUMN phsync.cluster.system_identifier IS 'pg_control_system().system_identifier of that cluster';
 COMMENT ON COLUMN phsync.cluster.registered_at IS 'when it took the run history over';
+
+-- a sync has an owner: runs act on its target as that role
+ALTER TABLE phsync.syncs ADD COLUMN owner name NOT NULL DEFAULT CURRENT_USER;
+COMMENT ON COLUMN phsync.syncs.owner IS 'the role that added it: runs act on the target as this role (a superuser''s sync into another role''s table: as that table''s owner)';
+
+-- a run can be cancelled
+ALTER TABLE phsync.runs DROP CONSTRAINT runs_status_check;
+ALTER TABLE phsync.runs ADD CONSTRAINT runs_status_check
+	CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled'));
+COMMENT ON COLUMN phsync.runs.status IS 'queued (a backfill waiting for the worker), running, succeeded, failed or cancelled (phsync_cancel(), or its caller gave up)';
+
+-- phsync_backfill() and phsync_verify() check who calls them
+CREATE OR REPLACE FUNCTION @extschema@.phsync_backfill(sync text, "from" timestamptz, "to" timestamptz)
+RETURNS phsync.runs
+AS 'MODULE_PATHNAME', 'phsync_backfill'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+CREATE OR REPLACE FUNCTION @extschema@.phsync_verify(sync text, "from" timestamptz, "to" timestamptz,
+										  bucket interval DEFAULT '1 day', repair boolean DEFAULT false)
+RETURNS TABLE (bucket timestamptz, posthog_count bigint, local_count bigint, status text)
+AS 'MODULE_PATHNAME', 'phsync_verify'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+-- phsync.status says why a target is not read
+DROP VIEW phsync.status;
+DROP FUNCTION @extschema@.phsync_sync_state();
+CREATE FUNCTION @extschema@.phsync_sync_state(
+	OUT sync text, OUT enabled boolean, OUT target text, OUT watermark timestamptz,
+	OUT next_run timestamptz, OUT running boolean, OUT run_id bigint, OUT pages integer,
+	OUT rows_received bigint, OUT target_problem text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'phsync_sync_state'
+LANGUAGE C VOLATILE STRICT
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_sync_state() IS
+	'each sync''s target watermark and the phsync worker''s state (next run, run in progress), for phsync.status';
+
+REVOKE ALL ON FUNCTION @extschema@.phsync_sync_state() FROM PUBLIC;
+
+CREATE VIEW phsync.status AS
+SELECT s.sync,
+	   s.enabled,
+	   s.target,
+	   r.id AS last_run_id,
+	   r.status AS last_status,
+	   r.started_at AS last_started_at,
+	   r.finished_at AS last_finished_at,
+	   r.rows_inserted AS last_rows_inserted,
+	   r.error AS last_error,
+	   s.watermark,
+	   pg_catalog.now() OPERATOR(pg_catalog.-) s.watermark AS lag,
+	   s.next_run,
+	   s.running,
+	   s.run_id,
+	   s.pages,
+	   s.rows_received,
+	   v.verify_mismatches AS last_verify_mismatches,
+	   s.target_problem
+FROM @extschema@.phsync_sync_state() s
+LEFT JOIN LATERAL (SELECT * FROM phsync.runs
+				   WHERE runs.sync OPERATOR(pg_catalog.=) s.sync
+					 AND runs.status IN ('succeeded', 'failed', 'cancelled')
+					 AND runs.trigger OPERATOR(pg_catalog.<>) 'verify'
+				   ORDER BY id DESC LIMIT 1) r ON true
+LEFT JOIN LATERAL (SELECT runs.verify_mismatches FROM phsync.runs
+				   WHERE runs.sync OPERATOR(pg_catalog.=) s.sync
+					 AND runs.status OPERATOR(pg_catalog.=) 'succeeded'
+					 AND runs.trigger OPERATOR(pg_catalog.=) 'verify'
+				   ORDER BY id DESC LIMIT 1) v ON true;
+
+COMMENT ON VIEW phsync.status IS
+	'one row per sync: last finished run, watermark and lag, next scheduled run, run in progress, last verification';
 COMMENT ON COLUMN phsync.status.sync IS 'the sync: default, or a name from phsync.syncs';
 COMMENT ON COLUMN phsync.status.enabled IS 'whether scheduled runs run it';
 COMMENT ON COLUMN phsync.status.target IS 'its target table';
 COMMENT ON COLUMN phsync.status.last_run_id IS 'its last finished run that was not a verification';
-COMMENT ON COLUMN phsync.status.last_status IS 'how that run ended: succeeded or failed';
+COMMENT ON COLUMN phsync.status.last_status IS 'how that run ended: succeeded, failed or cancelled';
 COMMENT ON COLUMN phsync.status.last_started_at IS 'when that run started';
 COMMENT ON COLUMN phsync.status.last_finished_at IS 'when that run ended';
 COMMENT ON COLUMN phsync.status.last_rows_inserted IS 'rows that run inserted';
@@ -91,3 +166,15 @@ COMMENT ON COLUMN phsync.status.run_id IS 'the run in progress';
 COMMENT ON COLUMN phsync.status.pages IS 'pages the run in progress has loaded';
 COMMENT ON COLUMN phsync.status.rows_received IS 'rows the run in progress has received';
 COMMENT ON COLUMN phsync.status.last_verify_mismatches IS 'buckets that differed in its last verification';
+COMMENT ON COLUMN phsync.status.target_problem IS 'why the target is not read (it does not exist, is not a table, the sync''s owner may not write it...); NULL when it is fine';
+
+CREATE FUNCTION @extschema@.phsync_cancel(run_id bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'phsync_cancel'
+LANGUAGE C VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_cancel(bigint) IS
+	'cancels a queued or running run (the sync''s owner and superusers may); a running one stops within a second';
+
+REVOKE ALL ON FUNCTION @extschema@.phsync_cancel(bigint) FROM PUBLIC;

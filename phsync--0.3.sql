@@ -53,7 +53,7 @@ CREATE TABLE phsync.runs (
 	started_at		timestamptz NOT NULL DEFAULT pg_catalog.now(),
 	finished_at		timestamptz,
 	status			text NOT NULL DEFAULT 'running'
-					CHECK (status IN ('queued', 'running', 'succeeded', 'failed')),
+					CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
 	target			text NOT NULL,
 	window_from		timestamptz,
 	window_until	timestamptz,
@@ -76,7 +76,7 @@ COMMENT ON COLUMN phsync.runs.id IS 'run id, as phsync_run_now() notices and log
 COMMENT ON COLUMN phsync.runs.started_at IS 'when the run started (queued backfills: when they were queued, until they start)';
 COMMENT ON COLUMN phsync.runs.finished_at IS 'when the run ended; NULL while it is queued or running';
 COMMENT ON COLUMN phsync.runs.trigger IS 'schedule (phsync.run_at/phsync.interval), manual (phsync_run_now()), backfill (phsync_backfill()) or verify (phsync_verify(), or the scheduled check of the previous day)';
-COMMENT ON COLUMN phsync.runs.status IS 'queued (a backfill waiting for the worker), running, succeeded or failed';
+COMMENT ON COLUMN phsync.runs.status IS 'queued (a backfill waiting for the worker), running, succeeded, failed or cancelled (phsync_cancel(), or its caller gave up)';
 COMMENT ON COLUMN phsync.runs.target IS 'target table of the run';
 COMMENT ON COLUMN phsync.runs.window_from IS 'start of the window read from PostHog (inclusive)';
 COMMENT ON COLUMN phsync.runs.window_until IS 'end of the window read from PostHog (exclusive), fixed when the run started';
@@ -143,13 +143,15 @@ CREATE TABLE phsync.syncs (
 	enabled			boolean NOT NULL DEFAULT true,
 	verify			boolean NOT NULL DEFAULT false,
 	created_at		timestamptz NOT NULL DEFAULT pg_catalog.now(),
-	CHECK ((preset IS NULL) OPERATOR(pg_catalog.<>) (query IS NULL))
+	CHECK ((preset IS NULL) OPERATOR(pg_catalog.<>) (query IS NULL)),
+	owner			name NOT NULL DEFAULT CURRENT_USER
 );
 
 COMMENT ON TABLE phsync.syncs IS 'syncs added with phsync_add_sync(); the sync named default comes from the phsync.* settings';
 COMMENT ON COLUMN phsync.syncs.name IS 'the sync''s name: lower-case letters, digits and underscores';
 COMMENT ON COLUMN phsync.syncs.enabled IS 'whether scheduled runs and phsync_run_now() run it';
 COMMENT ON COLUMN phsync.syncs.created_at IS 'when it was added';
+COMMENT ON COLUMN phsync.syncs.owner IS 'the role that added it: runs act on the target as this role (a superuser''s sync into another role''s table: as that table''s owner)';
 COMMENT ON COLUMN phsync.syncs.target IS 'target table, schema-qualified';
 COMMENT ON COLUMN phsync.syncs.preset IS 'built-in query: events or persons (NULL with a custom query)';
 COMMENT ON COLUMN phsync.syncs.query IS 'custom HogQL query (NULL with a preset)';
@@ -250,7 +252,7 @@ CREATE FUNCTION @extschema@.phsync_backfill(sync text, "from" timestamptz, "to" 
 RETURNS phsync.runs
 AS 'MODULE_PATHNAME', 'phsync_backfill'
 LANGUAGE C VOLATILE
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+SET search_path = pg_catalog, pg_temp;
 
 COMMENT ON FUNCTION @extschema@.phsync_backfill(text, timestamptz, timestamptz) IS
 	'queues a load of [from, to) for a sync; resumes from the target''s max(cursor) inside the range';
@@ -262,7 +264,7 @@ CREATE FUNCTION @extschema@.phsync_verify(sync text, "from" timestamptz, "to" ti
 RETURNS TABLE (bucket timestamptz, posthog_count bigint, local_count bigint, status text)
 AS 'MODULE_PATHNAME', 'phsync_verify'
 LANGUAGE C VOLATILE
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+SET search_path = pg_catalog, pg_temp;
 
 COMMENT ON FUNCTION @extschema@.phsync_verify(text, timestamptz, timestamptz, interval, boolean) IS
 	'compares PostHog''s row count with the target''s, per bucket of [from, to); repair => true fetches the buckets that differ again';
@@ -280,7 +282,7 @@ COMMENT ON FUNCTION @extschema@.phsync_next_run(timestamptz) IS
 CREATE FUNCTION @extschema@.phsync_sync_state(
 	OUT sync text, OUT enabled boolean, OUT target text, OUT watermark timestamptz,
 	OUT next_run timestamptz, OUT running boolean, OUT run_id bigint, OUT pages integer,
-	OUT rows_received bigint)
+	OUT rows_received bigint, OUT target_problem text)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'phsync_sync_state'
 LANGUAGE C VOLATILE STRICT
@@ -308,11 +310,12 @@ SELECT s.sync,
 	   s.run_id,
 	   s.pages,
 	   s.rows_received,
-	   v.verify_mismatches AS last_verify_mismatches
+	   v.verify_mismatches AS last_verify_mismatches,
+	   s.target_problem
 FROM @extschema@.phsync_sync_state() s
 LEFT JOIN LATERAL (SELECT * FROM phsync.runs
 				   WHERE runs.sync OPERATOR(pg_catalog.=) s.sync
-					 AND runs.status IN ('succeeded', 'failed')
+					 AND runs.status IN ('succeeded', 'failed', 'cancelled')
 					 AND runs.trigger OPERATOR(pg_catalog.<>) 'verify'
 				   ORDER BY id DESC LIMIT 1) r ON true
 LEFT JOIN LATERAL (SELECT runs.verify_mismatches FROM phsync.runs
@@ -327,7 +330,7 @@ COMMENT ON COLUMN phsync.status.sync IS 'the sync: default, or a name from phsyn
 COMMENT ON COLUMN phsync.status.enabled IS 'whether scheduled runs run it';
 COMMENT ON COLUMN phsync.status.target IS 'its target table';
 COMMENT ON COLUMN phsync.status.last_run_id IS 'its last finished run that was not a verification';
-COMMENT ON COLUMN phsync.status.last_status IS 'how that run ended: succeeded or failed';
+COMMENT ON COLUMN phsync.status.last_status IS 'how that run ended: succeeded, failed or cancelled';
 COMMENT ON COLUMN phsync.status.last_started_at IS 'when that run started';
 COMMENT ON COLUMN phsync.status.last_finished_at IS 'when that run ended';
 COMMENT ON COLUMN phsync.status.last_rows_inserted IS 'rows that run inserted';
@@ -340,10 +343,22 @@ COMMENT ON COLUMN phsync.status.run_id IS 'the run in progress';
 COMMENT ON COLUMN phsync.status.pages IS 'pages the run in progress has loaded';
 COMMENT ON COLUMN phsync.status.rows_received IS 'rows the run in progress has received';
 COMMENT ON COLUMN phsync.status.last_verify_mismatches IS 'buckets that differed in its last verification';
+COMMENT ON COLUMN phsync.status.target_problem IS 'why the target is not read (it does not exist, is not a table, the sync''s owner may not write it...); NULL when it is fine';
 
 REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.phsync_drop_sync(text) FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.phsync_cancel(run_id bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'phsync_cancel'
+LANGUAGE C VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_cancel(bigint) IS
+	'cancels a queued or running run (the sync''s owner and superusers may); a running one stops within a second';
+
+REVOKE ALL ON FUNCTION @extschema@.phsync_cancel(bigint) FROM PUBLIC;
 
 /*
  * Which cluster this database's phsync worker has run in.  Not dumped: after

@@ -15,13 +15,16 @@
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_authid.h"
 #include "catalog/pg_type.h"
+#include "common/int.h"
 #include "commands/dbcommands.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/latch.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/regproc.h"
@@ -49,6 +52,7 @@ PG_FUNCTION_INFO_V1(phsync_add_sync);
 PG_FUNCTION_INFO_V1(phsync_alter_sync);
 PG_FUNCTION_INFO_V1(phsync_drop_sync);
 PG_FUNCTION_INFO_V1(phsync_create_table);
+PG_FUNCTION_INFO_V1(phsync_cancel);
 
 void		_PG_init(void);
 
@@ -83,14 +87,97 @@ text_arg(FunctionCallInfo fcinfo, int arg)
 	return PG_ARGISNULL(arg) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(arg));
 }
 
+/*
+ * An interval in microseconds: days and smaller units only, overflow
+ * checked.
+ */
 static int64
 interval_usecs(Interval *iv, const char *what)
 {
+	int64		days;
+	int64		result;
+
 	if (iv->month != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s must be given in days, hours or smaller units, not months", what)));
-	return iv->time + (int64) iv->day * USECS_PER_DAY;
+	if (pg_mul_s64_overflow((int64) iv->day, USECS_PER_DAY, &days) ||
+		pg_add_s64_overflow(days, iv->time, &result))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("%s is out of range", what)));
+	return result;
+}
+
+/*
+ * to - from in microseconds, overflow checked.
+ */
+static int64
+range_usecs(TimestampTz from, TimestampTz to)
+{
+	int64		diff;
+
+	if (pg_sub_s64_overflow(to, from, &diff))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("the range from \"from\" to \"to\" is too long")));
+	return diff;
+}
+
+/*
+ * Run fn() with phsync's own tables readable and writable: they belong to
+ * the superuser who created the extension, and the SQL functions that
+ * need them are not SECURITY DEFINER, so that they know who calls them.
+ */
+static void
+as_phsync(void (*fn) (void *), void *arg)
+{
+	PhsyncAsRole save;
+
+	as_role_begin(BOOTSTRAP_SUPERUSERID, false, &save);
+	fn(arg);
+	as_role_end(&save);
+}
+
+/*
+ * The sync of that name, read with phsync's rights (SPI connected).
+ */
+typedef struct FindSync
+{
+	const char *name;
+	PhsyncSync *sync;
+} FindSync;
+
+static void
+find_sync_fn(void *arg)
+{
+	FindSync   *f = (FindSync *) arg;
+
+	f->sync = linitial(sync_list(f->name, false));
+}
+
+static PhsyncSync *
+find_sync(const char *name)
+{
+	FindSync	f = {name, NULL};
+
+	as_phsync(find_sync_fn, &f);
+	return f.sync;
+}
+
+/*
+ * The current user must own sync (be a member of its owner) or be a
+ * superuser: for what reaches further than phsync_run_now().
+ */
+static void
+check_sync_owner(PhsyncSync *sync, const char *what)
+{
+	if (superuser() || (OidIsValid(sync->owner) && has_privs_of_role(GetUserId(), sync->owner)))
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("must be owner of sync %s to %s", sync->name, what),
+			 errdetail("Sync %s belongs to role \"%s\".", sync->name, sync->owner_name)));
 }
 
 static void
@@ -256,7 +343,8 @@ submit_request(PhsyncRequest *request, PhsyncAnswer *answer)
 
 /*
  * Rows of a query with two int8 parameters into the function's result set
- * (the runs committed in the worker; a fresh snapshot sees them).
+ * (the runs committed in the worker; a fresh snapshot sees them), read
+ * with phsync's rights.
  */
 static void
 return_rows(FunctionCallInfo fcinfo, const char *sql, int64 arg1, int64 arg2)
@@ -264,11 +352,16 @@ return_rows(FunctionCallInfo fcinfo, const char *sql, int64 arg1, int64 arg2)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	Oid			argtypes[2] = {INT8OID, INT8OID};
 	Datum		args[2] = {Int64GetDatum(arg1), Int64GetDatum(arg2)};
+	PhsyncAsRole save;
 	uint64		i;
+	int			ret;
 
 	InitMaterializedSRF(fcinfo, 0);
 	phsync_spi_connect();
-	if (phsync_spi_exec(sql, 2, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
+	as_role_begin(BOOTSTRAP_SUPERUSERID, false, &save);
+	ret = phsync_spi_exec(sql, 2, argtypes, args, NULL, false, 0);
+	as_role_end(&save);
+	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read the results of phsync run %lld", (long long) arg1);
 	if (SPI_processed == 0 && arg1 != 0)
 		ereport(ERROR,
@@ -308,12 +401,20 @@ phsync_run_now(PG_FUNCTION_ARGS)
 /*
  * phsync_verify(sync, from, to, bucket, repair) RETURNS TABLE (bucket,
  * posthog_count, local_count, status)
+ *
+ * The caller must be able to read the target (the counts per bucket show
+ * what it holds), and to repair, own the sync.  At most
+ * phsync.max_verify_buckets buckets.
  */
 Datum
 phsync_verify(PG_FUNCTION_ARGS)
 {
 	PhsyncRequest request;
 	PhsyncAnswer answer;
+	PhsyncSync *sync;
+	Oid			relid;
+	int64		span;
+	int64		nbuckets;
 
 	require_arg(fcinfo, 0, "sync");
 	require_arg(fcinfo, 1, "from");
@@ -339,6 +440,27 @@ phsync_verify(PG_FUNCTION_ARGS)
 	request.from -= ((request.from % USECS_PER_SEC) + USECS_PER_SEC) % USECS_PER_SEC;
 	if (request.to % USECS_PER_SEC != 0)
 		request.to += USECS_PER_SEC - ((request.to % USECS_PER_SEC) + USECS_PER_SEC) % USECS_PER_SEC;
+	span = range_usecs(request.from, request.to);
+	nbuckets = span / request.bucket + (span % request.bucket != 0);
+	if (nbuckets > phsync_max_verify_buckets)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("a verification may have at most %d buckets, not %lld",
+						phsync_max_verify_buckets, (long long) nbuckets),
+				 errhint("Use a wider bucket or a shorter range, or raise phsync.max_verify_buckets.")));
+	request.bucket = Min(request.bucket, span);
+
+	phsync_spi_connect();
+	sync = find_sync(request.sync);
+	phsync_spi_finish();
+	relid = RangeVarGetRelid(target_rangevar(sync->target), NoLock, true);
+	if (OidIsValid(relid) && pg_class_aclcheck(relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for table %s", sync->target),
+				 errdetail("A verification shows how many rows the target holds per bucket; it needs SELECT on it.")));
+	if (request.repair)
+		check_sync_owner(sync, "repair it");
 	submit_request(&request, &answer);
 	return_rows(fcinfo, "SELECT bucket, posthog_count, local_count, status "
 				"FROM phsync.verifications WHERE run_id = $1 AND $2 IS NOT NULL ORDER BY bucket",
@@ -359,11 +481,32 @@ wake_worker_at_commit(XactEvent event, void *arg)
 		wake_pending = false;
 }
 
+typedef struct QueueBackfill
+{
+	const char *sync;
+	const char *target;
+	TimestampTz from;
+	TimestampTz to;
+	TupleDesc	tupdesc;
+	Datum		result;
+} QueueBackfill;
+
+static void
+queue_backfill(void *arg)
+{
+	QueueBackfill *q = (QueueBackfill *) arg;
+
+	/* queued here, by this cluster: the worker must not take it for a restored one */
+	(void) runlog_claim_cluster();
+	q->result = runlog_queue_backfill(q->sync, q->target, q->from, q->to, q->tupdesc);
+}
+
 /*
  * phsync_backfill(sync, from, to) RETURNS phsync.runs
  *
  * Queues a backfill: a phsync.runs row in status 'queued', which the worker
- * carries out after the caller commits.  Returns that row.
+ * carries out after the caller commits.  Returns that row.  Only the
+ * sync's owner may, over at most phsync.max_backfill_range.
  */
 Datum
 phsync_backfill(PG_FUNCTION_ARGS)
@@ -373,6 +516,7 @@ phsync_backfill(PG_FUNCTION_ARGS)
 	TimestampTz to;
 	TupleDesc	tupdesc;
 	PhsyncSync *s;
+	QueueBackfill q;
 	Datum		result;
 
 	require_arg(fcinfo, 0, "sync");
@@ -383,15 +527,25 @@ phsync_backfill(PG_FUNCTION_ARGS)
 	to = PG_GETARG_TIMESTAMPTZ(2);
 	check_callable_here();
 	check_range(from, to);
+	if (range_usecs(from, to) / (USECS_PER_SEC * 60) > phsync_max_backfill_range)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("a backfill may cover at most %d days", phsync_max_backfill_range / (24 * 60)),
+				 errhint("Split the range into several backfills, or raise phsync.max_backfill_range.")));
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
 	phsync_spi_connect();
-	s = linitial(sync_list(sync, false));
-	/* queued here, by this cluster: the worker must not take it for a restored one */
-	(void) runlog_claim_cluster();
-	result = runlog_queue_backfill(sync, s->target, from, to, tupdesc);
+	q.sync = sync;
+	q.from = from;
+	q.to = to;
+	q.tupdesc = tupdesc;
+	s = find_sync(sync);
+	check_sync_owner(s, "backfill it");
+	q.target = s->target;
+	as_phsync(queue_backfill, &q);
 	phsync_spi_finish();
+	result = q.result;
 
 	if (!wake_registered)
 	{
@@ -404,11 +558,12 @@ phsync_backfill(PG_FUNCTION_ARGS)
 
 /*
  * phsync_sync_state() RETURNS SETOF (sync, enabled, target, watermark,
- * next_run, running, run_id, pages, rows_received)
+ * next_run, running, run_id, pages, rows_received, target_problem)
  *
  * What the phsync.status view needs from outside phsync.runs: each sync's
- * watermark (max(cursor) of its target, NULL while it does not exist or is
- * empty) and the worker's shared state.
+ * watermark (max(cursor) of its target, NULL while it is empty or not an
+ * acceptable target, and then target_problem says why) and the worker's
+ * shared state.
  */
 Datum
 phsync_sync_state(PG_FUNCTION_ARGS)
@@ -428,21 +583,42 @@ phsync_sync_state(PG_FUNCTION_ARGS)
 	foreach(lc, syncs)
 	{
 		PhsyncSync *s = lfirst(lc);
-		Datum		values[9];
-		bool		nulls[9] = {false, false, false, true, true, false, true, false, false};
+		Datum		values[10];
+		bool		nulls[10] = {false, false, false, true, true, false, true, false, false, true};
 		bool		mine = w.run_id != 0 && strcmp(w.sync, s->name) == 0;
-		Oid			relid;
+		PhsyncTargetSpec spec;
+		PhsyncProblem problem;
+		PhsyncTarget *target;
 		TimestampTz watermark;
 
 		values[0] = CStringGetTextDatum(s->name);
 		values[1] = BoolGetDatum(s->enabled);
 		values[2] = CStringGetTextDatum(s->target);
-		relid = RangeVarGetRelid(target_rangevar(s->target), AccessShareLock, true);
-		if (OidIsValid(relid) && get_attnum(relid, s->cursor) != InvalidAttrNumber &&
-			relation_watermark(relid, s->cursor, NULL, NULL, &watermark))
+
+		/*
+		 * The watermark, read as the worker reads it (as the role the sync
+		 * acts as, restricted), and only from a target the worker would
+		 * accept: a view or a function in its place is reported, not run.
+		 */
+		memset(&spec, 0, sizeof(spec));
+		spec.name = s->target;
+		spec.cursor = s->cursor;
+		spec.cursor_origin = sync_cursor_origin(s);
+		spec.preset = s->preset;
+		spec.update = s->update;
+		spec.owner = s->owner;
+		target = OidIsValid(s->owner) ? target_examine(&spec, &problem) : NULL;
+		if (target && target_watermark(target, NULL, NULL, &watermark))
 		{
 			values[3] = TimestampTzGetDatum(watermark);
 			nulls[3] = false;
+		}
+		if (target == NULL)
+		{
+			values[9] = CStringGetTextDatum(OidIsValid(s->owner) ? problem.message :
+											psprintf("role \"%s\", which owns the sync, does not exist",
+													 s->owner_name));
+			nulls[9] = false;
 		}
 		if (w.next_due != 0 && s->enabled)
 		{
@@ -625,4 +801,67 @@ phsync_create_table(PG_FUNCTION_ARGS)
 	phsync_spi_finish();
 	relid = RangeVarGetRelid(target_rangevar(name), NoLock, false);
 	PG_RETURN_OID(relid);
+}
+
+/* ---------- cancelling ---------- */
+
+typedef struct CancelRun
+{
+	int64		run_id;
+	char	   *sync;
+	bool		found;
+	bool		queued;
+	bool		cancelled;
+} CancelRun;
+
+static void
+find_run(void *arg)
+{
+	CancelRun  *c = (CancelRun *) arg;
+
+	c->found = runlog_run_sync(c->run_id, &c->sync, &c->queued);
+}
+
+static void
+cancel_queued(void *arg)
+{
+	CancelRun  *c = (CancelRun *) arg;
+
+	c->cancelled = runlog_cancel_queued(c->run_id);
+}
+
+/*
+ * phsync_cancel(run_id bigint) RETURNS boolean
+ *
+ * Cancels a queued or running run; the sync's owner and superusers may.
+ * A running one stops within a second (its committed pages stay, and the
+ * next run resumes from them); a queued one never starts.  Returns false,
+ * with a WARNING, when that run is neither.
+ */
+Datum
+phsync_cancel(PG_FUNCTION_ARGS)
+{
+	CancelRun	c;
+	PhsyncSync *sync;
+
+	memset(&c, 0, sizeof(c));
+	c.run_id = PG_GETARG_INT64(0);
+	phsync_spi_connect();
+	as_phsync(find_run, &c);
+	if (c.found)
+	{
+		sync = superuser() ? NULL : find_sync(c.sync);
+		/* find_sync() raises for a sync dropped meanwhile: superusers only */
+		if (sync)
+			check_sync_owner(sync, "cancel its runs");
+		if (c.queued)
+			as_phsync(cancel_queued, &c);
+		else
+			c.cancelled = shmem_available() && shmem_cancel_run(c.run_id);
+	}
+	phsync_spi_finish();
+	if (!c.cancelled)
+		ereport(WARNING,
+				(errmsg("phsync run %lld is not queued or running", (long long) c.run_id)));
+	PG_RETURN_BOOL(c.cancelled);
 }

@@ -87,6 +87,9 @@ extern int	phsync_history_days;
 extern bool phsync_progress_notices;
 extern char *phsync_timezone;
 extern bool phsync_verify_yesterday;
+extern int	phsync_max_syncs;
+extern int	phsync_max_verify_buckets;
+extern int	phsync_max_backfill_range;	/* minutes */
 
 typedef enum PhsyncBadRow
 {
@@ -195,12 +198,15 @@ extern void shmem_set_busy(bool busy);
 extern void shmem_set_run(int64 run_id, const char *sync);
 extern void shmem_set_progress(int pages, int64 received);
 extern void shmem_set_next_due(TimestampTz due);
+extern bool shmem_cancel_pending(void);
+extern void shmem_check_cancel(void);
 /* the sessions' side */
 extern void shmem_worker_state(PhsyncWorkerState *state);
 extern void shmem_wake_worker(void);
 extern uint64 shmem_submit_request(const PhsyncRequest *request, int64 *busy_run);
 extern bool shmem_read_answer(uint64 ticket, PhsyncAnswer *answer, bool *worker_absent);
 extern void shmem_withdraw_request(uint64 ticket);
+extern bool shmem_cancel_run(int64 run_id);
 
 /* ---------- xact.c ---------- */
 extern void phsync_spi_connect(void);
@@ -278,6 +284,7 @@ extern void hogql_keyset_from_last_row(PhsyncPage *page, PhsyncQuery *q,
 									   PhsyncKeyset *keyset);
 extern void hogql_keyset_reset(PhsyncKeyset *keyset);
 extern char *phsync_format_timestamp(TimestampTz ts);
+extern char *foreign_text(const char *s, int len);
 extern char *hogql_read_query_file(const char *path);
 
 /* ---------- http.c ---------- */
@@ -362,6 +369,13 @@ typedef enum PhsyncTrigger
 	PHSYNC_TRIGGER_VERIFY
 } PhsyncTrigger;
 
+typedef enum PhsyncRunStatus
+{
+	PHSYNC_RUN_SUCCEEDED,
+	PHSYNC_RUN_FAILED,
+	PHSYNC_RUN_CANCELLED
+} PhsyncRunStatus;
+
 typedef enum PhsyncBucketStatus
 {
 	PHSYNC_BUCKET_OK,
@@ -398,8 +412,10 @@ extern void runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until)
 extern void runlog_progress(int64 run_id, PhsyncCounters *c);
 extern void runlog_reject(int64 run_id, const char *target, Datum columns,
 						  const char *row, const char *error);
-extern void runlog_finish(int64 run_id, bool ok, const char *error,
+extern void runlog_finish(int64 run_id, PhsyncRunStatus status, const char *error,
 						  PhsyncCounters *c);
+extern bool runlog_run_sync(int64 run_id, char **sync, bool *queued);
+extern bool runlog_cancel_queued(int64 run_id);
 extern int	runlog_fail_orphans(void);
 extern int64 runlog_prune(int days);
 extern bool runlog_last_scheduled(TimestampTz *last, TimestampTz *owned_since);
@@ -430,6 +446,7 @@ typedef struct PhsyncTarget
 	int			nuniq;			/* all the unique key's columns, in order */
 	int		   *uniq;			/* indexes into cols */
 	bool		cursor_indexed; /* an index starts with the cursor column */
+	Oid			writer;			/* the role a sync acts as on it (0: not asked) */
 } PhsyncTarget;
 
 /* why a table is not an acceptable target */
@@ -449,7 +466,7 @@ typedef struct PhsyncTargetSpec
 	const char *cursor_origin;	/* for messages: a setting, or the sync */
 	PhsyncPreset preset;		/* its columns must be there (custom: none) */
 	bool		update;			/* conflict => 'update' */
-	Oid			writer;			/* role that must be able to write, or 0 */
+	Oid			owner;			/* the sync's owner, or 0: no privilege check */
 	const char *suggest_preset; /* for the hint when it does not exist */
 } PhsyncTargetSpec;
 
@@ -460,13 +477,13 @@ extern int	target_column(PhsyncTarget *target, const char *name);
 extern void target_create(PhsyncPreset preset, const char *name, const char *cursor);
 extern bool target_watermark(PhsyncTarget *target, TimestampTz *from,
 							 TimestampTz *to, TimestampTz *watermark);
-extern bool relation_watermark(Oid relid, const char *cursor, TimestampTz *from,
-							   TimestampTz *to, TimestampTz *watermark);
 
 /* ---------- syncs.c ---------- */
 typedef struct PhsyncSync
 {
 	char	   *name;			/* "default" for the settings' sync */
+	char	   *owner_name;		/* the role that added it (default: phsync.role) */
+	Oid			owner;			/* 0 when that role does not exist any more */
 	char	   *target;
 	PhsyncPreset preset;
 	char	   *query;			/* custom query text */
@@ -500,6 +517,7 @@ typedef struct PhsyncSyncArgs
 typedef struct PhsyncSyncDef
 {
 	char	   *name;
+	char	   *owner;
 	char	   *target;
 	char	   *preset;			/* NULL with a query */
 	char	   *query;			/* NULL with a preset */
@@ -514,6 +532,8 @@ extern bool sync_is_default(const PhsyncSync *sync);
 extern PhsyncSync *sync_default(void);
 extern List *sync_list(const char *only, bool enabled_only);
 extern const char *sync_cursor_origin(const PhsyncSync *sync);
+extern Oid	sync_owner(const PhsyncSync *sync);
+extern void sync_check_owner(const char *name, const char *owner);
 extern PhsyncEndpoint *sync_endpoint(const PhsyncSync *sync);
 extern void sync_check_name(const char *name);
 extern Datum sync_add(const PhsyncSyncArgs *args, TupleDesc tupdesc);

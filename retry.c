@@ -48,6 +48,7 @@ phsync_sleep(long ms)
 		long		left;
 
 		CHECK_FOR_INTERRUPTS();
+		shmem_check_cancel();
 		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), end);
 		if (left <= 0)
 			break;

@@ -65,6 +65,7 @@ open_target(PhsyncSync *sync)
 	spec.cursor_origin = sync_cursor_origin(sync);
 	spec.preset = sync->preset;
 	spec.update = sync->update;
+	spec.owner = sync_owner(sync);
 	target = target_examine(&spec, &problem);
 	if (target == NULL && problem.sqlerrcode == ERRCODE_UNDEFINED_TABLE &&
 		sync_is_default(sync) && sync->preset != PHSYNC_CUSTOM)
@@ -258,7 +259,7 @@ run_job(PhsyncJob *job, PhsyncOutcome *outcome)
 
 		run_body(&st, job);
 		release(&st);
-		runlog_finish(st.run_id, true, NULL, &st.counters);
+		runlog_finish(st.run_id, PHSYNC_RUN_SUCCEEDED, NULL, &st.counters);
 		outcome->ok = true;
 	}
 	PG_CATCH();
@@ -281,7 +282,10 @@ run_job(PhsyncJob *job, PhsyncOutcome *outcome)
 	{
 		PG_TRY();
 		{
-			runlog_finish(outcome->run_id, false, error_text(outcome->error), &st.counters);
+			runlog_finish(outcome->run_id,
+						  outcome->error->sqlerrcode == ERRCODE_QUERY_CANCELED ?
+						  PHSYNC_RUN_CANCELLED : PHSYNC_RUN_FAILED,
+						  error_text(outcome->error), &st.counters);
 		}
 		PG_CATCH();
 		{

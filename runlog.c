@@ -44,6 +44,21 @@ trigger_name(PhsyncTrigger trigger)
 }
 
 static const char *
+run_status_name(PhsyncRunStatus status)
+{
+	switch (status)
+	{
+		case PHSYNC_RUN_SUCCEEDED:
+			return "succeeded";
+		case PHSYNC_RUN_FAILED:
+			return "failed";
+		case PHSYNC_RUN_CANCELLED:
+			return "cancelled";
+	}
+	return "?";					/* keep compiler quiet */
+}
+
+static const char *
 bucket_status_name(PhsyncBucketStatus status)
 {
 	switch (status)
@@ -304,10 +319,11 @@ runlog_set_mismatches(int64 run_id, int mismatches)
 }
 
 /*
- * Mark the run succeeded or failed, with its error and final counters.
+ * Mark the run succeeded, failed or cancelled, with its error and final
+ * counters.
  */
 void
-runlog_finish(int64 run_id, bool ok, const char *error, PhsyncCounters *c)
+runlog_finish(int64 run_id, PhsyncRunStatus status, const char *error, PhsyncCounters *c)
 {
 	Oid			types[NCOUNTERS + 2];
 	Datum		values[NCOUNTERS + 2];
@@ -317,7 +333,7 @@ runlog_finish(int64 run_id, bool ok, const char *error, PhsyncCounters *c)
 	memset(nulls, ' ', sizeof(nulls));
 	counter_args(run_id, c, types, values);
 	types[NCOUNTERS] = TEXTOID;
-	values[NCOUNTERS] = CStringGetTextDatum(ok ? "succeeded" : "failed");
+	values[NCOUNTERS] = CStringGetTextDatum(run_status_name(status));
 	types[NCOUNTERS + 1] = TEXTOID;
 	values[NCOUNTERS + 1] = error ? CStringGetTextDatum(error) : (Datum) 0;
 	nulls[NCOUNTERS + 1] = error ? ' ' : 'n';
@@ -325,6 +341,41 @@ runlog_finish(int64 run_id, bool ok, const char *error, PhsyncCounters *c)
 				"finished_at = clock_timestamp() WHERE id = $1",
 				NCOUNTERS + 2, types, values, nulls, 1);
 	xact_commit(cxt);
+}
+
+/*
+ * The sync of run run_id (inside the caller's transaction), and whether it
+ * is queued.  False when there is no such run, or it is over.
+ */
+bool
+runlog_run_sync(int64 run_id, char **sync, bool *queued)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(run_id)};
+
+	runlog_exec("SELECT sync, status FROM phsync.runs WHERE id = $1 "
+				"AND status IN ('queued', 'running')", 1, types, values, NULL, -1);
+	if (SPI_processed != 1)
+		return false;
+	*sync = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	*queued = strcmp(SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2), "queued") == 0;
+	return true;
+}
+
+/*
+ * Cancel a queued run before it starts (inside the caller's transaction).
+ * False when it is not queued any more.
+ */
+bool
+runlog_cancel_queued(int64 run_id)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(run_id)};
+
+	runlog_exec("UPDATE phsync.runs SET status = 'cancelled', finished_at = pg_catalog.clock_timestamp(), "
+				"error = 'cancelled by phsync_cancel() before it started' "
+				"WHERE id = $1 AND status = 'queued'", 1, types, values, NULL, -1);
+	return SPI_processed == 1;
 }
 
 /*

@@ -47,6 +47,9 @@ int			phsync_history_days = 90;
 bool		phsync_progress_notices = true;
 char	   *phsync_timezone = NULL;
 bool		phsync_verify_yesterday = true;
+int			phsync_max_syncs = 100;
+int			phsync_max_verify_buckets = 1000;
+int			phsync_max_backfill_range = 5 * 366 * 24 * 60;
 
 static const struct config_enum_entry on_bad_row_options[] = {
 	{"reject", PHSYNC_BAD_ROW_REJECT, false},
@@ -480,6 +483,20 @@ settings_define(void)
 							 "Only with the built-in events query; added syncs have their own verify flag.",
 							 &phsync_verify_yesterday, true,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("phsync.max_syncs",
+							"Most syncs phsync_add_sync() accepts.",
+							NULL, &phsync_max_syncs, 100, 0, 100000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("phsync.max_verify_buckets",
+							"Most buckets one phsync_verify() may count.",
+							"Each 31 buckets cost one PostHog request.",
+							&phsync_max_verify_buckets, 1000, 1, 100000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("phsync.max_backfill_range",
+							"Longest range one phsync_backfill() may cover.",
+							NULL, &phsync_max_backfill_range, 5 * 366 * 24 * 60, 1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MIN, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("phsync");
 }

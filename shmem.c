@@ -19,18 +19,26 @@
  *	  gave up meanwhile (it was cancelled), the answer is dropped and the
  *	  slot goes straight back to NONE.
  *	- read: the session that asked, once it sees its ticket answered.
- *	- withdraw: a session that stops waiting.  A PENDING request is simply
- *	  removed; a TAKEN one is marked cancelled, which stops its runs; an
- *	  ANSWERED one is forgotten.
+ *	- withdraw: a session that stops waiting (it was cancelled: a
+ *	  statement timeout, Ctrl-C).  A PENDING request is simply removed; a
+ *	  TAKEN one is marked cancelled, which stops its runs, as cancelling a
+ *	  statement stops its work; an ANSWERED one is forgotten.
  *	- A session that died before reading its answer leaves ANSWERED behind;
  *	  the next submit finds its pid gone and frees the slot.
  *	- If the worker exits with a request TAKEN (shutdown, crash of the
  *	  worker alone), its exit callback answers it with an error, so that
  *	  the session does not wait for a run that will never end.
  *
- * Besides the slot: the worker's pid and latch (0/NULL while none is
- * attached), when its next scheduled run is due, the run in progress (id,
- * sync, pages, rows received) for phsync.status and progress notices, and
+ * Cancelling a run (phsync_cancel(), or the session that asked for it
+ * giving up): the canceller stores the run's id in cancel_run (or sets
+ * request_cancelled) and wakes the worker.  The worker polls
+ * shmem_cancel_pending() wherever it waits or loops, including libcurl's
+ * progress callback, which must not take a lock or raise an error: those
+ * two fields are atomics, read without the spinlock.
+ *
+ * Besides: the worker's pid and latch (0/NULL while none is attached),
+ * when its next scheduled run is due, the run in progress (id, sync,
+ * pages, rows received) for phsync.status and progress notices, and
  * whether the last attempt to connect to phsync.database failed.
  *
  *-------------------------------------------------------------------------
@@ -38,6 +46,7 @@
 #include "postgres.h"
 
 #include "miscadmin.h"
+#include "port/atomics.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
@@ -74,6 +83,10 @@ typedef struct PhsyncShared
 	bool		cancelled;		/* the session gave up on a TAKEN request */
 	PhsyncAnswer answer;
 
+	/* cancelling: read without the lock (see the top of this file) */
+	pg_atomic_uint32 request_cancelled;	/* == cancelled */
+	pg_atomic_uint64 cancel_run;	/* a run phsync_cancel() stops */
+
 	/* the run in progress */
 	bool		busy;			/* a run of any kind */
 	int64		run_id;			/* its phsync.runs id, once known */
@@ -83,6 +96,10 @@ typedef struct PhsyncShared
 } PhsyncShared;
 
 static PhsyncShared *shared = NULL;
+
+/* in the worker: the run in progress, and whether a session asked for it */
+static int64 my_run_id = 0;
+static bool my_request = false;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -109,6 +126,8 @@ shmem_startup(void)
 	{
 		memset(shared, 0, sizeof(PhsyncShared));
 		SpinLockInit(&shared->mutex);
+		pg_atomic_init_u32(&shared->request_cancelled, 0);
+		pg_atomic_init_u64(&shared->cancel_run, 0);
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -152,6 +171,8 @@ store_answer(const PhsyncAnswer *answer)
 	shared->state = requester ? REQUEST_ANSWERED : REQUEST_NONE;
 	shared->requester_latch = NULL;
 	shared->cancelled = false;
+	pg_atomic_write_u32(&shared->request_cancelled, 0);
+	my_request = false;
 	return requester;
 }
 
@@ -235,8 +256,10 @@ shmem_take_request(PhsyncRequest *request)
 		*request = shared->request;
 		shared->state = REQUEST_TAKEN;
 		shared->cancelled = false;
+		pg_atomic_write_u32(&shared->request_cancelled, 0);
 		shared->busy = true;
 		taken = true;
+		my_request = true;
 	}
 	SpinLockRelease(&shared->mutex);
 	return taken;
@@ -293,6 +316,7 @@ shmem_set_busy(bool busy)
 void
 shmem_set_run(int64 run_id, const char *sync)
 {
+	my_run_id = run_id;
 	SpinLockAcquire(&shared->mutex);
 	shared->run_id = run_id;
 	strlcpy(shared->sync, sync ? sync : "", NAMEDATALEN);
@@ -321,7 +345,60 @@ shmem_set_next_due(TimestampTz due)
 	SpinLockRelease(&shared->mutex);
 }
 
+/*
+ * Should the run in progress stop?  Safe in a libcurl callback: no lock,
+ * no error.
+ */
+bool
+shmem_cancel_pending(void)
+{
+	if (shared == NULL)
+		return false;
+	if (my_request && pg_atomic_read_u32(&shared->request_cancelled) != 0)
+		return true;
+	return my_run_id != 0 &&
+		pg_atomic_read_u64(&shared->cancel_run) == (uint64) my_run_id;
+}
+
+/*
+ * Stop the run in progress with an error if it was cancelled (called where
+ * the worker calls CHECK_FOR_INTERRUPTS()).
+ */
+void
+shmem_check_cancel(void)
+{
+	if (!shmem_cancel_pending())
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_QUERY_CANCELED),
+			 errmsg("phsync run %lld was cancelled", (long long) my_run_id),
+			 my_request && pg_atomic_read_u32(&shared->request_cancelled) != 0 ?
+			 errdetail("The session that asked for it stopped waiting (it was cancelled, or its statement timed out).") :
+			 errdetail("phsync_cancel() was called for it.")));
+}
+
 /* ---------- the sessions' side ---------- */
+
+/*
+ * Cancel run run_id if it is the one in progress; the worker stops it
+ * within a second.  Returns whether it was.
+ */
+bool
+shmem_cancel_run(int64 run_id)
+{
+	bool		running;
+	Latch	   *latch;
+
+	SpinLockAcquire(&shared->mutex);
+	running = shared->run_id == run_id && run_id != 0;
+	if (running)
+		pg_atomic_write_u64(&shared->cancel_run, (uint64) run_id);
+	latch = shared->worker_latch;
+	SpinLockRelease(&shared->mutex);
+	if (running && latch)
+		SetLatch(latch);
+	return running;
+}
 
 /*
  * What the worker does now: its pid (0 when none is attached), its next
@@ -428,6 +505,8 @@ shmem_read_answer(uint64 ticket, PhsyncAnswer *answer, bool *worker_absent)
 void
 shmem_withdraw_request(uint64 ticket)
 {
+	Latch	   *latch = NULL;
+
 	SpinLockAcquire(&shared->mutex);
 	if (shared->ticket == ticket)
 	{
@@ -440,10 +519,14 @@ shmem_withdraw_request(uint64 ticket)
 			case REQUEST_TAKEN:
 				shared->requester_latch = NULL;
 				shared->cancelled = true;
+				pg_atomic_write_u32(&shared->request_cancelled, 1);
+				latch = shared->worker_latch;
 				break;
 			case REQUEST_NONE:
 				break;
 		}
 	}
 	SpinLockRelease(&shared->mutex);
+	if (latch)
+		SetLatch(latch);
 }

@@ -6,6 +6,10 @@
  *		live in phsync.syncs; the rules a definition must follow and the
  *		defaults it gets; and how to reach its PostHog project.
  *
+ * A sync belongs to the role that added it (the default sync: phsync.role,
+ * else the bootstrap superuser).  Runs act on its target as that role (see
+ * target.c); only it, its members and superusers may change or drop it.
+ *
  * phsync.syncs is written only here, as the bootstrap superuser: the
  * functions that manage syncs are granted to roles that have no right on
  * the table itself.
@@ -18,6 +22,7 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -46,6 +51,16 @@ sync_default(void)
 		return NULL;
 	s = palloc0(sizeof(PhsyncSync));
 	s->name = DEFAULT_SYNC;
+	if (phsync_role && phsync_role[0])
+	{
+		s->owner_name = pstrdup(phsync_role);
+		s->owner = get_role_oid(phsync_role, true);
+	}
+	else
+	{
+		s->owner = BOOTSTRAP_SUPERUSERID;
+		s->owner_name = GetUserNameFromId(BOOTSTRAP_SUPERUSERID, false);
+	}
 	s->target = pstrdup(phsync_target_table);
 	s->cursor = pstrdup(phsync_cursor_column);
 	if (phsync_query_file && phsync_query_file[0])
@@ -69,6 +84,39 @@ sync_cursor_origin(const PhsyncSync *sync)
 {
 	return sync_is_default(sync) ? "phsync.cursor_column" :
 		psprintf("the cursor of sync %s", sync->name);
+}
+
+/*
+ * The sync's owner; an error if that role is gone.
+ */
+Oid
+sync_owner(const PhsyncSync *sync)
+{
+	if (!OidIsValid(sync->owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("role \"%s\", which owns sync %s, does not exist", sync->owner_name, sync->name),
+				 errhint("A superuser can give the sync to another role: UPDATE phsync.syncs SET owner = ... WHERE name = '%s';",
+						 sync->name)));
+	return sync->owner;
+}
+
+/*
+ * May the current user change or drop the sync owned by `owner`?  Its
+ * members and superusers may (as for tables).
+ */
+void
+sync_check_owner(const char *name, const char *owner)
+{
+	Oid			roleid = get_role_oid(owner, true);
+
+	if (superuser())
+		return;
+	if (!OidIsValid(roleid) || !has_privs_of_role(GetUserId(), roleid))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("must be owner of sync %s", name),
+				 errdetail("Sync %s belongs to role \"%s\".", name, owner)));
 }
 
 /*
@@ -139,9 +187,9 @@ sync_list(const char *only, bool enabled_only)
 
 	values[0] = only ? CStringGetTextDatum(only) : (Datum) 0;
 	if (phsync_spi_exec("SELECT name, target, preset, query, cursor_column, conflict, "
-							  "extract(epoch FROM lookback)::float8, enabled, verify "
-							  "FROM phsync.syncs WHERE $1 IS NULL OR name = $1 ORDER BY name",
-							  1, types, values, nulls, true, 0) != SPI_OK_SELECT)
+						"pg_catalog.date_part('epoch', lookback), enabled, verify, owner "
+						"FROM phsync.syncs WHERE $1 IS NULL OR name = $1 ORDER BY name",
+						1, types, values, nulls, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read phsync.syncs");
 
 	for (i = 0; i < SPI_processed; i++)
@@ -166,6 +214,8 @@ sync_list(const char *only, bool enabled_only)
 		s->lookback = isnull ? 0 : (int64) (DatumGetFloat8(d) * USECS_PER_SEC);
 		s->enabled = DatumGetBool(SPI_getbinval(tup, desc, 8, &isnull));
 		s->verify = DatumGetBool(SPI_getbinval(tup, desc, 9, &isnull));
+		s->owner_name = SPI_getvalue(tup, desc, 10);
+		s->owner = get_role_oid(s->owner_name, true);
 		if (s->enabled || !enabled_only || only != NULL)
 			result = lappend(result, s);
 		MemoryContextSwitchTo(old);
@@ -258,6 +308,8 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 
 	if (old)
 		*d = *old;
+	else
+		d->owner = GetUserNameFromId(GetUserId(), false);
 	d->name = pstrdup(args->name);
 	if (old == NULL)
 		sync_check_name(d->name);
@@ -337,7 +389,7 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 	spec.cursor_origin = "the sync's cursor";
 	spec.preset = preset ? preset->preset : PHSYNC_CUSTOM;
 	spec.update = strcmp(d->conflict, "update") == 0;
-	spec.writer = GetUserId();
+	spec.owner = get_role_oid(d->owner, false);
 	spec.suggest_preset = preset ? preset->name : NULL;
 	target = target_examine(&spec, &problem);
 	if (target == NULL)
@@ -360,7 +412,8 @@ sync_fetch_def(const char *name)
 	bool		isnull;
 
 	catalog_exec("SELECT name, target, preset, query, cursor_column, conflict, "
-				 "lookback::text, enabled, verify FROM phsync.syncs WHERE name = $1 FOR UPDATE",
+				 "lookback::pg_catalog.text, enabled, verify, owner FROM phsync.syncs "
+				 "WHERE name = $1 FOR UPDATE",
 				 1, types, values, NULL, false);
 	if (SPI_processed == 0)
 		return NULL;
@@ -376,6 +429,7 @@ sync_fetch_def(const char *name)
 	d->lookback = text_or_null(tup, desc, 7);
 	d->enabled = DatumGetBool(SPI_getbinval(tup, desc, 8, &isnull));
 	d->verify = DatumGetBool(SPI_getbinval(tup, desc, 9, &isnull));
+	d->owner = SPI_getvalue(tup, desc, 10);
 	return d;
 }
 
@@ -385,11 +439,11 @@ sync_fetch_def(const char *name)
 static Datum
 sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
 {
-	Oid			types[9] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-	TEXTOID, BOOLOID, BOOLOID};
-	Datum		values[9];
-	char		nulls[9] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', ' ', ' ',
-	d->lookback ? ' ' : 'n', ' ', ' '};
+	Oid			types[10] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	TEXTOID, BOOLOID, BOOLOID, TEXTOID};
+	Datum		values[10];
+	char		nulls[10] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', ' ', ' ',
+	d->lookback ? ' ' : 'n', ' ', ' ', ' '};
 
 	values[0] = CStringGetTextDatum(d->name);
 	values[1] = CStringGetTextDatum(d->target);
@@ -400,14 +454,16 @@ sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
 	values[6] = d->lookback ? CStringGetTextDatum(d->lookback) : (Datum) 0;
 	values[7] = BoolGetDatum(d->enabled);
 	values[8] = BoolGetDatum(d->verify);
+	values[9] = CStringGetTextDatum(d->owner);
 	catalog_exec(insert ?
 				 "INSERT INTO phsync.syncs (name, target, preset, query, cursor_column, conflict, "
-				 "lookback, enabled, verify) VALUES ($1, $2, $3, $4, $5, $6, $7::interval, $8, $9) "
+				 "lookback, enabled, verify, owner) "
+				 "VALUES ($1, $2, $3, $4, $5, $6, $7::pg_catalog.interval, $8, $9, $10::pg_catalog.name) "
 				 "RETURNING *" :
 				 "UPDATE phsync.syncs SET target = $2, preset = $3, query = $4, cursor_column = $5, "
-				 "conflict = $6, lookback = $7::interval, enabled = $8, verify = $9 WHERE name = $1 "
-				 "RETURNING *",
-				 9, types, values, nulls, false);
+				 "conflict = $6, lookback = $7::pg_catalog.interval, enabled = $8, verify = $9 "
+				 "WHERE name = $1 RETURNING *",
+				 10, types, values, nulls, false);
 	if (SPI_processed != 1)
 		elog(ERROR, "could not write sync \"%s\" into phsync.syncs", d->name);
 	return PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], tupdesc));
@@ -420,6 +476,7 @@ Datum
 sync_add(const PhsyncSyncArgs *args, TupleDesc tupdesc)
 {
 	PhsyncSyncDef *d;
+	bool		isnull;
 
 	Assert(phsync_spi_connected());
 	sync_check_name(args->name);
@@ -428,6 +485,13 @@ sync_add(const PhsyncSyncArgs *args, TupleDesc tupdesc)
 				(errcode(ERRCODE_DUPLICATE_OBJECT),
 				 errmsg("sync \"%s\" already exists", args->name),
 				 errhint("Use phsync_alter_sync() to change it.")));
+	catalog_exec("SELECT pg_catalog.count(*) FROM phsync.syncs", 0, NULL, NULL, NULL, true);
+	if (DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) >=
+		phsync_max_syncs)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("phsync already has %d syncs, the most phsync.max_syncs allows", phsync_max_syncs),
+				 errhint("Drop syncs you no longer need, or raise phsync.max_syncs.")));
 	d = sync_resolve(args, NULL);
 	return sync_store(d, true, tupdesc);
 }
@@ -457,6 +521,7 @@ sync_alter(const PhsyncSyncArgs *args, TupleDesc tupdesc)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("sync \"%s\" does not exist", args->name)));
+	sync_check_owner(old->name, old->owner);
 	return sync_store(sync_resolve(args, old), false, tupdesc);
 }
 
@@ -469,11 +534,15 @@ sync_drop(const char *name)
 	Oid			types[1] = {TEXTOID};
 	Datum		values[1] = {CStringGetTextDatum(name)};
 
+	PhsyncSyncDef *old;
+
 	Assert(phsync_spi_connected());
 	refuse_default(name, "Set phsync.target_table = '' and reload to turn it off.");
-	catalog_exec("DELETE FROM phsync.syncs WHERE name = $1", 1, types, values, NULL, false);
-	if (SPI_processed == 0)
+	old = sync_fetch_def(name);
+	if (old == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("sync \"%s\" does not exist", name)));
+	sync_check_owner(old->name, old->owner);
+	catalog_exec("DELETE FROM phsync.syncs WHERE name = $1", 1, types, values, NULL, false);
 }

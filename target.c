@@ -8,11 +8,20 @@
  *
  * A target is acceptable when it is an ordinary or partitioned table,
  * neither temporary nor a system or phsync table; the role that writes
- * into it may SELECT and INSERT (and UPDATE, for conflict => 'update');
+ * into it (see below) may SELECT and INSERT (and UPDATE, for conflict =>
+ * 'update'), which is checked before every run, not only when the sync is
+ * added;
  * its cursor column exists and is a timestamptz, timestamp or date; it has
  * a primary key or a usable unique index (valid, immediate, not partial,
  * on plain columns that are not generated); and it has every column of
  * its preset.
+ *
+ * Who writes: a sync acts on its target as its owner, the role that added
+ * it, so the target's triggers, defaults and policies run with that role's
+ * rights and its privileges and row-level security apply.  One exception:
+ * a superuser's sync into a table that another role owns acts as that
+ * table's owner, as autovacuum and REFRESH MATERIALIZED VIEW do: code the
+ * table's owner controls never runs as a superuser.
  *
  *-------------------------------------------------------------------------
  */
@@ -29,6 +38,7 @@
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
+#include "utils/acl.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
@@ -172,6 +182,20 @@ column_info(PhsyncColumn *col, Form_pg_attribute att)
 }
 
 /*
+ * The role a sync owned by `owner` acts as on rel (see the top of this
+ * file).
+ */
+static Oid
+target_writer(Oid owner, Relation rel)
+{
+	Oid			relowner = rel->rd_rel->relowner;
+
+	if (owner != relowner && superuser_arg(owner))
+		return relowner;
+	return owner;
+}
+
+/*
  * The privileges a writer lacks on the table ("SELECT and INSERT"), or
  * NULL when it has them all.  Each is asked on its own: all must be held.
  */
@@ -243,12 +267,12 @@ target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *p)
 			 strcmp(nspname, "phsync") == 0)
 		problem(p, ERRCODE_INSUFFICIENT_PRIVILEGE,
 				psprintf("target %s is a system or phsync table", target->display), NULL, NULL);
-	else if (OidIsValid(spec->writer) &&
-			 (lacking = missing_privileges(relid, spec->writer, spec->update)) != NULL)
+	else if (OidIsValid(spec->owner) &&
+			 (lacking = missing_privileges(relid, target_writer(spec->owner, rel), spec->update)) != NULL)
 		problem(p, ERRCODE_INSUFFICIENT_PRIVILEGE,
 				psprintf("permission denied for table %s", target->display),
-				psprintf("The sync would write into it; %s needs %s on it.",
-						 GetUserNameFromId(spec->writer, false), lacking),
+				psprintf("The sync writes into it as %s, who needs %s on it.",
+						 GetUserNameFromId(target_writer(spec->owner, rel), false), lacking),
 				NULL);
 	if (p->message)
 	{
@@ -333,6 +357,7 @@ target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *p)
 	}
 
 	target->cursor_indexed = has_index_on(rel, target->cols[target->cursor].attnum);
+	target->writer = OidIsValid(spec->owner) ? target_writer(spec->owner, rel) : InvalidOid;
 	relation_close(rel, NoLock);
 	return target;
 }
@@ -373,7 +398,7 @@ target_create(PhsyncPreset preset, const char *name, const char *cursor)
  * only among rows whose cursor is in [*from, *to).  False when there is no
  * such row.
  */
-bool
+static bool
 relation_watermark(Oid relid, const char *cursor, TimestampTz *from,
 				   TimestampTz *to, TimestampTz *watermark)
 {
@@ -400,12 +425,21 @@ relation_watermark(Oid relid, const char *cursor, TimestampTz *from,
 
 /*
  * max(cursor) of the target, the watermark (within [*from, *to) when
- * given).  False when there is no row.
+ * given), read as the role the sync acts as (under
+ * SECURITY_RESTRICTED_OPERATION: the table's policies may call code).
+ * False when there is no row.
  */
 bool
 target_watermark(PhsyncTarget *target, TimestampTz *from, TimestampTz *to,
 				 TimestampTz *watermark)
 {
-	return relation_watermark(target->relid, target->cols[target->cursor].name,
-							  from, to, watermark);
+	PhsyncAsRole save;
+	bool		found;
+
+	Assert(OidIsValid(target->writer));
+	as_role_begin(target->writer, true, &save);
+	found = relation_watermark(target->relid, target->cols[target->cursor].name,
+							   from, to, watermark);
+	as_role_end(&save);
+	return found;
 }

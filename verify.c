@@ -14,6 +14,7 @@
 #include "postgres.h"
 
 #include "catalog/pg_type.h"
+#include "common/int.h"
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
 #include "utils/builtins.h"
@@ -29,6 +30,7 @@
 typedef struct Buckets
 {
 	TimestampTz from;
+	TimestampTz to;
 	int64		width;
 	int			n;
 	int64	   *posthog;
@@ -36,10 +38,20 @@ typedef struct Buckets
 	PhsyncBucketStatus *status;
 } Buckets;
 
+/*
+ * Start of bucket i, never past the end of the range (overflow checked:
+ * the range may reach the ends of the timestamp range).
+ */
 static TimestampTz
 bucket_start(Buckets *b, int i)
 {
-	return b->from + (int64) i * b->width;
+	int64		offset;
+	TimestampTz start;
+
+	if (pg_mul_s64_overflow((int64) i, b->width, &offset) ||
+		pg_add_s64_overflow(b->from, offset, &start) || start > b->to)
+		return b->to;
+	return start;
 }
 
 /*
@@ -95,6 +107,7 @@ count_local(PhsyncRunState *st, Buckets *b, TimestampTz to)
 {
 	const char *col = quote_identifier(st->target->cols[st->target->cursor].name);
 	Oid			types[3] = {TIMESTAMPTZOID, TIMESTAMPTZOID, FLOAT8OID};
+	PhsyncAsRole save;
 	Datum		values[3] = {TimestampTzGetDatum(b->from), TimestampTzGetDatum(to),
 	Float8GetDatum((double) b->width / USECS_PER_SEC)};
 	char	   *sql;
@@ -105,8 +118,11 @@ count_local(PhsyncRunState *st, Buckets *b, TimestampTz to)
 				   "OPERATOR(pg_catalog./) $3)::pg_catalog.int8, pg_catalog.count(*) "
 				   "FROM %s WHERE %s OPERATOR(pg_catalog.>=) $1 AND %s OPERATOR(pg_catalog.<) $2 GROUP BY 1",
 				   col, st->target->display, col, col);
+	/* read as the sync reads its target (see target.c) */
+	as_role_begin(st->target->writer, true, &save);
 	if (phsync_spi_exec(sql, 3, types, values, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not count the rows of %s", st->target->display);
+	as_role_end(&save);
 	memset(b->local, 0, sizeof(int64) * b->n);
 	for (r = 0; r < SPI_processed; r++)
 	{
@@ -137,15 +153,17 @@ verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 bucket,
 		   bool repair)
 {
 	Buckets		b;
-	int64		nbuckets = (to - from + bucket - 1) / bucket;
+	int64		span;
+	int64		nbuckets;
 	int			mismatches = 0;
 	MemoryContext cxt;
 	int			i;
 
-	if (bucket <= 0 || to <= from)
+	if (bucket <= 0 || to <= from || pg_sub_s64_overflow(to, from, &span))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("nothing to verify: the range is empty or the bucket is not positive")));
+				 errmsg("nothing to verify: the range is empty or too long, or the bucket is not positive")));
+	nbuckets = span / bucket + (span % bucket != 0);
 	if (nbuckets > MAX_BUCKETS)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
@@ -154,6 +172,7 @@ verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 bucket,
 				 errhint("Use a wider bucket or a shorter range.")));
 
 	b.from = from;
+	b.to = to;
 	b.width = bucket;
 	b.n = (int) nbuckets;
 	b.posthog = palloc0(sizeof(int64) * b.n);
@@ -181,8 +200,8 @@ verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 bucket,
 				(errmsg("phsync run %lld: repairing sync %s from %s to %s",
 						(long long) st->run_id, st->sync->name,
 						phsync_format_timestamp(bucket_start(&b, i)),
-						phsync_format_timestamp(Min(to, bucket_start(&b, last + 1))))));
-		fetch_window(st, bucket_start(&b, i), Min(to, bucket_start(&b, last + 1)));
+						phsync_format_timestamp(bucket_start(&b, last + 1)))));
+		fetch_window(st, bucket_start(&b, i), bucket_start(&b, last + 1));
 		i = last;
 	}
 
@@ -197,7 +216,7 @@ verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 bucket,
 			now = PHSYNC_BUCKET_REPAIRED;
 		else if (now != PHSYNC_BUCKET_OK)
 			mismatches++;
-		runlog_verified(st->run_id, bucket_start(&b, i), Min(to, bucket_start(&b, i + 1)),
+		runlog_verified(st->run_id, bucket_start(&b, i), bucket_start(&b, i + 1),
 						b.posthog[i], b.local[i], now);
 	}
 	runlog_set_mismatches(st->run_id, mismatches);

@@ -164,6 +164,8 @@ worker_start(void)
 
 	/* phsync speaks UTC to PostHog; make timestamp text unambiguous too */
 	SetConfigOption("TimeZone", "UTC", PGC_SUSET, PGC_S_OVERRIDE);
+	/* no object a user creates may stand in for a built-in one */
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("application_name", "phsync worker", PGC_USERSET, PGC_S_OVERRIDE);
 
 	shmem_worker_attach();
@@ -416,6 +418,10 @@ run_syncs(PhsyncTrigger trigger, const char *only, PhsyncAnswer *answer)
 		PhsyncSync *sync = lfirst(lc);
 		PhsyncJob	job = {0};
 		PhsyncOutcome outcome;
+
+		/* the session that asked gave up: no more of its runs */
+		if (trigger == PHSYNC_TRIGGER_MANUAL && shmem_request_cancelled())
+			break;
 
 		job.trigger = trigger;
 		job.sync = sync;

@@ -44,7 +44,7 @@ $node->safe_psql('postgres', q{
 $node->append_conf('postgresql.conf', "phsync.role = 'phsync_runner'\n");
 $node->restart;
 fake_post($fake, '/generate', { count => 5, seed => 9, created_from => iso_ago($node, '2 minutes'), step_ms => 1000 });
-like(run_now($node), qr/ERROR:  permission denied for table posthog_events\nCONTEXT:  phsync run \d+ of sync default/,
+like(run_now($node), qr/ERROR:  permission denied for table public.posthog_events\nDETAIL:  The sync writes into it as phsync_runner, who needs SELECT and INSERT on it\.\nCONTEXT:  phsync run \d+ of sync default/,
 	'without INSERT on the target: a clear error');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM posthog_events'), '12', 'nothing inserted');
 is($node->safe_psql('postgres', "SELECT usename FROM pg_stat_activity WHERE backend_type = 'phsync worker'"),

@@ -918,31 +918,46 @@ class Parser:
         pkg = os.path.join(hogql, "node_modules", "@posthog", "hogql-parser", "package.json")
         if not os.path.exists(pkg):
             raise SystemExit("fake_posthog: %s is missing; run: npm ci --prefix %s" % (pkg, hogql))
-        self.proc = subprocess.Popen([node, os.path.join(hogql, "parse.mjs")], cwd=hogql,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        line = self.proc.stdout.readline()
-        try:
-            ready = json.loads(line).get("ready")
-        except ValueError:
-            ready = False
-        if not ready:
-            raise SystemExit("fake_posthog: the HogQL parser did not start (%s %s): %r"
-                             % (node, os.path.join(hogql, "parse.mjs"), line[:500]))
+        self.cmd = [node, os.path.join(hogql, "parse.mjs")]
+        self.cwd = hogql
         self.lock = threading.Lock()
         self.cache = {}
         self.n = 0
+        self.start()
+
+    def start(self):
+        try:
+            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        except OSError as e:
+            raise SystemExit("fake_posthog: cannot run %s: %s; run test/install-deps.sh" % (self.cmd[0], e))
+        line = self.proc.stdout.readline()
+        try:
+            ready = json.loads(line).get("ready")
+        except (ValueError, AttributeError):
+            ready = False
+        if not ready:
+            raise SystemExit("fake_posthog: the HogQL parser did not start (%s): %r; run "
+                             "test/install-deps.sh" % (" ".join(self.cmd), line[:500]))
 
     def parse(self, text):
         with self.lock:
             ast = self.cache.get(text)
             if ast is not None:
                 return ast
-            self.n += 1
-            self.proc.stdin.write((json.dumps({"id": self.n, "query": text}) + "\n").encode("utf-8"))
-            self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
+            line = b""
+            for attempt in (1, 2):
+                self.n += 1
+                try:
+                    self.proc.stdin.write((json.dumps({"id": self.n, "query": text}) + "\n").encode("utf-8"))
+                    self.proc.stdin.flush()
+                    line = self.proc.stdout.readline()
+                except OSError:
+                    line = b""
+                if line:
+                    break
+                self.start()        # the node process died: once more with a new one
             if not line:
-                raise RuntimeError("the HogQL parser process died")
+                raise HogQLError("the fake's HogQL parser process died")
             ast = json.loads(line)["ast"]
             if len(self.cache) > 2000:
                 self.cache.clear()
@@ -1008,6 +1023,8 @@ def hogql_text(node):
         return node["alias"]
     if n == "Field":
         chain = [str(c) for c in node["chain"]]
+        if chain == ["*"]:
+            return "*"
         return ".".join(c if IDENT_RE.match(c) else "`%s`" % c.replace("`", "``") for c in chain)
     if n == "Constant":
         v = node.get("value")
@@ -1033,6 +1050,11 @@ def hogql_text(node):
         return "%s(%s)" % (n.lower(), ", ".join(hogql_text(e) for e in node["exprs"]))
     if n == "Not":
         return "not(%s)" % hogql_text(node["expr"])
+    if n == "ArrayAccess":
+        return "%s[%s]" % (hogql_text(node["array"]), hogql_text(node["property"]))
+    if n in ("Tuple", "Array"):
+        inner = ", ".join(hogql_text(e) for e in node["exprs"])
+        return "tuple(%s)" % inner if n == "Tuple" else "[%s]" % inner
     return n
 
 
@@ -1348,6 +1370,19 @@ class Translator:
             return E("json_array(%s)" % ", ".join(i.sql for i in items), "Array(%s)" % t, items=items)
         if kind == "Call":
             return self.call(n, ctx)
+        if kind == "ArrayAccess":
+            # properties['$x'] on JSON text; arr[i] (1-based) on an array
+            a = self.expr(n["array"], ctx)
+            k = self.expr(n["property"], ctx)
+            if a.json:
+                inner = a.sql
+                if inner.startswith("ch_prop(") and inner.endswith(")"):
+                    return E("%s, %s)" % (inner[:-1], k.sql), "Nullable(String)", True)
+                return E("ch_prop(%s, %s)" % (a.sql, k.sql), "Nullable(String)", True)
+            if is_array(a.type):
+                inner = base_type(a.type)[6:-1]
+                return E("json_extract(%s, '$[' || (%s - 1) || ']')" % (a.sql, k.sql), inner, agg=a.agg)
+            raise HogQLError("Can not access a property of a non-JSON, non-array value")
         if kind in ("SelectQuery", "SelectSetQuery"):
             sql, cols = self.query(n)
             return E("(%s)" % sql, cols[0][1] if cols else None, items=None)
@@ -2667,7 +2702,8 @@ def make_handler(state, kind):
 
         def api(self, method):
             t0 = time.perf_counter()
-            state.enter()
+            if method == "POST":
+                state.enter()
             rec = {"time": time.time(), "start": time.time(), "path": self.path, "method": method}
             try:
                 if method == "POST":
@@ -2681,7 +2717,8 @@ def make_handler(state, kind):
                                "method_not_allowed")
             finally:
                 rec["end"] = time.time()
-                state.leave(time.perf_counter() - t0)
+                if method == "POST":
+                    state.leave(time.perf_counter() - t0)
 
         def api_delete(self, rec):
             self.read_body()

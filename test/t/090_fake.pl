@@ -51,6 +51,10 @@ $j = q_ok(q{SELECT properties.$browser AS b, properties.n AS n, JSONExtractStrin
 like($j->{results}[0][0], qr/^(Chrome|Firefox|Safari)$/, 'properties.$browser: the JSON value as a string');
 is($j->{results}[0][1], '0', 'properties.n: a number as its JSON text');
 is($j->{types}[0][1], 'Nullable(String)', '... typed Nullable(String)');
+$j = q_ok(q{SELECT properties['$browser'] AS b, not(equals(event, '')) AS t, uuid FROM events WHERE uuid > toUUID({u}) ORDER BY uuid LIMIT 2},
+	values => { u => '00000000-0000-0000-0000-000000000000' });
+like($j->{results}[0][0], qr/^(Chrome|Firefox|Safari)$/, "properties['\$browser'] and the operators' function forms");
+ok(lc(substr($j->{results}[0][2], 19)) le lc(substr($j->{results}[1][2], 19)), 'UUIDs in ClickHouse\'s order (second half first)');
 
 # ---------- row limits ----------
 $j = q_ok("SELECT uuid FROM events");
@@ -291,5 +295,23 @@ ok($st->{requests} == 1 && $st->{busy_seconds} >= 0.29 && $st->{busy_union_secon
 my $other = start_fake(config => { row_cap => 10000, timezone => 'Asia/Kolkata', throttle_per_minute => 0 });
 my $cfg = fake_get($other, '/config');
 is_deeply([ @$cfg{qw(row_cap timezone throttle_per_minute throttle_per_hour concurrency)} ], [ 10000, 'Asia/Kolkata', 0, 2400, 3 ], 'flags at start, PostHog\'s defaults otherwise');
+
+# ---------- the benchmark's synthetic mode still parses ----------
+fake_post($other, '/synthetic', { count => 300, seed => 3, step_ms => 10000 });
+my $head = "SELECT uuid, event, timestamp, distinct_id, person_id, properties, elements_chain, created_at\nFROM events\n"
+  . "WHERE created_at >= toDateTime({since}) AND created_at < toDateTime({until})\n  AND timestamp >= toDateTime({timestamp_since})";
+my %v = (since => '2020-01-01T00:00:00Z', until => '2100-01-01T00:00:00Z', timestamp_since => '2019-12-25T00:00:00Z');
+$r = fake_query($other, "$head\nORDER BY created_at, uuid\nLIMIT 200", values => \%v);
+my $p1 = $r->{json}{results};
+is(scalar @$p1, 200, 'synthetic: a page');
+$r = fake_query($other, "$head\n  AND ((created_at > toDateTime({after_0})) OR (created_at = toDateTime({after_0}) AND uuid > toUUID({after_1})))"
+	. "\nORDER BY created_at, uuid\nLIMIT 200", values => { %v, after_0 => $p1->[-1][7], after_1 => $p1->[-1][0] });
+my $p2 = $r->{json}{results};
+ok(@$p2 == 100 && $p2->[0][7] gt $p1->[-1][7], 'synthetic: the keyset OR-chain gives the rest');
+$r = fake_query($other, "$head\n  AND timestamp < toDateTime({ts_until})\nORDER BY created_at, uuid\nLIMIT 50000",
+	values => { %v, ts_until => $p1->[9][2] });
+is(scalar @{ $r->{json}{results} }, 9, 'synthetic: an upper bound on timestamp is evaluated');
+is(fake_query($other, "SELECT uuid FROM events LIMIT 1")->{status}, 400, 'synthetic: other shapes get 400');
+is(fake_query($other, "SELECT uuid FROM events WHERE `a\`b` = 1")->{status}, 400, 'synthetic: the parser still decides');
 
 done_testing();

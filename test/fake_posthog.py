@@ -133,6 +133,11 @@ any subset later; GET /config shows them).  Defaults are PostHog's:
                             {since}..{until}) is wider
   latency_base_ms 0,        a successful answer takes at least base +
   latency_per_row_us 0      per_row x rows (real time), holding its slot
+  cache_seconds 21600       (fake s) a request whose "refresh" is not
+                            "force_blocking" (or force_async/true) gets the
+                            answer of an identical earlier query (same query
+                            and values) younger than this, with is_cached
+                            true, as PostHog's cache does; 0 turns it off
 A delay fault holds its slot for at most the execution limit (ClickHouse
 kills the query then); the rest of the delay is spent without a slot.
 
@@ -181,8 +186,8 @@ first one by default):
                         events_read, cost_seconds, rows, auth_ok, headers
   GET  /cancels         cancels received: {"client_query_id", "project_id",
                         "time", "was_running"}
-  POST /reset           forget requests, faults, cancels and throttle
-                        history ({"data": true} also drops the data of every
+  POST /reset           forget requests, faults, cancels, throttle
+                        history and the query cache ({"data": true} also drops the data of every
                         project, or of ?project=ID)
   POST /synthetic       {"count": N, "seed", "step_ms"}: serve N pre-rendered
                         events (benchmark mode; see Synthetic)
@@ -256,7 +261,12 @@ DEFAULT_CONFIG = {
     "max_window_seconds": None,
     "latency_base_ms": 0.0,
     "latency_per_row_us": 0.0,
+    "cache_seconds": 21600.0,
 }
+# PostHog's ExecutionMode values for "refresh" (True/False are the legacy forms)
+REFRESH_MODES = {"async", "lazy_async", "blocking", "force_async", "force_blocking", "force_cache",
+                 True, False, None}
+FRESH_MODES = {"force_blocking", "force_async", True}
 PROJECT_KEYS = {"timezone"}
 
 
@@ -2382,6 +2392,7 @@ class ServerState:
         self.requests = []
         self.cancels = []
         self.throttle_history = {}
+        self.cache = {}
         self.parser = None
         self.reset_stats()
 
@@ -2524,6 +2535,30 @@ class ServerState:
             return "Query already complete"
         return "Cancelled query on clickhouse"
 
+    # ----- PostHog's query cache (posthog/caching): used unless refresh forces a run -----
+    @staticmethod
+    def cache_key(project, body):
+        return project.id + "\0" + json.dumps(body.get("query"), sort_keys=True)
+
+    def cached(self, project, body):
+        if body.get("refresh") in FRESH_MODES or not self.config["cache_seconds"]:
+            return None
+        with self.lock:
+            hit = self.cache.get(self.cache_key(project, body))
+            if hit is None or self.clock.now() - hit[0] > float(self.config["cache_seconds"]):
+                return None
+            out = json.loads(hit[1])
+        out["is_cached"] = True
+        return out
+
+    def store(self, project, body, result):
+        if not self.config["cache_seconds"]:
+            return
+        with self.lock:
+            if len(self.cache) > 500:
+                self.cache.clear()
+            self.cache[self.cache_key(project, body)] = (self.clock.now(), json.dumps(result))
+
     def next_fault(self):
         with self.lock:
             if not self.faults:
@@ -2541,6 +2576,9 @@ class ServerState:
         extra = set(body) - ALLOWED_BODY_KEYS
         if extra:
             raise HogQLError("Extra inputs are not permitted: %s" % ", ".join(sorted(extra)))
+        if body.get("refresh") not in REFRESH_MODES:
+            raise HogQLError("refresh: Input should be 'async', 'lazy_async', 'blocking', 'force_async', "
+                             "'force_blocking' or 'force_cache'")
         query = body.get("query")
         if not isinstance(query, dict) or query.get("kind") not in ("HogQLQuery", "DatabaseSchemaQuery"):
             raise HogQLError("query.kind must be HogQLQuery or DatabaseSchemaQuery")
@@ -2796,7 +2834,9 @@ def make_handler(state, kind):
         def answer(self, rec, fl, project, body):
             """(status, function that sends the answer); runs holding a slot."""
             c = state.config
-            if state.limits_apply():
+            qkind = body.get("query", {}).get("kind") if isinstance(body, dict) and \
+                isinstance(body.get("query"), dict) else None
+            if state.limits_apply() and qkind != "DatabaseSchemaQuery":
                 ok = state.acquire(fl)
                 if not ok:
                     return 429, lambda: self.error(429, CONCURRENCY_TEXT, "throttled_error", "throttled")
@@ -2835,6 +2875,11 @@ def make_handler(state, kind):
             t0 = time.perf_counter()
             try:
                 query = state.check_body(body)
+                cached = state.cached(project, body)
+                if cached is not None:
+                    # without force_blocking PostHog may answer from its cache, however old
+                    rec["cached"] = True
+                    return 200, lambda: self.send_json(200, cached)
                 result, nrows, read = state.run_query(project, query)
             except HogQLError as e:
                 msg = str(e)
@@ -2856,6 +2901,7 @@ def make_handler(state, kind):
                 raise Cancelled()
             if isinstance(result, bytes):
                 return 200, lambda: self.send_bytes(200, result)
+            state.store(project, body, result)
             if fault and fault.row_patch:
                 patches = fault.row_patch
                 for p in (patches if isinstance(patches, list) else [patches]):
@@ -2944,6 +2990,7 @@ def make_handler(state, kind):
                     state.faults = []
                     state.cancels = []
                     state.throttle_history = {}
+                    state.cache = {}
                 if arg and arg.get("data"):
                     for p in ([project] if pid else state.projects.values()):
                         p.clear()

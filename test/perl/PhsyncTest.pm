@@ -170,8 +170,8 @@ sub fake_config
 
 # A query straight to the fake's API (no phsync): returns the HTTP::Tiny
 # response with {json} decoded when it is JSON.  Options: key, project,
-# values, body (extra top-level fields), kind, method ('DELETE' with
-# client_query_id cancels), headers.
+# values, body (extra top-level fields; refresh is force_blocking unless
+# given), kind, method ('DELETE' with client_query_id cancels), headers.
 my $api_http;
 sub fake_query
 {
@@ -191,7 +191,7 @@ sub fake_query
 		my $body = { query => { kind => $o{kind} // 'HogQLQuery',
 				(defined $hogql ? (query => $hogql) : ()),
 				(defined $hogql ? (values => $o{values} // {}) : ()) },
-			%{ $o{body} // {} } };
+			refresh => 'force_blocking', %{ $o{body} // {} } };
 		$res = $api_http->post($url, { content => encode_json($body), headers => \%headers });
 	}
 	$res->{json} = eval { decode_json($res->{content}) } if ($res->{headers}{'content-type'} // '') =~ /json/;

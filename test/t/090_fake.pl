@@ -56,6 +56,17 @@ $j = q_ok(q{SELECT properties['$browser'] AS b, not(equals(event, '')) AS t, uui
 like($j->{results}[0][0], qr/^(Chrome|Firefox|Safari)$/, "properties['\$browser'] and the operators' function forms");
 ok(lc(substr($j->{results}[0][2], 19)) le lc(substr($j->{results}[1][2], 19)), 'UUIDs in ClickHouse\'s order (second half first)');
 
+# ---------- without force_blocking, PostHog's cache may answer ----------
+my $cq = q{SELECT count() FROM events WHERE event = 'cached'};
+fake_post($fake, '/events', [ { event => 'cached' } ]);
+$j = q_ok($cq, body => { refresh => 'blocking' });
+fake_post($fake, '/events', [ { event => 'cached' } ]);
+$j = q_ok($cq, body => { refresh => 'blocking' });
+is_deeply([ $j->{results}[0][0], $j->{is_cached} ], [ 1, JSON::PP::true ], 'refresh blocking: an identical query is answered from the cache');
+$j = q_ok($cq);
+is_deeply([ $j->{results}[0][0], $j->{is_cached} ], [ 2, JSON::PP::false ], 'force_blocking: run afresh');
+is(fake_query($fake, $cq, body => { refresh => 'sometimes' })->{status}, 400, 'an unknown refresh mode: 400');
+
 # ---------- row limits ----------
 $j = q_ok("SELECT uuid FROM events");
 is_deeply([ scalar @{ $j->{results} }, $j->{hasMore}, $j->{limit}, $j->{offset} ], [ 100, JSON::PP::true, 100, 0 ],

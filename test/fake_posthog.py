@@ -52,9 +52,12 @@ server than the real one:
 Tables (each project has its own):
   events      uuid UUID, event, properties (JSON text), timestamp and
               created_at DateTime64(6, tz), distinct_id, elements_chain,
-              $session_id and $window_id (from properties), person_id UUID
+              $session_id and $window_id (from properties), person_id UUID;
+              POST /events applies capture's rule: a timestamp more than 23 h
+              after created_at becomes created_at (unless "raw")
   persons     id UUID, created_at DateTime64(3, tz) (stored in ms),
-              properties, is_identified Int8 (0/1)
+              properties, is_identified Int8 (0/1); persons created more
+              than a day in the future are not shown, as in PostHog
   groups      index UInt8 (0-4), key, created_at DateTime64(3, tz),
               updated_at DateTime(tz) (when the version arrived), properties;
               a new version of (index, key) replaces the old
@@ -226,6 +229,7 @@ import uuid as uuidlib
 import zoneinfo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FUTURE_CUTOFF = dt.timedelta(hours=23)     # rust/capture/src/timestamp.rs
 EVENT_COLUMNS = ["uuid", "event", "timestamp", "distinct_id", "person_id",
                  "properties", "elements_chain", "created_at"]
 PERSON_COLUMNS = ["id", "created_at", "is_identified", "properties"]
@@ -795,7 +799,7 @@ TABLES = {t.name: t for t in [
         Col("created_at", DT6), Col("$session_id", "String"), Col("$window_id", "String"),
         Col("person_id", "UUID"),
     ], scanned=True),
-    Table("persons", "persons", [
+    Table("persons", "persons_visible", [
         Col("id", "UUID"), Col("created_at", "DateTime64(3, {tz})"),
         Col("properties", "String", json_=True), Col("is_identified", "Int8", schema="boolean"),
     ]),
@@ -903,6 +907,9 @@ SELECT "$session_id" AS id, "$session_id" AS session_id,
             ELSE 0 END AS "$is_bounce"
 FROM events WHERE "$session_id" IS NOT NULL AND "$session_id" != ''
 GROUP BY "$session_id";
+-- PostHog's persons table drops persons created more than a day in the future
+CREATE VIEW persons_visible AS
+SELECT * FROM persons WHERE created_at <= ch_dt_add(ch_now(), 86400);
 -- current members of each dynamic cohort that is not deleted
 CREATE VIEW cohort_people AS
 SELECT DISTINCT m.person_id AS person_id, m.cohort_id AS cohort_id
@@ -2086,13 +2093,17 @@ class Project:
                 except ValueError:
                     pd = None
             created = e.get("created_at") or dt.datetime.now(UTC)
+            ts = e.get("timestamp") or created
+            if parse_time(ts) - parse_time(created) > FUTURE_CUTOFF:
+                # capture: a timestamp more than 23 h ahead of the server becomes the server's time
+                ts = created
             sid = e.get("$session_id", (pd or {}).get("$session_id") if isinstance(pd, dict) else None)
             wid = e.get("$window_id", (pd or {}).get("$window_id") if isinstance(pd, dict) else None)
             rows.append((
                 str(e.get("uuid") or uuidlib.uuid4()),
                 e.get("event", "$pageview"),
                 props,
-                canon(e.get("timestamp") or created),
+                canon(ts),
                 e.get("distinct_id", "anonymous"),
                 e.get("person_id"),
                 e.get("elements_chain", ""),
@@ -2268,7 +2279,8 @@ class Project:
 
     def persons(self):
         t = TABLES["persons"]
-        return self.rendered("SELECT %s FROM persons ORDER BY created_at, id" % ", ".join(PERSON_COLUMNS),
+        return self.rendered("SELECT %s FROM persons_visible ORDER BY created_at, id COLLATE CHUUID"
+                             % ", ".join(PERSON_COLUMNS),
                              PERSON_COLUMNS, [t.cols[c].type_for(self.timezone) for c in PERSON_COLUMNS])
 
     def source(self):

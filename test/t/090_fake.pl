@@ -120,6 +120,14 @@ is_deeply($j->{results}[0], [ '00000000-0000-4000-8000-000000000001', '2026-01-0
 	'persons: is_identified 0/1, created_at in milliseconds, properties as JSON text');
 is_deeply([ map { $_->[1] } @{ $j->{types} } ], [ 'UUID', "DateTime64(3, 'UTC')", 'Int8', 'String' ], 'persons: PostHog\'s types');
 
+fake_post($fake, '/persons', [ { id => '00000000-0000-4000-8000-000000000099', created_at => '2099-01-01T00:00:00Z' } ]);
+is_deeply(q_ok("SELECT count() FROM persons WHERE id = '00000000-0000-4000-8000-000000000099'")->{results}, [ [0] ],
+	'a person created more than a day in the future is not shown');
+fake_post($fake, '/events', [ { event => 'future', created_at => '2026-04-01T00:00:00Z', timestamp => '2026-04-02T00:00:01Z' },
+	{ event => 'future', created_at => '2026-04-01T00:00:00Z', timestamp => '2026-04-01T22:00:00Z' } ]);
+is_deeply(q_ok("SELECT timestamp FROM events WHERE event = 'future' ORDER BY timestamp")->{results},
+	[ ['2026-04-01T00:00:00Z'], ['2026-04-01T22:00:00Z'] ], 'capture: a timestamp over 23 h ahead becomes the ingestion time');
+
 # ---------- the schema query ----------
 $j = q_ok(undef, kind => 'DatabaseSchemaQuery');
 ok($j->{tables}{$_}, "schema has $_") for qw(events persons groups sessions cohort_people system.cohorts system.feature_flags system.experiments system.surveys);

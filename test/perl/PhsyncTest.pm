@@ -92,6 +92,7 @@ sub start_fake
 	{
 		(my $flag = $k) =~ tr/_/-/;
 		my $v = $config{$k};
+		next unless defined $v;
 		$v = $v ? 'true' : 'false' if JSON::PP::is_bool($v);
 		push @cmd, "--$flag", $v;
 	}

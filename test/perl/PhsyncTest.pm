@@ -20,6 +20,7 @@ use Time::HiRes qw(usleep);
 
 use Exporter 'import';
 our @EXPORT = qw(make_certs start_fake fake_post fake_post_raw fake_get fake_requests
+  fake_config fake_query
   set_conf iso_ago
   phsync_node poll_until source_equals_target target_count run_now
   last_run $API_KEY);
@@ -64,16 +65,37 @@ sub make_certs
 
 # Start the fake PostHog; returns a hash with url, api_port, control_port.
 # Options: certs (from make_certs; plain HTTP without), expired (serve the
-# expired certificate), project_id, api_key.
+# expired certificate), project_id, api_key, projects => [[id, key], ...]
+# (several projects: the first is the default one, a third element is its
+# time zone), config => { setting => value, ... } (the fake's settings, see
+# the docstring of test/fake_posthog.py: row_cap, timezone, time_scale,
+# throttle_per_minute, concurrency, ...).
 sub start_fake
 {
 	my (%opt) = @_;
 	my $dir = PostgreSQL::Test::Utils::tempdir();
 	my $ready = "$dir/ready.json";
+	my @projects = @{ $opt{projects} // [] };
+	my ($pid, $key) = @projects
+	  ? @{ $projects[0] }[ 0, 1 ]
+	  : ($opt{project_id} // '1', $opt{api_key} // $API_KEY);
 	my @cmd = ('python3', "$srcdir/test/fake_posthog.py",
 		'--ready-file', $ready,
-		'--api-key', $opt{api_key} // $API_KEY,
-		'--project-id', $opt{project_id} // '1');
+		'--api-key', $key,
+		'--project-id', $pid);
+	for my $p (@projects)
+	{
+		push @cmd, '--project', join(':', grep { defined } @$p);
+	}
+	my %config = %{ $opt{config} // {} };
+	for my $k (sort keys %config)
+	{
+		(my $flag = $k) =~ tr/_/-/;
+		my $v = $config{$k};
+		next unless defined $v;
+		$v = $v ? 'true' : 'false' if JSON::PP::is_bool($v);
+		push @cmd, "--$flag", $v;
+	}
 	push @cmd, '--cert', $opt{expired} ? $opt{certs}{expired} : $opt{certs}{cert},
 	  '--key', $opt{certs}{key}
 	  if $opt{certs};
@@ -137,6 +159,45 @@ sub fake_get
 }
 
 sub fake_requests { return fake_get($_[0], '/requests'); }
+
+# The fake's settings: fake_config($fake) reads them, fake_config($fake,
+# { name => value, ... }) changes some (and returns them all).
+sub fake_config
+{
+	my ($fake, $settings) = @_;
+	return fake_get($fake, '/config') unless $settings;
+	return fake_post($fake, '/config', $settings);
+}
+
+# A query straight to the fake's API (no phsync): returns the HTTP::Tiny
+# response with {json} decoded when it is JSON.  Options: key, project,
+# values, body (extra top-level fields; refresh is force_blocking unless
+# given), kind, method ('DELETE' with client_query_id cancels), headers.
+my $api_http;
+sub fake_query
+{
+	my ($fake, $hogql, %o) = @_;
+	$api_http //= HTTP::Tiny->new(timeout => 120, verify_SSL => 0);
+	my $project = $o{project} // '1';
+	my $url = "$fake->{url}/api/projects/$project/query/";
+	my %headers = ('Content-Type' => 'application/json',
+		'Authorization' => 'Bearer ' . ($o{key} // $API_KEY), %{ $o{headers} // {} });
+	my $res;
+	if (($o{method} // 'POST') eq 'DELETE')
+	{
+		$res = $api_http->request('DELETE', $url . $o{client_query_id} . '/', { headers => \%headers });
+	}
+	else
+	{
+		my $body = { query => { kind => $o{kind} // 'HogQLQuery',
+				(defined $hogql ? (query => $hogql) : ()),
+				(defined $hogql ? (values => $o{values} // {}) : ()) },
+			refresh => 'force_blocking', %{ $o{body} // {} } };
+		$res = $api_http->post($url, { content => encode_json($body), headers => \%headers });
+	}
+	$res->{json} = eval { decode_json($res->{content}) } if ($res->{headers}{'content-type'} // '') =~ /json/;
+	return $res;
+}
 
 # A node with phsync preloaded and pointed at the fake.  Extra settings are
 # appended as given (name => value, quoted here); allows_streaming => 1 makes

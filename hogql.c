@@ -37,17 +37,36 @@ bounds_timestamp(PhsyncQuery *q)
 #define QUERY_FILE_MAX (1024 * 1024)
 
 /*
- * Append an identifier for HogQL: bare when it is a plain identifier,
- * otherwise in backticks with backslash escapes.
+ * Words PostHog's HogQL parser reads as something else than a name (a
+ * constant, an operator, a clause), found by parsing queries with them
+ * where phsync writes names, plus the clause keywords, to be safe.
+ */
+static const char *const hogql_keywords[] = {
+	"all", "and", "any", "array", "as", "asc", "between", "by", "case", "cast",
+	"desc", "distinct", "else", "end", "except", "false", "fn", "from", "group",
+	"having", "ilike", "in", "inf", "intersect", "interval", "is", "join", "let",
+	"like", "limit", "nan", "not", "null", "offset", "on", "or", "order", "select",
+	"then", "true", "union", "using", "when", "where", "while", "with", NULL
+};
+
+/*
+ * Append a name for HogQL: bare when it is a plain identifier that is not
+ * a keyword, otherwise in backticks, where HogQL writes a backtick twice
+ * and a backslash escaped (` -> ``, \ -> \\), as PostHog's grammar reads
+ * them.
  */
 static void
 append_ident(StringInfo buf, const char *name)
 {
 	const char *p;
 	bool		plain = (isalpha((unsigned char) name[0]) || name[0] == '_');
+	int			i;
 
 	for (p = name; *p && plain; p++)
 		if (!isalnum((unsigned char) *p) && *p != '_')
+			plain = false;
+	for (i = 0; plain && hogql_keywords[i]; i++)
+		if (pg_strcasecmp(name, hogql_keywords[i]) == 0)
 			plain = false;
 	if (plain)
 	{
@@ -57,7 +76,9 @@ append_ident(StringInfo buf, const char *name)
 	appendStringInfoChar(buf, '`');
 	for (p = name; *p; p++)
 	{
-		if (*p == '`' || *p == '\\')
+		if (*p == '`')
+			appendStringInfoChar(buf, '`');
+		else if (*p == '\\')
 			appendStringInfoChar(buf, '\\');
 		appendStringInfoChar(buf, *p);
 	}

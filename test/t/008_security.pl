@@ -81,11 +81,12 @@ is($node->safe_psql('postgres', "SELECT count(*) FROM posthog_events"), '17', 'a
 # A custom query with a cursor column whose name needs quoting in HogQL too.
 $node->safe_psql('postgres', q{CREATE TABLE "odd ""cols""" ("seen `at`" timestamptz NOT NULL, "who's" text, PRIMARY KEY ("who's", "seen `at`"))});
 open my $fh, '>', $node->data_dir . '/odd.hogql' or die;
-print $fh "SELECT created_at AS `seen \\`at\\``, distinct_id AS `who's` FROM events\n";
+print $fh "SELECT created_at AS `seen ``at```, distinct_id AS `who's` FROM events\n";
 close $fh;
 set_conf($node, 'phsync.target_table' => '"odd ""cols"""', 'phsync.query_file' => 'odd.hogql',
 	'phsync.cursor_column' => 'seen `at`');
 like(run_now($node), qr/^succeeded\|\d+\|17\|17$/, 'quoted column names round-trip through HogQL');
-like(fake_requests($fake)->[-1]{body}{query}{query}, qr/ORDER BY `seen \\`at\\``, `who's`/, 'identifiers are quoted in HogQL, values are not in the text');
+like(fake_requests($fake)->[-1]{body}{query}{query}, qr/ORDER BY `seen ``at```, `who's`/,
+	'identifiers are quoted as HogQL quotes them (a backtick written twice), values are not in the text');
 
 done_testing();

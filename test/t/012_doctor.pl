@@ -101,7 +101,7 @@ print $fh "SELECT uuid, created_at FROM evnts\n";
 close $fh;
 set_conf($node, 'phsync.query_file' => 'bad.hogql');
 $d = doctor();
-like($d->{query}{status} . ': ' . $d->{query}{detail}, qr/^error: query: HTTP 400: Query error: no such table: evnts/, 'bad query: PostHog\'s detail');
+like($d->{query}{status} . ': ' . $d->{query}{detail}, qr/^error: query: HTTP 400: Unknown table `evnts`\./, 'bad query: PostHog\'s detail');
 set_conf($node, 'phsync.query_file' => '', 'phsync.target_table' => 'public.posthog_events');
 
 # settings: no project

@@ -200,7 +200,7 @@ $node->safe_psql('postgres', q{
 	SELECT phsync_add_sync('broken', 'broken', query => 'SELECT uuid, created_at FROM no_such_table');});
 my $mark = $node->safe_psql('postgres', 'SELECT max(id) FROM phsync.runs');
 my ($ret, $out, $err) = $node->psql('postgres', 'SELECT sync, status FROM phsync_run_now()');
-like($err, qr/ERROR:  PostHog request failed with HTTP status 400\nDETAIL:  Query error: no such table: no_such_table\nHINT:  Check the HogQL query \(the query of sync broken\)\.\nCONTEXT:  phsync run \d+ of sync broken/,
+like($err, qr/ERROR:  PostHog request failed with HTTP status 400\nDETAIL:  Unknown table `no_such_table`\.\nHINT:  Check the HogQL query \(the query of sync broken\)\.\nCONTEXT:  phsync run \d+ of sync broken/,
 	'run_now() raises the failing sync\'s error');
 is($node->safe_psql('postgres', q{
 	SELECT string_agg(sync || ':' || status, ',' ORDER BY id) FROM phsync.runs WHERE id > } . $mark),

@@ -224,7 +224,7 @@ check_callable_here(void)
 
 /*
  * Error context while phsync_run_now() waits: a cancel (statement_timeout,
- * Ctrl-C) stops the waiting, not a run the worker has started.
+ * Ctrl-C) of the statement cancels the run it waits for too.
  */
 static void
 wait_context(void *arg)
@@ -233,7 +233,7 @@ wait_context(void *arg)
 
 	shmem_worker_state(&w);
 	if (w.run_id)
-		errcontext("while waiting for phsync run %lld, which goes on in the background",
+		errcontext("while waiting for phsync run %lld, which is cancelled with this statement",
 				   (long long) w.run_id);
 	else
 		errcontext("while waiting for the phsync worker to start a run");

@@ -50,7 +50,9 @@ initial_since(TimestampTz until)
 
 /*
  * The target of the run: examined, and, for the default sync with a
- * preset, created when missing.  Raises when it is not acceptable.
+ * preset, created when missing.  Raises when it is not acceptable.  Its
+ * name is looked up as the sync's owner, whose schemas the worker's own
+ * role may not even see.
  */
 static PhsyncTarget *
 open_target(PhsyncSync *sync)
@@ -58,6 +60,7 @@ open_target(PhsyncSync *sync)
 	PhsyncTargetSpec spec;
 	PhsyncProblem problem;
 	PhsyncTarget *target;
+	PhsyncAsRole save;
 
 	memset(&spec, 0, sizeof(spec));
 	spec.name = sync->target;
@@ -66,6 +69,7 @@ open_target(PhsyncSync *sync)
 	spec.preset = sync->preset;
 	spec.update = sync->update;
 	spec.owner = sync_owner(sync);
+	as_role_begin(spec.owner, true, &save);
 	target = target_examine(&spec, &problem);
 	if (target == NULL && problem.sqlerrcode == ERRCODE_UNDEFINED_TABLE &&
 		sync_is_default(sync) && sync->preset != PHSYNC_CUSTOM)
@@ -83,6 +87,7 @@ open_target(PhsyncSync *sync)
 				(errmsg("phsync created target table %s", sync->target)));
 		target = target_examine(&spec, &problem);
 	}
+	as_role_end(&save);
 	if (target == NULL)
 		target_raise(&problem);
 	return target;

@@ -1,7 +1,7 @@
 # Stopping and cancelling: SIGTERM, pg_terminate_backend() and a fast
 # shutdown end an in-flight HTTP transfer at once, not after the request
-# timeout; a cancelled phsync_run_now() returns promptly; and a run holds
-# no lock on the target between pages.
+# timeout; a cancelled phsync_run_now() returns promptly and cancels its
+# run; and a run holds no lock on the target between pages.
 use strict;
 use warnings;
 
@@ -73,8 +73,8 @@ fake_post($fake, '/faults', [ {}, { delay_ms => 3000 } ]);
 my $pooled = $node->background_psql('postgres', on_error_stop => 0);
 $pooled->query_safe('SET statement_timeout = 1000');
 $pooled->query('SELECT phsync_run_now()');
-ok(poll_until(sub { $node->safe_psql('postgres', "SELECT status FROM phsync.runs ORDER BY id DESC LIMIT 1") ne 'running' }, 30, 'slow run ends'),
-	'the run of the cancelled caller ends');
+ok(poll_until(sub { $node->safe_psql('postgres', "SELECT status FROM phsync.runs ORDER BY id DESC LIMIT 1") eq 'cancelled' }, 30, 'slow run ends'),
+	'the run of the cancelled caller is cancelled too');
 like(run_now($node), qr/^succeeded\|/, 'another session can run right after, while the cancelled one is still connected');
 $pooled->quit;
 
@@ -83,11 +83,18 @@ fake_post($fake, '/faults', [ {}, { delay_ms => 120_000 } ]);
 $t0 = time();
 ($ret, $o, $e) = $node->psql('postgres', 'SET statement_timeout = 1000; SELECT phsync_run_now()');
 $took = time() - $t0;
-like($e, qr/ERROR:  canceling statement due to statement timeout\nCONTEXT:  while waiting for phsync run \d+, which goes on in the background/,
-	'a cancelled phsync_run_now() says the run goes on');
+like($e, qr/ERROR:  canceling statement due to statement timeout\nCONTEXT:  while waiting for phsync run \d+, which is cancelled with this statement/,
+	'a cancelled phsync_run_now() says its run is cancelled too');
 cmp_ok($took, '<', 10, sprintf('and returns promptly (%.1f s)', $took));
+$t0 = time();
+ok(poll_until(sub { $node->safe_psql('postgres', "SELECT status FROM phsync.runs ORDER BY id DESC LIMIT 1") eq 'cancelled' }, 10, 'cancelled'),
+	'the run stops: its transfer is abandoned, not waited for');
+cmp_ok(time() - $t0, '<', 3, sprintf('within seconds (%.1f s), not after the 2-minute transfer', time() - $t0));
+like($node->safe_psql('postgres', "SELECT error FROM phsync.runs ORDER BY id DESC LIMIT 1"),
+	qr/^phsync run \d+ was cancelled: The session that asked for it stopped waiting/, 'and its row says why');
 
 # a fast shutdown during the transfer
+$h = $start_slow_run->();
 $t0 = time();
 $node->stop('fast');
 $took = time() - $t0;

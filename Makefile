@@ -4,7 +4,7 @@
 MODULE_big = phsync
 # in layer order, bottom up (see phsync.h; test/layers.sh checks it)
 OBJS = settings.o presets.o shmem.o xact.o \
-	schedule.o hogql.o http.o retry.o \
+	schedule.o response.o hogql.o http.o retry.o \
 	runlog.o target.o syncs.o loader.o \
 	fetch.o verify.o \
 	run.o doctor.o \

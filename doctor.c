@@ -88,8 +88,7 @@ check_settings(Doctor *d)
 	else if (settings_api_key()[0] == '\0')
 		missing = "phsync.api_key";
 	d->configured = (missing == NULL);
-	if (d->configured)
-		d->endpoint = sync_endpoint(NULL);
+	d->endpoint = sync_settings_endpoint();
 	if (missing)
 		row(d, "settings", "error", psprintf("%s is not set", missing),
 			psprintf("Set %s in postgresql.conf and reload the configuration.", missing));
@@ -156,9 +155,10 @@ check_network(Doctor *d)
 	row(d, "dns", "ok", psprintf("%s resolves to %s", host, addr), NULL);
 
 	/* TCP alone: connect-only to the same host and port over plain http */
-	rc = http_probe(psprintf("http://%s%s%s:%d/", strchr(host, ':') ? "[" : "", host,
+	rc = http_probe(d->endpoint,
+					psprintf("http://%s%s%s:%d/", strchr(host, ':') ? "[" : "", host,
 							 strchr(host, ':') ? "]" : "", port),
-					NULL, DOCTOR_TIMEOUT_MS, &detail);
+					DOCTOR_TIMEOUT_MS, &detail);
 	if (rc != CURLE_OK)
 	{
 		row(d, "tcp", "error", psprintf("%s: %s", curl_category(rc), detail),
@@ -171,7 +171,7 @@ check_network(Doctor *d)
 
 	if (https)
 	{
-		rc = http_probe(phsync_host, phsync_ca_file, DOCTOR_TIMEOUT_MS, &detail);
+		rc = http_probe(d->endpoint, phsync_host, DOCTOR_TIMEOUT_MS, &detail);
 		if (rc != CURLE_OK)
 		{
 			row(d, "tls", "error", psprintf("%s: TLS: %s", curl_category(rc), detail),
@@ -195,6 +195,7 @@ ask_posthog(Doctor *d, const char *item, PhsyncEndpoint *endpoint, PhsyncQuery *
 	PhsyncHttpResult res;
 	PhsyncHttpError e;
 	char	   *body;
+	char	   *volatile timezone = NULL;
 
 	q->until = GetCurrentTimestamp();
 	q->since = q->until - USECS_PER_HOUR;
@@ -204,7 +205,11 @@ ask_posthog(Doctor *d, const char *item, PhsyncEndpoint *endpoint, PhsyncQuery *
 	http_set_timeout(http, DOCTOR_TIMEOUT_MS);
 	PG_TRY();
 	{
-		http_post(http, http_query_url(endpoint), body, &res);
+		PhsyncTransfer *t = http_request(http, body, "phsync-doctor", &res);
+
+		if (res.ok)
+			timezone = scan_columns(http_scan(t))->timezone;
+		http_finish(t);
 	}
 	PG_FINALLY();
 	{
@@ -212,10 +217,11 @@ ask_posthog(Doctor *d, const char *item, PhsyncEndpoint *endpoint, PhsyncQuery *
 	}
 	PG_END_TRY();
 
-	if (res.json)
+	if (res.ok)
 	{
-		json_object_put(res.json);
-		row(d, item, "ok", ok_detail, NULL);
+		/* the first answer says the project's time zone */
+		row(d, item, "ok", timezone && strcmp(item, "auth") == 0 ?
+			psprintf("%s; its time zone is %s", ok_detail, timezone) : ok_detail, NULL);
 		return true;
 	}
 	http_explain(endpoint, &res, &e);

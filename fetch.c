@@ -1,14 +1,42 @@
 /*-------------------------------------------------------------------------
  *
  * fetch.c
- *		Fetching a window [since, until) of a sync's query from PostHog,
- *		page by page with keyset pagination, and loading each page in its
- *		own transaction; asking for less when PostHog says a query is too
- *		big.
+ *		Fetching a window [since, until) of a sync's query from PostHog and
+ *		loading it: slices read in parallel, each page by page with keyset
+ *		pagination, while the rows already received are inserted.
  *
- * HTTP happens outside any transaction, so no snapshot or lock is held
- * while PostHog thinks.  A run that fails half-way keeps every page it
- * committed; the next run resumes from the table's own max(cursor).
+ * Overlap.  Keyset pagination needs the last row of page n to ask for
+ * page n+1, but not its insertion: a slice asks for its next page as soon
+ * as a page has arrived, and its rows are inserted while PostHog computes
+ * the next one.  Rows are taken as they arrive, a chunk at a time, each
+ * chunk in a transaction of its own; no transaction is open while PostHog
+ * is waited for.
+ *
+ * Slices.  The window is cut into slices of the cursor's range, each read
+ * with its own keyset, up to phsync.max_concurrent_requests at once.  A
+ * run starts with one slice; once a page comes back full (there is more
+ * than one page of data), slices are added from the rest of the window,
+ * and when none is left a slice still in progress is split in two.  For
+ * the built-in events query, whose requests also bound `timestamp`, a new
+ * slice covers at most a day at first, widening while slices come back
+ * nearly empty and narrowing when PostHog says a query is too big, so
+ * that each request reads what is near its slice, not the history after
+ * it.  A 429 for too many concurrent queries lowers the number of slices
+ * in flight for the rest of the run.
+ *
+ * Pages.  Requests start at 10,000 rows (or phsync.page_size, when
+ * smaller) and double while they come back full within a quarter of
+ * PostHog's 10-second limit, up to phsync.page_size; 504, 512 and our own
+ * time limit halve the page and the slice.  PostHog cuts a LIMIT above its
+ * cap silently (50,000 today, 10,000 in older self-hosted releases): a page
+ * that stops at exactly one of those while more was asked is taken as
+ * capped, not as the end of the slice, and the cap is learned for the run.
+ *
+ * Out of order, safely.  Slices commit independently, so max(cursor) of
+ * the target can be ahead of a slice still in progress.  Each chunk's
+ * transaction also stores the run's low-water mark (phsync.runs.
+ * resume_from): every row of the window before it is loaded.  A run that
+ * stops half-way is resumed from there (run.c), never from max(cursor).
  *
  *-------------------------------------------------------------------------
  */
@@ -16,216 +44,745 @@
 
 #include "common/pg_prng.h"
 #include "miscadmin.h"
+#include "utils/memutils.h"
+#include "nodes/pg_list.h"
 #include "pgstat.h"
+#include "utils/builtins.h"
 
 #include "phsync.h"
 
-/* the narrowest slice of the window phsync shrinks to after a 504/512 */
+/* rows inserted per transaction */
+#define CHUNK_ROWS 5000
+/* the first page size */
+#define FIRST_PAGE 10000
+/* a page grows while it takes less than this (PostHog's limit is 10 s) */
+#define GROW_SECONDS 2.5
+/* the narrowest slice phsync shrinks to after a 504/512 */
 #define MIN_SPAN_USECS USECS_PER_SEC
-/* consecutive successes after which a shrunken request grows back */
-#define GROW_AFTER 2
+/* a new slice of the built-in events query covers at most this at first */
+#define FIRST_SLICE_USECS USECS_PER_DAY
+/* a slice in progress is split only when it has this much left */
+#define MIN_SPLIT_USECS (60 * USECS_PER_SEC)
+/* the row caps PostHog applies, silently: today's and older releases' */
+static const int64 known_caps[] = {10000, 50000};
+
+/* one request of a slice */
+typedef struct Request
+{
+	struct Slice *slice;
+	PhsyncTransfer *t;
+	int			limit;			/* rows asked */
+	bool		judged;			/* its transfer ended and was looked at */
+	PhsyncColumns *cols;		/* its columns, once known */
+} Request;
+
+/* a slice [from, to) of the window, read with its own keyset */
+typedef struct Slice
+{
+	TimestampTz from;
+	TimestampTz to;
+	PhsyncKeyset next;			/* where its next page starts */
+	List	   *requests;		/* oldest first: answered with rows left, then in flight */
+	bool		asked;			/* a request was made */
+	bool		more;			/* the last page was full: ask again */
+	bool		exhausted;		/* nothing more to ask */
+	int			retries;		/* of the request being retried */
+	TimestampTz retry_at;		/* not before then */
+	int			pages;
+	TimestampTz committed;		/* cursor of the last row loaded */
+	bool		committed_any;
+} Slice;
+
+/* a window being fetched */
+typedef struct Fetch
+{
+	PhsyncRunState *st;
+	MemoryContext cxt;			/* slices, requests, keysets: the window's */
+	PhsyncQuery q;				/* the window; each request sets its slice */
+	List	   *slices;			/* by from */
+	TimestampTz next_start;		/* no slice covers [next_start, until) yet */
+	int64		width;			/* of a new slice; 0: the rest of the window */
+	bool		expand;			/* a page came back full: several slices */
+	int			inflight;
+	long		wait_ms;		/* nothing to do before this (budget, retries) */
+} Fetch;
 
 /*
- * Rows are fetched again from the start of a new window or slice.
+ * What the run does, for pg_stat_activity: "fetching page n" while it
+ * waits for PostHog's answer to its nth page, "loading page n" while it
+ * inserts rows of it.
  */
-void
-fetch_forget(PhsyncRunState *st)
+static void
+report(PhsyncRunState *st, const char *what, int page)
 {
-	if (st->page.response)
-		json_object_put(st->page.response);
-	st->page.response = NULL;
-	hogql_keyset_reset(&st->keyset);
+	pgstat_report_activity(STATE_RUNNING,
+						   psprintf("sync %s: %s page %d, %lld rows so far%s",
+									st->sync->name, what, page,
+									(long long) st->counters.received,
+									st->counters.retries ? psprintf(" (%d retries)", st->counters.retries) : ""));
+}
+
+/* ---------- requests ---------- */
+
+static char *
+new_client_id(PhsyncRunState *st)
+{
+	return psprintf("phsync-%lld-%d-%016llx",
+					(long long) st->run_id, st->counters.requests + 1,
+					(unsigned long long) pg_prng_uint64(&pg_global_prng_state));
 }
 
 /*
- * Place the slice [chunk_from, chunk_until) of the window: it starts at
- * `from` and is st->span wide (the whole rest of the window when not
- * shrunk).
+ * May a request start now?  The budget, and a throttle's wait.
  */
-static void
-place_slice(PhsyncRunState *st, PhsyncQuery *q, TimestampTz from)
+static bool
+may_start(Fetch *f)
 {
-	q->chunk_from = from;
-	q->chunk_until = (st->span >= q->until - from) ? q->until : from + st->span;
-	q->chunked = (q->chunk_from > q->since || q->chunk_until < q->until);
+	long		wait;
+
+	if (budget_take(f->st->endpoint.budget_key, f->st->policy.per_minute,
+					f->st->policy.per_hour, &wait))
+		return true;
+	f->wait_ms = Min(f->wait_ms, wait);
+	return false;
 }
 
 /*
- * PostHog said the query was too big: halve the slice of the window and
- * the page.  Mid-slice, the new slice starts at the keyset position's
- * cursor, so no row after it is skipped.
+ * Ask PostHog for the next page of slice s.
  */
 static void
-ask_for_less(PhsyncRunState *st, PhsyncQuery *q)
+start_request(Fetch *f, Slice *s)
 {
-	/*
-	 * Mid-slice, restart from the keyset position's cursor, one microsecond
-	 * early: a finer-grained cursor rounded to microseconds must not start
-	 * the slice after rows that share the last row's cursor value.
-	 */
-	TimestampTz from = st->keyset.valid ?
-		Max(hogql_keyset_cursor(&st->keyset) - 1, q->chunk_from) : q->chunk_from;
+	PhsyncRunState *st = f->st;
+	PhsyncQuery q = f->q;
+	Request    *r = MemoryContextAllocZero(f->cxt, sizeof(Request));
+	char	   *client_id = new_client_id(st);
+	MemoryContext old;
 
-	st->span = Max(Min(st->span, q->until - from) / 2, MIN_SPAN_USECS);
-	q->limit = Max(q->limit / 2, Min(100, st->page_size));
-	st->successes = 0;
-	place_slice(st, q, from);
+	q.limit = st->limit;
+	q.sliced = s->from > q.since || s->to < q.until;
+	q.slice_from = s->from;
+	q.slice_until = s->to;
+	r->slice = s;
+	r->limit = q.limit;
+	r->t = http_start(st->http,
+					  hogql_request_body(&q, hogql_build(&q, &s->next), &s->next, 0,
+										 st->name, client_id),
+					  client_id);
+	old = MemoryContextSwitchTo(f->cxt);
+	s->requests = lappend(s->requests, r);
+	MemoryContextSwitchTo(old);
+	s->asked = true;
+	s->more = false;
+	st->counters.requests++;
+	f->inflight++;
+	shmem_set_waiting(0);
+}
+
+/* ---------- slices ---------- */
+
+static Slice *
+new_slice(Fetch *f, TimestampTz from, TimestampTz to)
+{
+	Slice	   *s = MemoryContextAllocZero(f->cxt, sizeof(Slice));
+	MemoryContext old;
+	ListCell   *lc;
+	int			i = 0;
+
+	s->from = from;
+	s->to = to;
+	/* keep the list ordered by from */
+	foreach(lc, f->slices)
+	{
+		if (((Slice *) lfirst(lc))->from > from)
+			break;
+		i++;
+	}
+	old = MemoryContextSwitchTo(f->cxt);
+	f->slices = list_insert_nth(f->slices, i, s);
+	MemoryContextSwitchTo(old);
+	return s;
+}
+
+/*
+ * Where slice s stands: the cursor of its next page's position, or its
+ * start.
+ */
+static TimestampTz
+slice_position(Slice *s)
+{
+	return s->next.valid ? Max(s->from, hogql_keyset_cursor(&s->next)) : s->from;
+}
+
+static bool
+slice_idle(Slice *s, TimestampTz now)
+{
+	ListCell   *lc;
+
+	if (s->exhausted || (s->asked && !s->more) || s->retry_at > now)
+		return false;
+	foreach(lc, s->requests)
+		if (!((Request *) lfirst(lc))->judged)
+			return false;		/* one in flight already */
+	return true;
+}
+
+/*
+ * Split the slice in progress with the most left in two; the new half is
+ * returned (not started), NULL when no slice is worth splitting.
+ */
+static Slice *
+split_slice(Fetch *f)
+{
+	Slice	   *best = NULL;
+	int64		best_left = 2 * MIN_SPLIT_USECS;
+	ListCell   *lc;
+	TimestampTz mid;
+	Slice	   *half;
+
+	foreach(lc, f->slices)
+	{
+		Slice	   *s = lfirst(lc);
+		int64		left;
+
+		if (s->exhausted || !s->asked)
+			continue;
+		left = s->to - slice_position(s);
+		if (left > best_left)
+		{
+			best = s;
+			best_left = left;
+		}
+	}
+	if (best == NULL)
+		return NULL;
+	mid = slice_position(best) + best_left / 2;
+	half = new_slice(f, mid, best->to);
+	best->to = mid;
+	return half;
+}
+
+/*
+ * Start as many requests as the run may have in flight.
+ */
+static bool
+start_requests(Fetch *f)
+{
+	PhsyncRunState *st = f->st;
+	TimestampTz now = GetCurrentTimestamp();
+	bool		started = false;
+
+	while (f->inflight < st->concurrency)
+	{
+		Slice	   *s = NULL;
+		ListCell   *lc;
+
+		foreach(lc, f->slices)
+		{
+			Slice	   *c = lfirst(lc);
+
+			if (slice_idle(c, now))
+			{
+				s = c;
+				break;
+			}
+			if (c->retry_at > now)
+				f->wait_ms = Min(f->wait_ms, TimestampDifferenceMilliseconds(now, c->retry_at) + 1);
+		}
+		if (s == NULL && f->next_start < f->q.until && (f->expand || f->slices == NIL))
+		{
+			/* a slice of width, or the rest when less than half as much would be left */
+			TimestampTz to = f->width > 0 && f->width + f->width / 2 < f->q.until - f->next_start ?
+				f->next_start + f->width : f->q.until;
+
+			s = new_slice(f, f->next_start, to);
+			f->next_start = to;
+		}
+		if (s == NULL && f->expand && f->next_start >= f->q.until)
+			s = split_slice(f);
+		if (s == NULL || !may_start(f))
+			break;
+		start_request(f, s);
+		started = true;
+	}
+	return started;
+}
+
+/* ---------- judging answers ---------- */
+
+/*
+ * Was a page of nrows rows, asked for r->limit, full?  A page that stops
+ * at one of PostHog's known caps while more was asked is capped: that cap
+ * is the most PostHog returns, for the rest of the run.
+ */
+static bool
+page_full(PhsyncRunState *st, Request *r, int64 nrows)
+{
+	int			i;
+
+	if (nrows >= r->limit)
+		return true;
+	for (i = 0; i < (int) lengthof(known_caps); i++)
+	{
+		if (nrows == known_caps[i])
+		{
+			if (st->cap != nrows)
+				ereport(LOG,
+						(errmsg("phsync run %lld: PostHog returned %lld rows where %d were asked: it caps results at %lld rows, so pages are that size now",
+								(long long) st->run_id, (long long) nrows, r->limit, (long long) nrows)));
+			st->cap = (int) nrows;
+			st->limit = Min(st->limit, st->cap);
+			return true;
+		}
+	}
+	return false;
+}
+
+/*
+ * PostHog said the query was too big: halve the page, and the part of the
+ * slice left (the other half becomes a slice of its own), and make new
+ * slices no wider.
+ */
+static void
+ask_for_less(Fetch *f, Slice *s)
+{
+	PhsyncRunState *st = f->st;
+	TimestampTz pos = slice_position(s);
+	int64		half = Max((s->to - pos) / 2, MIN_SPAN_USECS);
+
+	st->limit = Max(st->limit / 2, Min(100, st->page_size));
+	if (pos + half < s->to)
+	{
+		(void) new_slice(f, pos + half, s->to);
+		s->to = pos + half;
+	}
+	if (hogql_bounds_timestamp(&f->q))
+		f->width = Max(MIN_SPAN_USECS, f->width > 0 ? Min(f->width, half) : half);
 	ereport(LOG,
 			(errmsg("phsync run %lld: asking PostHog for less: %lld s of the window, %d rows a page",
-					(long long) st->run_id, (long long) (st->span / USECS_PER_SEC), q->limit)));
+					(long long) st->run_id, (long long) (half / USECS_PER_SEC), st->limit)));
 }
 
 /*
- * After enough successes in a row, grow a shrunken request back.
+ * A request ended: judge it.  On success the slice's next position is its
+ * last row, and the page size may grow; on failure the slice retries
+ * later, as the retry policy says, or the run fails.
  */
 static void
-grow_back(PhsyncRunState *st, PhsyncQuery *q)
+judge(Fetch *f, Request *r)
 {
-	if (!q->chunked && q->limit >= st->page_size)
+	PhsyncRunState *st = f->st;
+	Slice	   *s = r->slice;
+	PhsyncHttpResult res;
+	TimestampTz now = GetCurrentTimestamp();
+
+	r->judged = true;
+	f->inflight--;
+	http_result(r->t, &res);
+	if (res.ok)
+	{
+		PhsyncScan *scan = http_scan(r->t);
+		int64		nrows = scan_rows(scan);
+		MemoryContext old = MemoryContextSwitchTo(f->cxt);
+
+		if (r->cols == NULL)
+			r->cols = scan_columns(scan);
+		if (r->cols->timezone && st->timezone == NULL)
+			st->timezone = MemoryContextStrdup(st->cxt, r->cols->timezone);
+		st->counters.pages++;
+		s->pages++;
+		s->retries = 0;
+		if (nrows > 0 && page_full(st, r, nrows))
+		{
+			hogql_keyset_from_row(&s->next, &f->q, r->cols, scan_last_row(scan));
+			MemoryContextSwitchTo(old);
+			s->more = true;
+			/* split while this page was asked for: past its end is done */
+			if (hogql_keyset_cursor(&s->next) >= s->to)
+				s->exhausted = true;
+			f->expand = true;
+			if (res.seconds < GROW_SECONDS && st->limit < st->page_size &&
+				(st->cap == 0 || st->limit < st->cap) && r->limit == st->limit)
+				st->limit = Min(st->limit * 2, st->cap ? Min(st->cap, st->page_size) : st->page_size);
+		}
+		else
+		{
+			MemoryContextSwitchTo(old);
+			s->exhausted = true;
+			/* nearly empty in one page: new slices may be wider */
+			if (s->pages == 1 && f->width > 0 && nrows < r->limit / 2)
+				f->width = Min(f->width * 2, f->q.until - f->q.since);
+		}
 		return;
-	if (++st->successes < GROW_AFTER)
-		return;
-	st->successes = 0;
-	st->span = (st->span > (q->until - q->since) / 2) ? (q->until - q->since) : st->span * 2;
-	q->limit = Min(q->limit * 2, st->page_size);
-	place_slice(st, q, q->chunk_from);
+	}
+
+	/* failed: the slice asks again from the same position, later */
+	s->more = true;
+	switch (retry_classify(&res))
+	{
+		case PHSYNC_RETRY_NO:
+			http_raise(&st->endpoint, &res);
+			break;
+		case PHSYNC_RETRY_THROTTLED:
+			{
+				long		ms = retry_throttle_ms(&res);
+				TimestampTz until = TimestampTzPlusMilliseconds(now, ms);
+
+				/* a wait, not a failure: the budget is closed meanwhile */
+				budget_close(st->endpoint.budget_key, until);
+				shmem_set_waiting(until);
+				s->retry_at = until;
+				ereport(st->throttle_logged ? DEBUG1 : LOG,
+						(errmsg("phsync run %lld: PostHog throttles requests; waiting %.0f s, until %s",
+								(long long) st->run_id, ms / 1000.0, timestamptz_to_str(until)),
+						 errdetail("%s", res.detail),
+						 st->throttle_logged ? 0 : errhint("Further waits of this run are logged at DEBUG1.")));
+				st->throttle_logged = true;
+				st->counters.throttled++;
+				return;
+			}
+		case PHSYNC_RETRY_BUSY:
+			if (st->concurrency > 1)
+			{
+				st->concurrency--;
+				ereport(LOG,
+						(errmsg("phsync run %lld: PostHog has too many queries of this project running; %d at once from now on",
+								(long long) st->run_id, st->concurrency)));
+				s->retry_at = TimestampTzPlusMilliseconds(now, retry_delay_ms(&st->policy, 1, &res));
+				return;
+			}
+			break;
+		case PHSYNC_RETRY_LESS:
+			ask_for_less(f, s);
+			break;
+		case PHSYNC_RETRY_BACKOFF:
+			break;
+	}
+
+	/* a retry that counts */
+	if (s->retries >= st->policy.max_retries)
+	{
+		ereport(LOG,
+				(errmsg("phsync run %lld: giving up on page %d after %d retries",
+						(long long) st->run_id, st->counters.pages + 1, s->retries)));
+		http_raise(&st->endpoint, &res);
+	}
+	s->retries++;
+	st->counters.retries++;
+	{
+		long		ms = retry_delay_ms(&st->policy, s->retries, &res);
+
+		ereport(LOG,
+				(errmsg("phsync run %lld: %s, retrying in %.1f s (retry %d of %d)",
+						(long long) st->run_id, retry_describe(&res), ms / 1000.0,
+						s->retries, st->policy.max_retries),
+				 errdetail("%s", res.detail)));
+		s->retry_at = TimestampTzPlusMilliseconds(now, ms);
+	}
 }
 
 /*
- * Send one query, retrying transient failures; raises when PostHog refuses
- * or the retries are used up.  With hogql NULL, the page of q after the
- * keyset position, asking for less when PostHog says the query is too big;
- * otherwise that fixed text (with {bucket_seconds} = bucket).
+ * Judge every request whose transfer ended.
  */
-json_object *
-fetch_json(PhsyncRunState *st, PhsyncQuery *q, const char *hogql, int64 bucket)
+static void
+judge_ended(Fetch *f)
+{
+	ListCell   *lc;
+
+	foreach(lc, f->slices)
+	{
+		Slice	   *s = lfirst(lc);
+		ListCell   *rc;
+
+		foreach(rc, s->requests)
+		{
+			Request    *r = lfirst(rc);
+
+			if (!r->judged && http_done(r->t))
+				judge(f, r);
+		}
+	}
+}
+
+/* ---------- loading ---------- */
+
+/*
+ * Every row of the window before this is loaded: the low-water mark.
+ */
+static TimestampTz
+low_water(Fetch *f)
+{
+	TimestampTz mark = f->next_start;
+	ListCell   *lc;
+
+	foreach(lc, f->slices)
+	{
+		Slice	   *s = lfirst(lc);
+
+		mark = Min(mark, s->committed_any ? Max(s->from, s->committed) : s->from);
+	}
+	return mark;
+}
+
+/*
+ * The cursor value of an encoded row, as a timestamp.
+ */
+static TimestampTz
+row_cursor(Fetch *f, Request *r, const char *encoded)
+{
+	PhsyncRow  *row = row_alloc(r->cols->ncolumns);
+	int			i;
+
+	if (!row_decode(encoded, row))
+		return 0;
+	for (i = 0; i < r->cols->ncolumns; i++)
+		if (strcmp(r->cols->names[i], f->q.cursor) == 0 && row->values[i] != NULL &&
+			row->kinds[i] == PHSYNC_VALUE_STRING)
+			return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
+														   CStringGetDatum(row->values[i]),
+														   ObjectIdGetDatum(InvalidOid),
+														   Int32GetDatum(-1)));
+	return 0;
+}
+
+/*
+ * Take a chunk of rows of request r and load them in a transaction of
+ * their own, with the run's counters and low-water mark.
+ */
+static void
+load_chunk(Fetch *f, Request *r)
+{
+	PhsyncRunState *st = f->st;
+	Slice	   *s = r->slice;
+	PhsyncScan *scan = http_scan(r->t);
+	const char **rows = palloc(sizeof(char *) * CHUNK_ROWS);
+	int			n = 0;
+	MemoryContext cxt;
+	TimestampTz last;
+
+	if (r->cols == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(f->cxt);
+
+		r->cols = scan_columns(scan);
+		MemoryContextSwitchTo(old);
+	}
+	if (st->loader == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(st->cxt);
+
+		st->loader = loader_create(st->target, r->cols, st->sync->update, st->on_bad_row);
+		MemoryContextSwitchTo(old);
+	}
+	else if (!loader_matches(st->loader, r->cols))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("PostHog returned different columns on page %d", st->counters.pages)));
+
+	while (n < CHUNK_ROWS && scan_next_row(scan, &rows[n]))
+		n++;
+	if (n == 0)
+		return;
+	last = row_cursor(f, r, rows[n - 1]);
+	st->counters.received += n;
+
+	report(st, "loading", st->counters.pages);
+	cxt = xact_begin();
+	loader_insert(st->loader, rows, n, st->run_id, &st->counters);
+	if (last != 0)
+	{
+		s->committed = s->committed_any ? Max(s->committed, last) : last;
+		s->committed_any = true;
+	}
+	runlog_progress(st->run_id, &st->counters);
+	runlog_set_resume(st->run_id, low_water(f));
+	xact_commit(cxt);
+	scan_release(scan);
+	http_resume(r->t);
+	shmem_set_progress(st->counters.pages, st->counters.received);
+	elog(DEBUG1, "phsync run %lld: %d rows loaded", (long long) st->run_id, n);
+}
+
+/*
+ * The request whose rows are due to be loaded: a slice's oldest request
+ * with rows, once a chunk is there (or it ended, or it is paused: its
+ * buffer is full); the one with the most rows first.
+ */
+static Request *
+next_to_load(Fetch *f)
+{
+	Request    *best = NULL;
+	int64		best_rows = 0;
+	ListCell   *lc;
+
+	foreach(lc, f->slices)
+	{
+		Slice	   *s = lfirst(lc);
+		Request    *r;
+		PhsyncScan *scan;
+		int64		pending;
+
+		if (s->requests == NIL)
+			continue;
+		r = linitial(s->requests);
+		scan = http_scan(r->t);
+		if (scan == NULL || scan_member(scan, "columns") == NULL)
+			continue;
+		pending = scan_pending(scan);
+		if (pending == 0 ||
+			(pending < CHUNK_ROWS && !http_done(r->t) && scan_buffered(scan) < 8 * 1024 * 1024))
+			continue;
+		if (pending > best_rows)
+		{
+			best = r;
+			best_rows = pending;
+		}
+	}
+	return best;
+}
+
+/*
+ * Drop requests that are judged and fully loaded, and slices that are
+ * done.
+ */
+static void
+tidy(Fetch *f)
+{
+	ListCell   *lc;
+
+	foreach(lc, f->slices)
+	{
+		Slice	   *s = lfirst(lc);
+
+		while (s->requests != NIL)
+		{
+			Request    *r = linitial(s->requests);
+			PhsyncScan *scan = http_scan(r->t);
+
+			if (!r->judged || (scan && scan_pending(scan) > 0 && scan_member(scan, "columns")))
+				break;
+			http_finish(r->t);
+			s->requests = list_delete_first(s->requests);
+			pfree(r);
+		}
+		if (s->exhausted && s->requests == NIL)
+		{
+			s->committed = s->to;
+			s->committed_any = true;
+			hogql_keyset_reset(&s->next);
+			list_free(s->requests);
+			f->slices = foreach_delete_current(f->slices, lc);
+			pfree(s);
+		}
+	}
+}
+
+/*
+ * Fetch [since, until) and load it (see the top of this file).  Errors
+ * propagate to the caller, whose cleanup (http_close()) cancels what is
+ * still in flight.
+ */
+void
+fetch_window(PhsyncRunState *st, TimestampTz since, TimestampTz until)
+{
+	Fetch		f;
+	MemoryContext outer = CurrentMemoryContext;
+	MemoryContext loop_cxt;
+
+	memset(&f, 0, sizeof(f));
+	f.st = st;
+	f.cxt = AllocSetContextCreate(outer, "phsync window", ALLOCSET_DEFAULT_SIZES);
+	loop_cxt = AllocSetContextCreate(outer, "phsync window step", ALLOCSET_DEFAULT_SIZES);
+	f.q = *st->query;
+	f.q.since = since;
+	f.q.until = until;
+	f.next_start = since;
+	f.width = hogql_bounds_timestamp(&f.q) ? FIRST_SLICE_USECS : 0;
+	if (st->limit == 0)
+		st->limit = Min(FIRST_PAGE, st->page_size);
+
+	while (f.next_start < until || f.slices != NIL)
+	{
+		Request    *r;
+
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
+		CHECK_FOR_INTERRUPTS();
+		shmem_check_cancel();
+		f.wait_ms = 100;
+		(void) start_requests(&f);
+		http_poll(st->http, 0);
+		judge_ended(&f);
+		r = next_to_load(&f);
+		if (r)
+			load_chunk(&f, r);
+		tidy(&f);
+		if (r == NULL && (f.next_start < until || f.slices != NIL))
+		{
+			report(st, f.inflight > 0 ? "fetching" : "waiting to fetch", st->counters.pages + 1);
+			http_poll(st->http, Max(f.wait_ms, 1));
+			judge_ended(&f);
+		}
+	}
+	MemoryContextSwitchTo(outer);
+	MemoryContextDelete(loop_cxt);
+	MemoryContextDelete(f.cxt);
+}
+
+/*
+ * One request with a fixed HogQL text (verify's counts), with the retry
+ * policy: returns its complete scan, which the caller frees with
+ * scan_free().  (No slices, no pages: the answer is small.)
+ */
+PhsyncScan *
+fetch_once(PhsyncRunState *st, PhsyncQuery *q, const char *hogql, int64 bucket)
 {
 	int			retry = 0;
 
 	for (;;)
 	{
 		PhsyncHttpResult res;
-		char		client_id[64];
-		const char *text;
-		char	   *body;
-		bool		less;
+		PhsyncTransfer *t;
+		char	   *client_id = new_client_id(st);
+		long		wait;
 
 		CHECK_FOR_INTERRUPTS();
 		shmem_check_cancel();
-		snprintf(client_id, sizeof(client_id), "phsync-%lld-%d-%016llx",
-				 (long long) st->run_id, st->counters.requests + 1,
-				 (unsigned long long) pg_prng_uint64(&pg_global_prng_state));
-		text = hogql ? hogql : hogql_build(q, &st->keyset);
-		body = hogql_request_body(q, text, hogql ? NULL : &st->keyset, bucket,
-								  st->name, client_id);
-
-		retry_pace(&st->policy);
-		pgstat_report_activity(STATE_RUNNING,
-							   psprintf("sync %s: %s page %d, %lld rows so far%s",
-										st->sync->name, hogql ? "counting," : "fetching",
-										st->counters.pages + 1,
-										(long long) st->counters.received,
-										retry ? psprintf(" (retry %d)", retry) : ""));
-		http_post(st->http, st->url, body, &res);
-		st->counters.requests++;
-		if (res.json)
-			return res.json;
-
-		if (!retry_is_transient(&res, &less))
-			http_raise(&st->endpoint, &res);
-		if (retry >= st->policy.max_retries)
+		if (!budget_take(st->endpoint.budget_key, st->policy.per_minute, st->policy.per_hour, &wait))
 		{
-			ereport(LOG,
-					(errmsg("phsync run %lld: giving up on page %d after %d retries",
-							(long long) st->run_id, st->counters.pages + 1, retry)));
-			http_raise(&st->endpoint, &res);
+			phsync_sleep(wait);
+			continue;
 		}
+		report(st, "counting,", st->counters.pages + 1);
+		st->counters.requests++;
+		t = http_request(st->http, hogql_request_body(q, hogql, NULL, bucket, st->name, client_id),
+						 client_id, &res);
+		if (res.ok)
+		{
+			/* keep the scan, drop the transfer */
+			PhsyncScan *scan = http_take_scan(t);
+
+			http_finish(t);
+			return scan;
+		}
+		http_finish(t);
+		switch (retry_classify(&res))
+		{
+			case PHSYNC_RETRY_NO:
+				http_raise(&st->endpoint, &res);
+				break;
+			case PHSYNC_RETRY_THROTTLED:
+				budget_close(st->endpoint.budget_key,
+							 TimestampTzPlusMilliseconds(GetCurrentTimestamp(), retry_throttle_ms(&res)));
+				st->counters.throttled++;
+				continue;
+			default:
+				break;
+		}
+		if (retry >= st->policy.max_retries)
+			http_raise(&st->endpoint, &res);
 		retry++;
 		st->counters.retries++;
-		if (less && hogql == NULL)
-			ask_for_less(st, q);
-		retry_wait(&st->policy, st->run_id, retry, &res);
+		phsync_sleep(retry_delay_ms(&st->policy, retry, &res));
 	}
-}
-
-/*
- * Load one page in its own transaction, together with the run's counters.
- */
-static void
-load_page(PhsyncRunState *st, PhsyncQuery *q)
-{
-	MemoryContext cxt;
-	int64		before = st->counters.inserted + st->counters.updated;
-
-	if (st->loader == NULL)
-		st->loader = loader_create(st->target, &st->page, st->sync->update, st->on_bad_row);
-	else if (!loader_matches(st->loader, &st->page))
-		ereport(ERROR,
-				(errcode(ERRCODE_DATA_EXCEPTION),
-				 errmsg("PostHog returned different columns on page %d", st->counters.pages)));
-
-	pgstat_report_activity(STATE_RUNNING,
-						   psprintf("sync %s: page %d, %lld rows, window %s to %s",
-									st->sync->name, st->counters.pages,
-									(long long) st->counters.received,
-									phsync_format_timestamp(q->since),
-									phsync_format_timestamp(q->until)));
-	cxt = xact_begin();
-	loader_insert(st->loader, &st->page, st->run_id, &st->counters);
-	runlog_progress(st->run_id, &st->counters);
-	xact_commit(cxt);
-	shmem_set_progress(st->counters.pages, st->counters.received);
-
-	elog(DEBUG1, "phsync run %lld: page %d, %d rows received, %lld written",
-		 (long long) st->run_id, st->counters.pages, st->page.nrows,
-		 (long long) (st->counters.inserted + st->counters.updated - before));
-}
-
-/*
- * Fetch [since, until) page by page and load each page in its own
- * transaction.  Errors propagate to the caller.
- */
-void
-fetch_window(PhsyncRunState *st, TimestampTz since, TimestampTz until)
-{
-	PhsyncQuery q = *st->query;
-
-	q.since = since;
-	q.until = until;
-	q.limit = st->page_size;
-	fetch_forget(st);
-	st->span = q.until - q.since;
-	st->successes = 0;
-	place_slice(st, &q, q.since);
-
-	while (q.since < q.until)
-	{
-		json_object *response = fetch_json(st, &q, NULL, 0);
-
-		hogql_read_page(response, &st->page);
-		st->counters.pages++;
-		st->counters.received += st->page.nrows;
-		load_page(st, &q);
-
-		if (st->page.nrows >= q.limit)
-		{
-			/* a full page: there may be more in this slice */
-			hogql_keyset_from_last_row(&st->page, &q, &st->keyset);
-			grow_back(st, &q);
-		}
-		else if (q.chunk_until >= q.until)
-			break;				/* a short page at the end of the window */
-		else
-		{
-			/* a short page ends a slice: on to the next one, from its end */
-			TimestampTz next_from = q.chunk_until;
-
-			hogql_keyset_reset(&st->keyset);
-			grow_back(st, &q);
-			place_slice(st, &q, next_from);
-		}
-		json_object_put(st->page.response);
-		st->page.response = NULL;
-	}
-	fetch_forget(st);
 }

@@ -24,15 +24,24 @@
 
 #include "phsync.h"
 
-/* the built-in events query also bounds `timestamp`, ClickHouse's sort key */
-static bool
-bounds_timestamp(PhsyncQuery *q)
+/*
+ * The built-in events query also bounds `timestamp`, ClickHouse's sort
+ * key, on both sides of the slice of created_at it reads, so that each
+ * request reads what is near its slice, not all the history after it.
+ * Below: events that arrive late, up to TIMESTAMP_SLACK_USECS after they
+ * happened (PostHog's batch exports make the same trade, 7 days).  Above:
+ * PostHog's capture replaces a timestamp more than 23 hours after the
+ * moment it receives an event with that moment, which is before the
+ * event's created_at: a day is enough.
+ */
+bool
+hogql_bounds_timestamp(PhsyncQuery *q)
 {
 	return q->preset == PHSYNC_EVENTS && strcmp(q->cursor, "timestamp") != 0;
 }
 
-/* how far before the window the built-in query still reads `timestamp` */
 #define TIMESTAMP_SLACK_USECS (7 * USECS_PER_DAY)
+#define TIMESTAMP_AHEAD_USECS USECS_PER_DAY
 
 #define QUERY_FILE_MAX (1024 * 1024)
 
@@ -148,7 +157,7 @@ looks_like_timestamp(const char *s)
  */
 static void
 append_typed_placeholder(StringInfo buf, const char *name, const char *chtype,
-						 json_object *value)
+						 const char *json)
 {
 	const char *fn = NULL;
 
@@ -164,11 +173,12 @@ append_typed_placeholder(StringInfo buf, const char *name, const char *chtype,
 		else if (strcmp(t, "UUID") == 0)
 			fn = "toUUID";
 	}
-	else if (json_object_is_type(value, json_type_string))
+	else if (json[0] == '"')
 	{
-		const char *s = json_object_get_string(value);
+		/* a JSON string: its text, without quotes (no escapes matter here) */
+		const char *s = json + 1;
 
-		if (looks_like_uuid(s))
+		if (strlen(s) > 36 && s[36] == '"' && looks_like_uuid(pnstrdup(s, 36)))
 			fn = "toUUID";
 		else if (looks_like_timestamp(s))
 			fn = "toDateTime";
@@ -181,7 +191,8 @@ append_typed_placeholder(StringInfo buf, const char *name, const char *chtype,
 
 /*
  * FROM and WHERE of every query: the preset's table or the custom query as
- * a subquery, the window on the cursor column and the slice of it.
+ * a subquery, the window on the cursor column, the slice of it, and for
+ * the events preset the bounds on `timestamp` and the event names.
  */
 static void
 append_from_where(StringInfo buf, PhsyncQuery *q)
@@ -195,15 +206,17 @@ append_from_where(StringInfo buf, PhsyncQuery *q)
 	appendStringInfoString(buf, " >= toDateTime({since}) AND ");
 	append_ident(buf, q->cursor);
 	appendStringInfoString(buf, " < toDateTime({until})");
-	if (bounds_timestamp(q))
-		appendStringInfoString(buf, "\n  AND timestamp >= toDateTime({timestamp_since})");
-	if (q->chunked)
+	if (hogql_bounds_timestamp(q))
+		appendStringInfoString(buf, "\n  AND timestamp >= toDateTime({timestamp_since}) AND timestamp < toDateTime({timestamp_until})");
+	if (q->preset == PHSYNC_EVENTS && q->nevents > 0)
+		appendStringInfoString(buf, "\n  AND event IN {events}");
+	if (q->sliced)
 	{
 		appendStringInfoString(buf, "\n  AND ");
 		append_ident(buf, q->cursor);
-		appendStringInfoString(buf, " >= toDateTime({chunk_from}) AND ");
+		appendStringInfoString(buf, " >= toDateTime({slice_from}) AND ");
 		append_ident(buf, q->cursor);
-		appendStringInfoString(buf, " < toDateTime({chunk_until})");
+		appendStringInfoString(buf, " < toDateTime({slice_until})");
 	}
 }
 
@@ -255,8 +268,7 @@ hogql_build(PhsyncQuery *q, PhsyncKeyset *after)
 					appendStringInfoString(&buf, " AND ");
 				append_ident(&buf, i == 0 ? q->cursor : q->keys[i - 1]);
 				appendStringInfoString(&buf, i < n ? " = " : " > ");
-				append_typed_placeholder(&buf, pname, after->chtypes[i],
-										 after->values[i]);
+				append_typed_placeholder(&buf, pname, after->chtypes[i], after->json[i]);
 			}
 			appendStringInfoChar(&buf, ')');
 		}
@@ -303,45 +315,6 @@ hogql_count_query(PhsyncQuery *q, const char *distinct_key)
 }
 
 /*
- * Text PostHog sent (an error's detail, a column name, a raw row) made
- * safe to store and to show: bytes that are not UTF-8 become '?', NUL
- * bytes end it, and in a database whose encoding is not UTF-8 what the
- * encoding cannot hold becomes '?' too.  Without this, one bad byte in an
- * error makes phsync.runs impossible to dump and reload.
- */
-char *
-foreign_text(const char *s, int len)
-{
-	char	   *out = palloc(len + 1);
-	int			i = 0;
-	int			o = 0;
-
-	while (i < len && s[i] != '\0')
-	{
-		int			l = pg_encoding_verifymbchar(PG_UTF8, s + i, len - i);
-
-		if (l <= 0)
-		{
-			out[o++] = '?';
-			i++;
-		}
-		else if (l > 1 && GetDatabaseEncoding() != PG_UTF8)
-		{
-			out[o++] = '?';
-			i += l;
-		}
-		else
-		{
-			memcpy(out + o, s + i, l);
-			o += l;
-			i += l;
-		}
-	}
-	out[o] = '\0';
-	return out;
-}
-
-/*
  * RFC 3339 text of a timestamp, in UTC, with the fraction only when it is
  * not zero (as PostHog writes them).
  */
@@ -364,8 +337,16 @@ phsync_format_timestamp(TimestampTz ts)
 					tm.tm_hour, tm.tm_min, tm.tm_sec);
 }
 
+static void
+add_timestamp(json_object *values, const char *name, TimestampTz ts)
+{
+	json_object_object_add(values, name, json_object_new_string(phsync_format_timestamp(ts)));
+}
+
 /*
- * The JSON body of a query request.  Palloc'd.
+ * The JSON body of a query request: the HogQL, every value as a
+ * placeholder, refresh=force_blocking (no stale cache), a name and a
+ * client_query_id (to cancel it by).  Palloc'd.
  */
 char *
 hogql_request_body(PhsyncQuery *q, const char *hogql, PhsyncKeyset *after,
@@ -378,22 +359,35 @@ hogql_request_body(PhsyncQuery *q, const char *hogql, PhsyncKeyset *after,
 
 	json_object_object_add(query, "kind", json_object_new_string("HogQLQuery"));
 	json_object_object_add(query, "query", json_object_new_string(hogql));
-	json_object_object_add(values, "since",
-						   json_object_new_string(phsync_format_timestamp(q->since)));
-	json_object_object_add(values, "until",
-						   json_object_new_string(phsync_format_timestamp(q->until)));
+	add_timestamp(values, "since", q->since);
+	add_timestamp(values, "until", q->until);
 	if (bucket > 0)
 		json_object_object_add(values, "bucket_seconds",
 							   json_object_new_int64(bucket / USECS_PER_SEC));
-	if (bounds_timestamp(q))
-		json_object_object_add(values, "timestamp_since",
-							   json_object_new_string(phsync_format_timestamp(q->since - TIMESTAMP_SLACK_USECS)));
-	if (q->chunked)
+	if (hogql_bounds_timestamp(q))
 	{
-		json_object_object_add(values, "chunk_from",
-							   json_object_new_string(phsync_format_timestamp(q->chunk_from)));
-		json_object_object_add(values, "chunk_until",
-							   json_object_new_string(phsync_format_timestamp(q->chunk_until)));
+		TimestampTz from = q->sliced ? q->slice_from : q->since;
+		TimestampTz to = q->sliced ? q->slice_until : q->until;
+
+		/* past the keyset position, created_at is at least its cursor */
+		if (after && after->valid)
+			from = Max(from, hogql_keyset_cursor(after));
+		add_timestamp(values, "timestamp_since", from - TIMESTAMP_SLACK_USECS);
+		add_timestamp(values, "timestamp_until", to + TIMESTAMP_AHEAD_USECS);
+	}
+	if (q->preset == PHSYNC_EVENTS && q->nevents > 0)
+	{
+		json_object *events = json_object_new_array();
+		int			i;
+
+		for (i = 0; i < q->nevents; i++)
+			json_object_array_add(events, json_object_new_string(q->events[i]));
+		json_object_object_add(values, "events", events);
+	}
+	if (q->sliced)
+	{
+		add_timestamp(values, "slice_from", q->slice_from);
+		add_timestamp(values, "slice_until", q->slice_until);
 	}
 	if (after && after->valid)
 	{
@@ -402,9 +396,10 @@ hogql_request_body(PhsyncQuery *q, const char *hogql, PhsyncKeyset *after,
 		for (i = 0; i < after->nvalues; i++)
 		{
 			char		pname[32];
+			json_object *v = json_tokener_parse(after->json[i]);
 
 			snprintf(pname, sizeof(pname), "after_%d", i);
-			json_object_object_add(values, pname, json_object_get(after->values[i]));
+			json_object_object_add(values, pname, v ? v : json_object_new_string(after->json[i]));
 		}
 	}
 	json_object_object_add(query, "values", values);
@@ -418,102 +413,55 @@ hogql_request_body(PhsyncQuery *q, const char *hogql, PhsyncKeyset *after,
 	return result;
 }
 
-static void
-bad_response(const char *what) pg_attribute_noreturn();
-
-static void
-bad_response(const char *what)
-{
-	ereport(ERROR,
-			(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-			 errmsg("PostHog sent a response phsync cannot read"),
-			 errdetail("%s", what)));
-}
-
-/*
- * Point page at the parts of a 200 response: results, columns, types.
- * The page takes ownership of response.
- */
-void
-hogql_read_page(json_object *response, PhsyncPage *page)
-{
-	json_object *columns;
-	json_object *types;
-	int			i;
-
-	memset(page, 0, sizeof(*page));
-	page->response = response;
-
-	if (!json_object_is_type(response, json_type_object))
-		bad_response("The response is not a JSON object.");
-	if (!json_object_object_get_ex(response, "results", &page->results) ||
-		!json_object_is_type(page->results, json_type_array))
-		bad_response("The response has no \"results\" array.");
-	if (!json_object_object_get_ex(response, "columns", &columns) ||
-		!json_object_is_type(columns, json_type_array))
-		bad_response("The response has no \"columns\" array.");
-
-	page->nrows = (int) json_object_array_length(page->results);
-	page->ncolumns = (int) json_object_array_length(columns);
-	page->columns = palloc0(sizeof(char *) * (page->ncolumns + 1));
-	page->chtypes = palloc0(sizeof(char *) * (page->ncolumns + 1));
-	for (i = 0; i < page->ncolumns; i++)
-	{
-		json_object *c = json_object_array_get_idx(columns, i);
-
-		if (!json_object_is_type(c, json_type_string))
-			bad_response("A column name is not a string.");
-		page->columns[i] = foreign_text(json_object_get_string(c), json_object_get_string_len(c));
-	}
-
-	/* types: [[name, type], ...] in column order; optional */
-	if (json_object_object_get_ex(response, "types", &types) &&
-		json_object_is_type(types, json_type_array) &&
-		json_object_array_length(types) == (size_t) page->ncolumns)
-	{
-		for (i = 0; i < page->ncolumns; i++)
-		{
-			json_object *t = json_object_array_get_idx(types, i);
-			json_object *tn;
-
-			if (json_object_is_type(t, json_type_array) &&
-				json_object_array_length(t) == 2 &&
-				(tn = json_object_array_get_idx(t, 1)) != NULL &&
-				json_object_is_type(tn, json_type_string))
-				page->chtypes[i] = json_object_get_string(tn);
-		}
-	}
-}
-
 void
 hogql_keyset_reset(PhsyncKeyset *keyset)
 {
 	int			i;
 
-	if (keyset->values)
+	for (i = 0; keyset->json && i < keyset->nvalues; i++)
 	{
-		for (i = 0; i < keyset->nvalues; i++)
-			if (keyset->values[i])
-				json_object_put(keyset->values[i]);
-		pfree(keyset->values);
+		if (keyset->json[i])
+			pfree(keyset->json[i]);
+		if (keyset->chtypes[i])
+			pfree(keyset->chtypes[i]);
 	}
-	if (keyset->chtypes)
+	if (keyset->json)
 	{
-		for (i = 0; i < keyset->nvalues; i++)
-			if (keyset->chtypes[i])
-				pfree(keyset->chtypes[i]);
+		pfree(keyset->json);
 		pfree(keyset->chtypes);
 	}
 	memset(keyset, 0, sizeof(*keyset));
 }
 
-static int
-page_column(PhsyncPage *page, const char *name)
+/*
+ * dst becomes a copy of src (allocated in the current memory context).
+ */
+void
+hogql_keyset_copy(PhsyncKeyset *dst, PhsyncKeyset *src)
 {
 	int			i;
 
-	for (i = 0; i < page->ncolumns; i++)
-		if (strcmp(page->columns[i], name) == 0)
+	hogql_keyset_reset(dst);
+	if (!src->valid)
+		return;
+	dst->valid = true;
+	dst->nvalues = src->nvalues;
+	dst->json = palloc0(sizeof(char *) * dst->nvalues);
+	dst->chtypes = palloc0(sizeof(char *) * dst->nvalues);
+	for (i = 0; i < dst->nvalues; i++)
+	{
+		dst->json[i] = pstrdup(src->json[i]);
+		dst->chtypes[i] = src->chtypes[i] ? pstrdup(src->chtypes[i]) : NULL;
+	}
+}
+
+static int
+result_column(PhsyncColumns *cols, const char *name)
+{
+	int			i;
+
+	for (i = 0; i < cols->ncolumns; i++)
+		if (strcmp(cols->names[i], name) == 0)
 			return i;
 	ereport(ERROR,
 			(errcode(ERRCODE_UNDEFINED_COLUMN),
@@ -523,58 +471,60 @@ page_column(PhsyncPage *page, const char *name)
 }
 
 /*
- * Keyset position for the next page: the cursor and key values of the last
- * row, exactly as PostHog sent them (PostgreSQL's idea of order does not
- * matter: ClickHouse orders UUIDs differently).  Errors if the position did
- * not move forward, which would otherwise loop forever.
+ * Keyset position for the next page: the cursor and key values of the
+ * last row, exactly as PostHog sent them (PostgreSQL's idea of order does
+ * not matter: ClickHouse orders UUIDs differently), replacing keyset.
+ * Errors if the position did not move forward, which would otherwise loop
+ * forever.
  */
 void
-hogql_keyset_from_last_row(PhsyncPage *page, PhsyncQuery *q, PhsyncKeyset *keyset)
+hogql_keyset_from_row(PhsyncKeyset *keyset, PhsyncQuery *q, PhsyncColumns *cols,
+					  const char *encoded)
 {
-	json_object *last = json_object_array_get_idx(page->results, page->nrows - 1);
-	char	   *previous = NULL;
-	char	   *current;
+	PhsyncRow  *row = row_alloc(cols->ncolumns);
+	PhsyncKeyset next;
+	bool		same = keyset->valid;
 	int			i;
-	StringInfoData buf;
 
-	if (keyset->valid)
+	if (!row_decode(encoded, row))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("PostHog sent a row with %d values, expected %d",
+						row->nvalues, cols->ncolumns)));
+	memset(&next, 0, sizeof(next));
+	next.valid = true;
+	next.nvalues = 1 + q->nkeys;
+	next.json = palloc0(sizeof(char *) * next.nvalues);
+	next.chtypes = palloc0(sizeof(char *) * next.nvalues);
+	for (i = 0; i < next.nvalues; i++)
 	{
-		initStringInfo(&buf);
-		for (i = 0; i < keyset->nvalues; i++)
-			appendStringInfo(&buf, "%s|", json_object_to_json_string(keyset->values[i]));
-		previous = buf.data;
-	}
-	hogql_keyset_reset(keyset);
+		int			col = result_column(cols, i == 0 ? q->cursor : q->keys[i - 1]);
 
-	if (!json_object_is_type(last, json_type_array))
-		bad_response("A row is not an array.");
-
-	keyset->nvalues = 1 + q->nkeys;
-	keyset->values = palloc0(sizeof(json_object *) * keyset->nvalues);
-	keyset->chtypes = palloc0(sizeof(char *) * keyset->nvalues);
-	initStringInfo(&buf);
-	for (i = 0; i < keyset->nvalues; i++)
-	{
-		int			col = page_column(page, i == 0 ? q->cursor : q->keys[i - 1]);
-		json_object *v = json_object_array_get_idx(last, col);
-
-		if (v == NULL)
+		if (row->kinds[col] == PHSYNC_VALUE_NULL)
 			ereport(ERROR,
 					(errcode(ERRCODE_NOT_NULL_VIOLATION),
-					 errmsg("column \"%s\" is null in PostHog's results", page->columns[col]),
+					 errmsg("column \"%s\" is null in PostHog's results", cols->names[col]),
 					 errdetail("phsync pages through results by the cursor column and the unique key, so they must not be null.")));
-		keyset->values[i] = json_object_get(v);
-		keyset->chtypes[i] = page->chtypes[col] ? pstrdup(page->chtypes[col]) : NULL;
-		appendStringInfo(&buf, "%s|", json_object_to_json_string(v));
+		next.json[i] = row_value_json(row, col);
+		next.chtypes[i] = cols->chtypes[col] ? pstrdup(cols->chtypes[col]) : NULL;
+		if (same && (keyset->nvalues != next.nvalues || strcmp(keyset->json[i], next.json[i]) != 0))
+			same = false;
 	}
-	keyset->valid = true;
-	current = buf.data;
-	if (previous && strcmp(previous, current) == 0)
+	if (same)
+	{
+		StringInfoData buf;
+
+		initStringInfo(&buf);
+		for (i = 0; i < next.nvalues; i++)
+			appendStringInfo(&buf, "%s%s", i ? ", " : "", next.json[i]);
 		ereport(ERROR,
 				(errcode(ERRCODE_DATA_EXCEPTION),
 				 errmsg("PostHog returned a page that does not move past the previous one"),
-				 errdetail("The last row of two pages in a row has the same cursor and key: %s", current),
+				 errdetail("The last row of two pages in a row has the same cursor and key: %s", buf.data),
 				 errhint("Check that the target's unique key really is unique in PostHog's results.")));
+	}
+	hogql_keyset_reset(keyset);
+	*keyset = next;
 }
 
 /*
@@ -584,8 +534,12 @@ hogql_keyset_from_last_row(PhsyncPage *page, PhsyncQuery *q, PhsyncKeyset *keyse
 TimestampTz
 hogql_keyset_cursor(PhsyncKeyset *keyset)
 {
-	const char *s = json_object_get_string(keyset->values[0]);
+	json_object *j = json_tokener_parse(keyset->json[0]);
+	char	   *s = pstrdup(j && json_object_is_type(j, json_type_string) ?
+							json_object_get_string(j) : keyset->json[0]);
 
+	if (j)
+		json_object_put(j);
 	return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
 												   CStringGetDatum(s),
 												   ObjectIdGetDatum(InvalidOid),

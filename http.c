@@ -1,13 +1,25 @@
 /*-------------------------------------------------------------------------
  *
  * http.c
- *		libcurl client for PostHog's query API.
+ *		The libcurl client for PostHog's query API: several requests in
+ *		flight at once (the multi interface), driven from the caller's own
+ *		loop, so that every PostgreSQL call stays in the main thread and
+ *		the worker inserts one page while PostHog computes the next.
  *
- * One PhsyncHttp (one curl handle) serves a whole run, so the connection is
- * kept alive across pages.  The response body is fed to json-c's tokener as
- * it arrives, so the raw body is never held in memory as a whole.  Nothing
- * here ereports from inside a libcurl callback: callbacks set a flag and
- * return an abort code, and the error is raised once curl has returned.
+ * One PhsyncHttp (a multi handle, reusing its connections) serves a run.
+ * http_start() begins a request and returns at once; http_poll() moves
+ * the transfers along for a while; a transfer's body is scanned as it
+ * arrives (response.c), and its rows can be taken before it is complete.
+ * When the reader falls behind, the transfer is paused (memory stays
+ * bounded by what was not taken yet, whatever the page size) and resumed
+ * by http_resume().
+ *
+ * Nothing here raises an error from inside a libcurl callback: callbacks
+ * set a flag and return an abort code.  A transfer given up on before it
+ * ended (our own time limit, a cancel, a shutdown, an error elsewhere in
+ * the run) is cancelled on PostHog's side too, with DELETE
+ * /api/projects/<id>/query/<client_query_id>/, so that it does not hold
+ * one of the project's few query slots until PostHog's own limit.
  *
  *-------------------------------------------------------------------------
  */
@@ -17,83 +29,67 @@
 
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "utils/wait_event.h"
 #include "utils/memutils.h"
 
 #include "phsync.h"
 
 /* how much of an error body to keep for the error message */
 #define RAW_PREFIX_MAX 1024
+/* a transfer pauses when its rows not taken yet reach this many bytes */
+#define PAUSE_BYTES (16 * 1024 * 1024)
+/* the limit for the DELETE that cancels a query on PostHog's side */
+#define CANCEL_TIMEOUT_MS 2000L
+
+struct PhsyncTransfer
+{
+	PhsyncHttp *http;
+	CURL	   *curl;
+	struct curl_slist *headers;
+	char	   *body;			/* malloc'd: curl reads it as it sends */
+	char		client_query_id[64];
+	char		errbuf[CURL_ERROR_SIZE];
+	PhsyncScan *scan;			/* the body, scanned */
+	size_t		limit;			/* largest body accepted */
+	size_t		received;
+	char		raw[RAW_PREFIX_MAX + 1];	/* start of the body, for errors */
+	size_t		rawlen;
+	double		retry_after;
+	long		status;			/* from the status line */
+	bool		too_large;
+	bool		paused;
+	bool		done;			/* curl finished it (well or not) */
+	bool		timed_out;		/* no answer within the time limit */
+	bool		remote_cancelled;	/* the DELETE was sent */
+	CURLcode	result;
+	TimestampTz started;
+	TimestampTz last_data;		/* when bytes last came in */
+	PhsyncTransfer *next;		/* in http->transfers */
+};
 
 struct PhsyncHttp
 {
-	CURL	   *curl;
+	CURLM	   *multi;
 	const PhsyncEndpoint *endpoint;
+	char	   *url;
 	long		timeout_ms;
-	char		errbuf[CURL_ERROR_SIZE];
-	/* per request */
-	json_tokener *tok;
-	json_object *parsed;
-	enum json_tokener_error tok_error;
-	bool		json_done;
-	bool		json_failed;
-	bool		too_large;
-	size_t		limit;
-	double		retry_after;
-	size_t		received;
-	char		raw[RAW_PREFIX_MAX + 1];
-	size_t		rawlen;
+	PhsyncTransfer *transfers;	/* started, not finished by the caller */
+	PhsyncHttp *next_open;		/* the list of open clients */
 };
 
 static bool curl_initialized = false;
 
 /*
- * libcurl write callback: feed the chunk to the JSON tokener.
+ * Open clients, so that a process that exits mid-request (SIGTERM: a FATAL
+ * error skips the run's cleanup) still cancels its queries on PostHog's
+ * side.
  */
-static size_t
-http_write(char *data, size_t size, size_t nmemb, void *userdata)
-{
-	PhsyncHttp *http = (PhsyncHttp *) userdata;
-	size_t		len = size * nmemb;
-
-	/* bytes after decompression: a gzip bomb is caught too */
-	http->received += len;
-	if (http->received > http->limit)
-	{
-		http->too_large = true;
-		return 0;				/* makes curl abort with CURLE_WRITE_ERROR */
-	}
-	if (http->rawlen < RAW_PREFIX_MAX)
-	{
-		size_t		n = Min(len, RAW_PREFIX_MAX - http->rawlen);
-
-		memcpy(http->raw + http->rawlen, data, n);
-		http->rawlen += n;
-		http->raw[http->rawlen] = '\0';
-	}
-
-	if (http->json_done || http->json_failed)
-		return len;				/* trailing bytes: ignored, or already bad */
-
-	http->parsed = json_tokener_parse_ex(http->tok, data, (int) len);
-	http->tok_error = json_tokener_get_error(http->tok);
-	if (http->parsed != NULL)
-		http->json_done = true;
-	else if (http->tok_error != json_tokener_continue)
-		http->json_failed = true;
-	return len;
-}
-
-/*
- * libcurl progress callback (at least once a second): abort the transfer
- * when PostgreSQL wants us to stop (SIGTERM, cancel) or the run was
- * cancelled, so that a slow request never delays either.
- */
-static int
-http_progress(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
-			  curl_off_t ultotal, curl_off_t ulnow)
-{
-	return (ProcDiePending || QueryCancelPending || shmem_cancel_pending()) ? 1 : 0;
-}
+static PhsyncHttp *open_clients = NULL;
+static bool exit_callback_registered = false;
+static void abandon_all(PhsyncHttp *http);
+static void http_at_exit(int code, Datum arg);
 
 #define SETOPT(h, opt, val) \
 	do { \
@@ -120,22 +116,24 @@ http_query_url(const PhsyncEndpoint *endpoint)
 					endpoint->project_id);
 }
 
-/*
- * A new libcurl easy handle (initialising libcurl on first use).
- */
+static void
+init_curl(void)
+{
+	if (curl_initialized)
+		return;
+	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not initialize libcurl")));
+	curl_initialized = true;
+}
+
 static CURL *
 new_curl_handle(void)
 {
 	CURL	   *curl;
 
-	if (!curl_initialized)
-	{
-		if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_INTERNAL_ERROR),
-					 errmsg("could not initialize libcurl")));
-		curl_initialized = true;
-	}
+	init_curl();
 	curl = curl_easy_init();
 	if (curl == NULL)
 		ereport(ERROR,
@@ -145,14 +143,26 @@ new_curl_handle(void)
 }
 
 /*
+ * libcurl progress callback (at least once a second): abort the transfer
+ * when PostgreSQL wants us to stop (SIGTERM, cancel) or the run was
+ * cancelled, so that a slow request never delays either.
+ */
+static int
+http_progress(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
+			  curl_off_t ultotal, curl_off_t ulnow)
+{
+	return (ProcDiePending || QueryCancelPending || shmem_cancel_pending()) ? 1 : 0;
+}
+
+/*
  * What every connection phsync makes shares: https (or http to loopback)
  * only, TLS verified against the system CAs plus the endpoint's CA file,
- * no redirects, no signals, a time limit, and a progress callback that
- * lets a cancel or shutdown abort the transfer.
+ * through its proxy if it has one, no redirects, no signals, and a
+ * progress callback that lets a cancel or shutdown abort the transfer.
  */
 static void
-set_transport_options(CURL *curl, char *errbuf, const char *ca_file,
-					  long timeout_ms)
+set_transport_options(CURL *curl, char *errbuf, const PhsyncEndpoint *endpoint,
+					  long connect_timeout_ms)
 {
 	SETOPT(curl, CURLOPT_ERRORBUFFER, errbuf);
 	SETOPT(curl, CURLOPT_NOSIGNAL, 1L);
@@ -160,40 +170,63 @@ set_transport_options(CURL *curl, char *errbuf, const char *ca_file,
 	SETOPT(curl, CURLOPT_PROTOCOLS_STR, "https,http");
 	SETOPT(curl, CURLOPT_SSL_VERIFYPEER, 1L);
 	SETOPT(curl, CURLOPT_SSL_VERIFYHOST, 2L);
-	if (ca_file && ca_file[0])
-		SETOPT(curl, CURLOPT_CAINFO, ca_file);
-	SETOPT(curl, CURLOPT_TIMEOUT_MS, timeout_ms);
-	SETOPT(curl, CURLOPT_CONNECTTIMEOUT_MS, Min(timeout_ms, 30000L));
+	if (endpoint->ca_file && endpoint->ca_file[0])
+		SETOPT(curl, CURLOPT_CAINFO, endpoint->ca_file);
+	/* only the endpoint's proxy, never one from the server's environment */
+	SETOPT(curl, CURLOPT_PROXY, endpoint->proxy ? endpoint->proxy : "");
+	SETOPT(curl, CURLOPT_CONNECTTIMEOUT_MS, connect_timeout_ms);
 	SETOPT(curl, CURLOPT_NOPROGRESS, 0L);
 	SETOPT(curl, CURLOPT_XFERINFOFUNCTION, http_progress);
 }
 
 /*
- * A curl handle for PostHog's query API, kept for a whole run.  The
- * endpoint must outlive it.
+ * A client for one PostHog project, kept for a whole run.  The endpoint
+ * must outlive it.
  */
 PhsyncHttp *
 http_open(const PhsyncEndpoint *endpoint)
 {
 	PhsyncHttp *http = MemoryContextAllocZero(TopMemoryContext, sizeof(PhsyncHttp));
 
+	init_curl();
 	http->endpoint = endpoint;
 	http->timeout_ms = endpoint->timeout_ms;
-	PG_TRY();
+	http->url = MemoryContextStrdup(TopMemoryContext, http_query_url(endpoint));
+	http->multi = curl_multi_init();
+	if (http->multi == NULL)
 	{
-		http->curl = new_curl_handle();
-	}
-	PG_CATCH();
-	{
+		pfree(http->url);
 		pfree(http);
-		PG_RE_THROW();
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not create a libcurl multi handle")));
 	}
-	PG_END_TRY();
+	if (!exit_callback_registered)
+	{
+		before_shmem_exit(http_at_exit, (Datum) 0);
+		exit_callback_registered = true;
+	}
+	http->next_open = open_clients;
+	open_clients = http;
 	return http;
 }
 
 /*
- * Use another time limit for this handle's requests (phsync_doctor()).
+ * At process exit: give up on every transfer still in flight, cancelling
+ * its query on PostHog's side (no memory is freed: the process ends).
+ */
+static void
+http_at_exit(int code, Datum arg)
+{
+	PhsyncHttp *http;
+
+	for (http = open_clients; http; http = http->next_open)
+		abandon_all(http);
+	open_clients = NULL;
+}
+
+/*
+ * Use another time limit for this client's requests (phsync_doctor()).
  */
 void
 http_set_timeout(PhsyncHttp *http, long timeout_ms)
@@ -201,80 +234,67 @@ http_set_timeout(PhsyncHttp *http, long timeout_ms)
 	http->timeout_ms = timeout_ms;
 }
 
-/*
- * Connect to url and stop there: TCP for http://, TCP and a verified TLS
- * handshake for https://.  Returns curl's code; *detail gets its message.
- */
-int
-http_probe(const char *url, const char *ca_file, long timeout_ms, char **detail)
-{
-	CURL	   *curl = new_curl_handle();
-	char		errbuf[CURL_ERROR_SIZE];
-	volatile CURLcode rc = CURLE_OK;
+/* ---------- callbacks (no PostgreSQL calls) ---------- */
 
-	errbuf[0] = '\0';
-	PG_TRY();
+/* an answer nobody reads (a cancel's): not to stdout, curl's default */
+static size_t
+discard_write(char *data, size_t size, size_t nmemb, void *userdata)
+{
+	return size * nmemb;
+}
+
+static size_t
+transfer_write(char *data, size_t size, size_t nmemb, void *userdata)
+{
+	PhsyncTransfer *t = (PhsyncTransfer *) userdata;
+	size_t		len = size * nmemb;
+
+	/* the reader is behind: keep these bytes for later (curl does) */
+	if (t->status == 200 && scan_buffered(t->scan) >= PAUSE_BYTES &&
+		scan_member(t->scan, "columns") != NULL)
 	{
-		SETOPT(curl, CURLOPT_URL, url);
-		SETOPT(curl, CURLOPT_CONNECT_ONLY, 1L);
-		set_transport_options(curl, errbuf, ca_file, timeout_ms);
-		rc = curl_easy_perform(curl);
+		t->paused = true;
+		return CURL_WRITEFUNC_PAUSE;
 	}
-	PG_FINALLY();
+
+	/* bytes after decompression: a gzip bomb is caught too */
+	t->received += len;
+	t->last_data = GetCurrentTimestamp();
+	if (t->received > t->limit)
 	{
-		curl_easy_cleanup(curl);
+		t->too_large = true;
+		return 0;				/* makes curl abort with CURLE_WRITE_ERROR */
 	}
-	PG_END_TRY();
-	CHECK_FOR_INTERRUPTS();
-	shmem_check_cancel();
-	*detail = pstrdup(errbuf[0] ? errbuf : curl_easy_strerror(rc));
-	return (int) rc;
-}
+	if (t->rawlen < RAW_PREFIX_MAX)
+	{
+		size_t		n = Min(len, RAW_PREFIX_MAX - t->rawlen);
 
-void
-http_close(PhsyncHttp *http)
-{
-	if (http == NULL)
-		return;
-	if (http->tok)
-		json_tokener_free(http->tok);
-	if (http->parsed)
-		json_object_put(http->parsed);
-	if (http->curl)
-		curl_easy_cleanup(http->curl);
-	pfree(http);
+		memcpy(t->raw + t->rawlen, data, n);
+		t->rawlen += n;
+		t->raw[t->rawlen] = '\0';
+	}
+	(void) scan_feed(t->scan, data, len);	/* a bad body is seen at the end */
+	return len;
 }
 
 /*
- * PostHog's "detail" from an error body, else the start of the raw body.
- * Palloc'd.
- */
-static char *
-error_detail(PhsyncHttp *http)
-{
-	json_object *detail;
-
-	if (http->parsed &&
-		json_object_is_type(http->parsed, json_type_object) &&
-		json_object_object_get_ex(http->parsed, "detail", &detail) &&
-		json_object_is_type(detail, json_type_string))
-		return foreign_text(json_object_get_string(detail), json_object_get_string_len(detail));
-	if (http->rawlen > 0)
-		return foreign_text(http->raw, (int) http->rawlen);
-	return pstrdup("The response had no body.");
-}
-
-/*
- * libcurl header callback: remember Retry-After (seconds; an HTTP date is
- * treated as absent, which means "back off").
+ * libcurl header callback: the status, and Retry-After (seconds; an HTTP
+ * date is treated as absent, which means "back off").
  */
 static size_t
-http_header(char *data, size_t size, size_t nitems, void *userdata)
+transfer_header(char *data, size_t size, size_t nitems, void *userdata)
 {
-	PhsyncHttp *http = (PhsyncHttp *) userdata;
+	PhsyncTransfer *t = (PhsyncTransfer *) userdata;
 	size_t		len = size * nitems;
 
-	if (len > 12 && pg_strncasecmp(data, "Retry-After:", 12) == 0)
+	if (len > 12 && strncmp(data, "HTTP/", 5) == 0)
+	{
+		const char *sp = memchr(data, ' ', len);
+
+		if (sp && sp + 4 <= data + len)
+			t->status = strtol(sp + 1, NULL, 10);
+	}
+	else if (len > 12 && pg_strncasecmp(data, "Retry-After:", 12) == 0)
 	{
 		char		buf[32];
 		char	   *end;
@@ -286,124 +306,511 @@ http_header(char *data, size_t size, size_t nitems, void *userdata)
 		buf[n] = '\0';
 		v = strtod(buf, &end);
 		if (end != buf && v >= 0)
-			http->retry_after = v;
+			t->retry_after = v;
 	}
 	return len;
 }
 
+/* ---------- transfers ---------- */
+
 /*
- * POST a query body to url.  Never raises for what the network or PostHog
- * do: the outcome is described in *result, for the retry policy to judge
- * (and http_raise to report).  Only a cancel or shutdown interrupts.
+ * Free what a transfer holds; it must not be in the multi handle.
  */
-void
-http_post(PhsyncHttp *http, const char *url, const char *body,
-		  PhsyncHttpResult *result)
+static void
+transfer_free(PhsyncTransfer *t)
 {
-	struct curl_slist *headers = NULL;
+	PhsyncTransfer **p;
+
+	for (p = &t->http->transfers; *p; p = &(*p)->next)
+		if (*p == t)
+		{
+			*p = t->next;
+			break;
+		}
+	if (t->curl)
+		curl_easy_cleanup(t->curl);
+	if (t->headers)
+		curl_slist_free_all(t->headers);
+	if (t->body)
+		free(t->body);
+	scan_free(t->scan);
+	/* the request held the key: do not leave it in freed memory */
+	pfree(t);
+}
+
+/*
+ * Start a query request: POST body to the project's query endpoint.
+ * Returns at once; http_poll() moves it along.
+ */
+PhsyncTransfer *
+http_start(PhsyncHttp *http, const char *body, const char *client_query_id)
+{
+	const PhsyncEndpoint *e = http->endpoint;
+	PhsyncTransfer *t;
 	char	   *auth;
-	volatile CURLcode rc = CURLE_OK;
-	long		status = 0;
-	const char *key = http->endpoint->api_key;
 
-	memset(result, 0, sizeof(*result));
-	result->retry_after = -1;
-
-	if (strpbrk(key, "\r\n") != NULL)
+	if (strpbrk(e->api_key, "\r\n") != NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("the PostHog API key contains a line break"),
-				 errhint("Check %s.", http->endpoint->key_origin)));
+				 errhint("Check %s.", e->key_origin)));
 
-	curl_easy_reset(http->curl);
-	http->errbuf[0] = '\0';
-	if (http->tok)
-		json_tokener_free(http->tok);
-	http->tok = json_tokener_new_ex(JSON_TOKENER_DEFAULT_DEPTH);
-	if (http->tok == NULL)
+	t = MemoryContextAllocZero(TopMemoryContext, sizeof(PhsyncTransfer));
+	t->http = http;
+	t->next = http->transfers;
+	http->transfers = t;
+	strlcpy(t->client_query_id, client_query_id, sizeof(t->client_query_id));
+	t->retry_after = -1;
+	t->limit = (size_t) e->max_response_kb * 1024;
+	t->started = t->last_data = GetCurrentTimestamp();
+	t->scan = scan_create();
+	t->body = strdup(body);
+	if (t->scan == NULL || t->body == NULL)
+	{
+		transfer_free(t);
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("out of memory")));
-	if (http->parsed)
-		json_object_put(http->parsed);
-	http->parsed = NULL;
-	http->json_done = false;
-	http->json_failed = false;
-	http->too_large = false;
-	http->limit = (size_t) http->endpoint->max_response_kb * 1024;
-	http->received = 0;
-	http->rawlen = 0;
-	http->raw[0] = '\0';
-	http->retry_after = -1;
-
-	auth = psprintf("Authorization: Bearer %s", key);
-	headers = curl_slist_append(headers, "Content-Type: application/json");
-	headers = curl_slist_append(headers, "Accept: application/json");
-	headers = curl_slist_append(headers, auth);
+	}
 
 	PG_TRY();
 	{
-		SETOPT(http->curl, CURLOPT_URL, url);
-		SETOPT(http->curl, CURLOPT_POST, 1L);
-		SETOPT(http->curl, CURLOPT_POSTFIELDS, body);
-		SETOPT(http->curl, CURLOPT_HTTPHEADER, headers);
-		SETOPT(http->curl, CURLOPT_USERAGENT, "phsync/" PHSYNC_VERSION);
-		SETOPT(http->curl, CURLOPT_ACCEPT_ENCODING, "");
-		set_transport_options(http->curl, http->errbuf, http->endpoint->ca_file,
-							  http->timeout_ms);
-		SETOPT(http->curl, CURLOPT_WRITEFUNCTION, http_write);
-		SETOPT(http->curl, CURLOPT_WRITEDATA, http);
-		SETOPT(http->curl, CURLOPT_HEADERFUNCTION, http_header);
-		SETOPT(http->curl, CURLOPT_HEADERDATA, http);
-
-		rc = curl_easy_perform(http->curl);
-	}
-	PG_FINALLY();
-	{
-		curl_slist_free_all(headers);
-		/* the header held the key: do not leave it in freed memory */
+		t->curl = new_curl_handle();
+		auth = psprintf("Authorization: Bearer %s", e->api_key);
+		t->headers = curl_slist_append(t->headers, "Content-Type: application/json");
+		t->headers = curl_slist_append(t->headers, "Accept: application/json");
+		t->headers = curl_slist_append(t->headers, auth);
 		explicit_bzero(auth, strlen(auth));
 		pfree(auth);
+		if (t->headers == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("out of memory")));
+
+		SETOPT(t->curl, CURLOPT_URL, http->url);
+		SETOPT(t->curl, CURLOPT_POST, 1L);
+		SETOPT(t->curl, CURLOPT_POSTFIELDS, t->body);
+		SETOPT(t->curl, CURLOPT_HTTPHEADER, t->headers);
+		SETOPT(t->curl, CURLOPT_USERAGENT, "phsync/" PHSYNC_VERSION);
+		SETOPT(t->curl, CURLOPT_ACCEPT_ENCODING, "");
+		set_transport_options(t->curl, t->errbuf, e, Min(http->timeout_ms, 30000L));
+		SETOPT(t->curl, CURLOPT_WRITEFUNCTION, transfer_write);
+		SETOPT(t->curl, CURLOPT_WRITEDATA, t);
+		SETOPT(t->curl, CURLOPT_HEADERFUNCTION, transfer_header);
+		SETOPT(t->curl, CURLOPT_HEADERDATA, t);
+		SETOPT(t->curl, CURLOPT_PRIVATE, t);
+		if (curl_multi_add_handle(http->multi, t->curl) != CURLM_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INTERNAL_ERROR),
+					 errmsg("could not start a libcurl transfer")));
+	}
+	PG_CATCH();
+	{
+		transfer_free(t);
+		PG_RE_THROW();
 	}
 	PG_END_TRY();
+	return t;
+}
 
-	/* a cancel or shutdown made the progress callback abort: act on it */
-	CHECK_FOR_INTERRUPTS();
-	shmem_check_cancel();
+/*
+ * Ask PostHog to stop the query client_query_id (a request phsync gave up
+ * on), with a short time limit, whatever is pending: it must get through
+ * during a shutdown too.  Failure is only logged.
+ */
+static void
+cancel_remote(PhsyncHttp *http, const char *client_query_id)
+{
+	const PhsyncEndpoint *e = http->endpoint;
+	CURL	   *curl = curl_easy_init();
+	struct curl_slist *headers = NULL;
+	char		errbuf[CURL_ERROR_SIZE];
+	char	   *auth;
+	char	   *url;
+	CURLcode	rc;
+	long		status = 0;
 
-	curl_easy_getinfo(http->curl, CURLINFO_RESPONSE_CODE, &status);
-	result->status = status;
-	result->curl_code = (int) rc;
-	result->retry_after = http->retry_after;
+	if (curl == NULL)
+		return;
+	errbuf[0] = '\0';
+	url = psprintf("%s%s/", http->url, client_query_id);
+	auth = psprintf("Authorization: Bearer %s", e->api_key);
+	headers = curl_slist_append(headers, auth);
+	explicit_bzero(auth, strlen(auth));
+	pfree(auth);
+	if (headers == NULL ||
+		curl_easy_setopt(curl, CURLOPT_URL, url) != CURLE_OK ||
+		curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, "DELETE") != CURLE_OK ||
+		curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, discard_write) != CURLE_OK ||
+		curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers) != CURLE_OK ||
+		curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, errbuf) != CURLE_OK ||
+		curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L) != CURLE_OK ||
+		curl_easy_setopt(curl, CURLOPT_FOLLOWLOCATION, 0L) != CURLE_OK ||
+		curl_easy_setopt(curl, CURLOPT_PROTOCOLS_STR, "https,http") != CURLE_OK ||
+		curl_easy_setopt(curl, CURLOPT_SSL_VERIFYPEER, 1L) != CURLE_OK ||
+		curl_easy_setopt(curl, CURLOPT_SSL_VERIFYHOST, 2L) != CURLE_OK ||
+		(e->ca_file && e->ca_file[0] && curl_easy_setopt(curl, CURLOPT_CAINFO, e->ca_file) != CURLE_OK) ||
+		curl_easy_setopt(curl, CURLOPT_PROXY, e->proxy ? e->proxy : "") != CURLE_OK ||
+		curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, CANCEL_TIMEOUT_MS) != CURLE_OK)
+		rc = CURLE_FAILED_INIT;
+	else
+		rc = curl_easy_perform(curl);
+	if (rc == CURLE_OK)
+		curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+	curl_slist_free_all(headers);
+	curl_easy_cleanup(curl);
+	/* 404: the query had ended already */
+	if (rc != CURLE_OK || (status >= 300 && status != 404))
+		elog(LOG, "phsync could not cancel PostHog query %s: %s", client_query_id,
+			 rc != CURLE_OK ? (errbuf[0] ? errbuf : curl_easy_strerror(rc)) :
+			 psprintf("HTTP status %ld", status));
+	else
+		elog(DEBUG1, "phsync cancelled PostHog query %s", client_query_id);
+	pfree(url);
+}
 
-	if (http->too_large)
+/*
+ * Stop t if it is in flight, and cancel its query on PostHog's side unless
+ * PostHog answered it in full (once).
+ */
+static void
+stop_transfer(PhsyncTransfer *t, CURLcode why)
+{
+	if (!t->done)
+	{
+		curl_multi_remove_handle(t->http->multi, t->curl);
+		t->done = true;
+		t->result = why;
+	}
+	if (t->result != CURLE_OK && !t->remote_cancelled)
+	{
+		long		sent = 0;
+
+		/* a request that never reached PostHog has nothing to cancel */
+		t->remote_cancelled = true;
+		if (curl_easy_getinfo(t->curl, CURLINFO_REQUEST_SIZE, &sent) == CURLE_OK && sent > 0)
+			cancel_remote(t->http, t->client_query_id);
+	}
+}
+
+/*
+ * Give up on a transfer (cancelling it on PostHog's side if it had not
+ * been answered) and free it.
+ */
+void
+http_abandon(PhsyncTransfer *t)
+{
+	stop_transfer(t, CURLE_ABORTED_BY_CALLBACK);
+	transfer_free(t);
+}
+
+/*
+ * Free a transfer the caller is done with (one still in flight is given
+ * up on).
+ */
+void
+http_finish(PhsyncTransfer *t)
+{
+	http_abandon(t);
+}
+
+/*
+ * Close the client: transfers still in flight are abandoned (and
+ * cancelled on PostHog's side).
+ */
+void
+http_close(PhsyncHttp *http)
+{
+	PhsyncHttp **link;
+
+	if (http == NULL)
+		return;
+	while (http->transfers)
+		http_abandon(http->transfers);
+	for (link = &open_clients; *link; link = &(*link)->next_open)
+	{
+		if (*link == http)
+		{
+			*link = http->next_open;
+			break;
+		}
+	}
+	curl_multi_cleanup(http->multi);
+	pfree(http->url);
+	pfree(http);
+}
+
+/*
+ * Stop every transfer in flight (a cancel or a shutdown is pending).
+ */
+static void
+abandon_all(PhsyncHttp *http)
+{
+	PhsyncTransfer *t;
+
+	/* those that ended unanswered too (the progress callback aborts them) */
+	for (t = http->transfers; t; t = t->next)
+		stop_transfer(t, CURLE_ABORTED_BY_CALLBACK);
+}
+
+/*
+ * Move the transfers along for at most timeout_ms, returning sooner when
+ * one finishes or brings data.  A cancel, a shutdown or a cancelled run
+ * abandons every transfer (cancelling them on PostHog's side) and raises.
+ */
+void
+http_poll(PhsyncHttp *http, long timeout_ms)
+{
+	int			running;
+	int			numfds;
+	CURLMsg    *msg;
+	int			left;
+	PhsyncTransfer *t;
+	TimestampTz now;
+
+	if (ProcDiePending || QueryCancelPending || shmem_cancel_pending())
+	{
+		abandon_all(http);
+		CHECK_FOR_INTERRUPTS();
+		shmem_check_cancel();
+	}
+
+	curl_multi_perform(http->multi, &running);
+	if (running > 0 && timeout_ms > 0)
+	{
+		curl_multi_poll(http->multi, NULL, 0, (int) Min(timeout_ms, 100L), &numfds);
+		curl_multi_perform(http->multi, &running);
+	}
+	else if (timeout_ms > 0)
+	{
+		/* nothing in flight (waiting to retry, say): wait, but wake for signals */
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Min(timeout_ms, 1000L), PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+
+	while ((msg = curl_multi_info_read(http->multi, &left)) != NULL)
+	{
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &t);
+		t->done = true;
+		t->result = msg->data.result;
+		curl_multi_remove_handle(http->multi, t->curl);
+	}
+
+	/*
+	 * Our own time limit, for the answer to start and then whenever data
+	 * stalls (not while the transfer is paused: that wait is ours).
+	 */
+	now = GetCurrentTimestamp();
+	for (t = http->transfers; t; t = t->next)
+	{
+		if (t->done || t->paused)
+			continue;
+		if (TimestampDifferenceExceeds(t->last_data, now, (int) http->timeout_ms))
+		{
+			t->timed_out = true;
+			snprintf(t->errbuf, sizeof(t->errbuf),
+					 "No answer from PostHog within %ld ms.", http->timeout_ms);
+			stop_transfer(t, CURLE_OPERATION_TIMEDOUT);
+		}
+	}
+
+	if (ProcDiePending || QueryCancelPending || shmem_cancel_pending())
+	{
+		abandon_all(http);
+		CHECK_FOR_INTERRUPTS();
+		shmem_check_cancel();
+	}
+}
+
+/*
+ * Unpause t after the reader took rows from it (its stall timer restarts).
+ */
+void
+http_resume(PhsyncTransfer *t)
+{
+	if (!t->paused || t->done || scan_buffered(t->scan) >= PAUSE_BYTES / 2)
+		return;
+	t->paused = false;
+	t->last_data = GetCurrentTimestamp();
+	curl_easy_pause(t->curl, CURLPAUSE_CONT);
+}
+
+bool
+http_done(PhsyncTransfer *t)
+{
+	return t->done;
+}
+
+/*
+ * The rows of a transfer (a 200's), to take as they arrive.
+ */
+PhsyncScan *
+http_scan(PhsyncTransfer *t)
+{
+	return t->status == 200 ? t->scan : NULL;
+}
+
+const char *
+http_client_query_id(PhsyncTransfer *t)
+{
+	return t->client_query_id;
+}
+
+/*
+ * Seconds since the transfer started.
+ */
+double
+http_seconds(PhsyncTransfer *t)
+{
+	return (double) (GetCurrentTimestamp() - t->started) / USECS_PER_SEC;
+}
+
+/*
+ * Take the scan out of a finished transfer (a 200's): the caller owns it
+ * (scan_free()), and may free the transfer.
+ */
+PhsyncScan *
+http_take_scan(PhsyncTransfer *t)
+{
+	PhsyncScan *s = t->scan;
+
+	Assert(t->done && t->status == 200);
+	t->scan = scan_create();
+	if (t->scan == NULL)
+	{
+		scan_free(s);
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	}
+	return s;
+}
+
+/*
+ * PostHog's "detail" from an error body, else the start of the raw body.
+ */
+static char *
+error_detail(PhsyncTransfer *t)
+{
+	const char *detail = scan_member(t->scan, "detail");
+
+	if (detail)
+	{
+		json_object *j = json_tokener_parse(detail);
+
+		if (j && json_object_is_type(j, json_type_string))
+		{
+			char	   *s = foreign_text(json_object_get_string(j), json_object_get_string_len(j));
+
+			json_object_put(j);
+			return s;
+		}
+		if (j)
+			json_object_put(j);
+	}
+	if (t->rawlen > 0)
+		return foreign_text(t->raw, (int) t->rawlen);
+	return pstrdup("The response had no body.");
+}
+
+/*
+ * What a finished transfer came to; nothing is raised (the retry policy
+ * judges, http_raise() reports).  For a 200 whose body is complete,
+ * result->ok is set and the rows are in http_scan().
+ */
+void
+http_result(PhsyncTransfer *t, PhsyncHttpResult *result)
+{
+	memset(result, 0, sizeof(*result));
+	Assert(t->done);
+	result->status = t->status;
+	result->curl_code = (int) t->result;
+	result->retry_after = t->retry_after;
+	result->seconds = http_seconds(t);
+	if (t->too_large)
 	{
 		result->too_large = true;
 		result->detail = psprintf("The response was larger than phsync.max_response_size (%d kB).",
-								  http->endpoint->max_response_kb);
+								  t->http->endpoint->max_response_kb);
 		return;
 	}
-	if (rc != CURLE_OK)
+	if (t->result != CURLE_OK)
 	{
-		result->detail = pstrdup(http->errbuf[0] ? http->errbuf : curl_easy_strerror(rc));
+		result->detail = pstrdup(t->errbuf[0] ? t->errbuf : curl_easy_strerror(t->result));
 		return;
 	}
-	if (status != 200)
+	if (t->status != 200)
 	{
-		result->detail = error_detail(http);
+		result->detail = error_detail(t);
 		return;
 	}
-	if (!http->json_done)
+	if (!scan_complete(t->scan))
 	{
 		result->bad_body = true;
-		result->detail = psprintf("%s after %zu bytes.",
-								  http->json_failed ? json_tokener_error_desc(http->tok_error) :
-								  "the body ended early", http->received);
+		result->detail = psprintf("%s after %zu bytes.", scan_error(t->scan), t->received);
 		result->detail[0] = pg_toupper((unsigned char) result->detail[0]);
 		return;
 	}
-	result->json = http->parsed;
-	http->parsed = NULL;
+	result->ok = true;
+}
+
+/*
+ * One request, waited for: start it and poll until it ends.  The caller
+ * frees the transfer with http_finish() (its rows are in http_scan()).
+ */
+PhsyncTransfer *
+http_request(PhsyncHttp *http, const char *body, const char *client_query_id,
+			 PhsyncHttpResult *result)
+{
+	PhsyncTransfer *t = http_start(http, body, client_query_id);
+
+	PG_TRY();
+	{
+		while (!t->done)
+			http_poll(http, 100);
+	}
+	PG_CATCH();
+	{
+		http_abandon(t);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	http_result(t, result);
+	return t;
+}
+
+/*
+ * Connect to url and stop there: TCP for http://, TCP and a verified TLS
+ * handshake for https://.  Returns curl's code; *detail gets its message.
+ */
+int
+http_probe(const PhsyncEndpoint *endpoint, const char *url, long timeout_ms, char **detail)
+{
+	CURL	   *curl = new_curl_handle();
+	char		errbuf[CURL_ERROR_SIZE];
+	volatile CURLcode rc = CURLE_OK;
+
+	errbuf[0] = '\0';
+	PG_TRY();
+	{
+		SETOPT(curl, CURLOPT_URL, url);
+		SETOPT(curl, CURLOPT_CONNECT_ONLY, 1L);
+		set_transport_options(curl, errbuf, endpoint, timeout_ms);
+		SETOPT(curl, CURLOPT_TIMEOUT_MS, timeout_ms);
+		rc = curl_easy_perform(curl);
+	}
+	PG_FINALLY();
+	{
+		curl_easy_cleanup(curl);
+	}
+	PG_END_TRY();
+	CHECK_FOR_INTERRUPTS();
+	shmem_check_cancel();
+	*detail = pstrdup(errbuf[0] ? errbuf : curl_easy_strerror(rc));
+	return (int) rc;
 }
 
 /*
@@ -468,6 +875,10 @@ http_explain(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result,
 				break;
 			case 404:
 				e->hint = psprintf("Check %s and the project id.", endpoint->host_origin);
+				break;
+			case 429:
+				e->category = "throttled";
+				e->hint = "PostHog kept refusing: lower phsync.max_requests_per_minute, phsync.max_requests_per_hour or phsync.max_concurrent_requests.";
 				break;
 			case 504:
 			case 512:

@@ -32,6 +32,7 @@
 #include "nodes/makefuncs.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/date.h"
 #include "utils/datum.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -62,16 +63,18 @@ struct PhsyncLoader
 	int			batch_rows;		/* rows of a full batch */
 	SPIPlanPtr	batch_plan;		/* INSERT of batch_rows rows */
 	SPIPlanPtr	single_plan;	/* INSERT of one row (bad-row hunting) */
+	PhsyncRow  *row;			/* a decoded row, reused */
+	Datum		columns;		/* the result columns' names, for rejects */
 	MemoryContext cxt;
 };
 
 /*
- * Map the result columns of a page to target columns.  A result column the
- * target does not have is an error, raised before anything is inserted.
- * Allocated in the current memory context; no SPI needed.
+ * Map the result columns of a response to target columns.  A result
+ * column the target does not have is an error, raised before anything is
+ * inserted.  Allocated in the current memory context; no SPI needed.
  */
 PhsyncLoader *
-loader_create(PhsyncTarget *target, PhsyncPage *page, bool update,
+loader_create(PhsyncTarget *target, PhsyncColumns *cols, bool update,
 			  PhsyncBadRow on_bad_row)
 {
 	PhsyncLoader *loader = palloc0(sizeof(PhsyncLoader));
@@ -84,25 +87,26 @@ loader_create(PhsyncTarget *target, PhsyncPage *page, bool update,
 	loader->writer = target->writer;
 	Assert(OidIsValid(loader->writer));
 	loader->cxt = CurrentMemoryContext;
-	loader->ncolumns = page->ncolumns;
-	loader->colmap = palloc(sizeof(int) * page->ncolumns);
-	loader->input = palloc0(sizeof(FmgrInfo) * page->ncolumns);
-	loader->batch_rows = Max(1, Min(BATCH_ROWS, 65535 / Max(page->ncolumns, 1)));
-	for (i = 0; i < page->ncolumns; i++)
+	loader->ncolumns = cols->ncolumns;
+	loader->colmap = palloc(sizeof(int) * Max(cols->ncolumns, 1));
+	loader->input = palloc0(sizeof(FmgrInfo) * Max(cols->ncolumns, 1));
+	loader->batch_rows = Max(1, Min(BATCH_ROWS, 65535 / Max(cols->ncolumns, 1)));
+	loader->row = row_alloc(cols->ncolumns);
+	for (i = 0; i < cols->ncolumns; i++)
 	{
-		int			c = target_column(target, page->columns[i]);
+		int			c = target_column(target, cols->names[i]);
 
 		if (c < 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_COLUMN),
 					 errmsg("column \"%s\" returned by the query does not exist in table %s",
-							page->columns[i], target->display),
+							cols->names[i], target->display),
 					 errhint("Add the column to the table, or rename or drop it in the query.")));
 		for (j = 0; j < i; j++)
 			if (loader->colmap[j] == c)
 				ereport(ERROR,
 						(errcode(ERRCODE_DUPLICATE_COLUMN),
-						 errmsg("the query returns column \"%s\" more than once", page->columns[i])));
+						 errmsg("the query returns column \"%s\" more than once", cols->names[i])));
 		loader->colmap[i] = c;
 		fmgr_info_cxt(target->cols[c].typinput, &loader->input[i], loader->cxt);
 	}
@@ -112,10 +116,10 @@ loader_create(PhsyncTarget *target, PhsyncPage *page, bool update,
 		loader->keycols = palloc(sizeof(int) * target->nuniq);
 		for (j = 0; j < target->nuniq; j++)
 		{
-			for (i = 0; i < page->ncolumns; i++)
+			for (i = 0; i < cols->ncolumns; i++)
 				if (loader->colmap[i] == target->uniq[j])
 					break;
-			if (i == page->ncolumns)
+			if (i == cols->ncolumns)
 				ereport(ERROR,
 						(errcode(ERRCODE_UNDEFINED_COLUMN),
 						 errmsg("the query does not return column \"%s\" of the unique key of table %s",
@@ -124,21 +128,29 @@ loader_create(PhsyncTarget *target, PhsyncPage *page, bool update,
 			loader->keycols[j] = i;
 		}
 	}
+	{
+		Datum	   *names = palloc(sizeof(Datum) * Max(cols->ncolumns, 1));
+
+		for (i = 0; i < cols->ncolumns; i++)
+			names[i] = CStringGetTextDatum(cols->names[i]);
+		loader->columns = PointerGetDatum(construct_array(names, cols->ncolumns, TEXTOID,
+														  -1, false, TYPALIGN_INT));
+	}
 	return loader;
 }
 
 /*
- * Do later pages have the columns of the one the loader was made for?
+ * Do later responses have the columns of the one the loader was made for?
  */
 bool
-loader_matches(PhsyncLoader *loader, PhsyncPage *page)
+loader_matches(PhsyncLoader *loader, PhsyncColumns *cols)
 {
 	int			i;
 
-	if (page->ncolumns != loader->ncolumns)
+	if (cols->ncolumns != loader->ncolumns)
 		return false;
-	for (i = 0; i < page->ncolumns; i++)
-		if (strcmp(page->columns[i], loader->target->cols[loader->colmap[i]].name) != 0)
+	for (i = 0; i < cols->ncolumns; i++)
+		if (strcmp(cols->names[i], loader->target->cols[loader->colmap[i]].name) != 0)
 			return false;
 	return true;
 }
@@ -280,48 +292,88 @@ strip_json_nul_escapes(const char *s)
 }
 
 /*
- * Text of one JSON value for a type input function; NULL for JSON null.
- * Strings are checked to be valid in the database encoding (and converted
- * to it): PostHog sends UTF-8.
+ * Text of value c of the decoded row for a type input function (NULL for
+ * JSON null), in the database encoding.  Strings arrive decoded and
+ * checked to be UTF-8; one that is not is this row's error.
  */
 static char *
-json_value_text(json_object *v, PhsyncColumn *col)
+value_text(PhsyncLoader *loader, int c)
 {
-	switch (json_object_get_type(v))
-	{
-		case json_type_null:
-			return NULL;
-		case json_type_string:
-			{
-				const char *s = json_object_get_string(v);
-				int			len = json_object_get_string_len(v);
-				char	   *text;
+	PhsyncRow  *row = loader->row;
+	PhsyncColumn *col = &loader->target->cols[loader->colmap[c]];
+	char	   *text = (char *) row->values[c];
 
-				if ((int) strlen(s) != len)
-					ereport(ERROR,
-							(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
-							 errmsg("value for column \"%s\" contains a NUL character", col->name)));
-				text = pg_any_to_server(s, len, PG_UTF8);
-				if (col->typid == JSONBOID || col->typid == JSONOID)
-					text = strip_json_nul_escapes(text);
-				return text;
-			}
-		case json_type_boolean:
-			return json_object_get_boolean(v) ? "true" : "false";
-		case json_type_int:
-		case json_type_double:
-			return (char *) json_object_get_string(v);
+	switch (row->kinds[c])
+	{
+		case PHSYNC_VALUE_NULL:
+			return NULL;
+		case PHSYNC_VALUE_BAD_TEXT:
+			/* PostgreSQL's own message for bytes that are not UTF-8 */
+			pg_verifymbstr(text, (int) row->lens[c], false);
+			ereport(ERROR,
+					(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
+					 errmsg("value for column \"%s\" holds a \\u escape of a lone Unicode surrogate", col->name)));
+			break;
+		case PHSYNC_VALUE_STRING:
+			if (GetDatabaseEncoding() != PG_UTF8)
+				text = pg_any_to_server(text, (int) row->lens[c], PG_UTF8);
+			if (col->typid == JSONBOID || col->typid == JSONOID)
+				text = strip_json_nul_escapes(text);
+			return text;
+		case PHSYNC_VALUE_TRUE:
+		case PHSYNC_VALUE_FALSE:
+		case PHSYNC_VALUE_NUMBER:
+		case PHSYNC_VALUE_JSON:
 		default:
-			return (char *) json_object_to_json_string_ext(v, JSON_C_TO_STRING_PLAIN);
+			break;
 	}
+	return text;
 }
 
-/* a page being inserted: rows[first .. first + n) of the page */
+/*
+ * The value of result column c for text (NULL: SQL NULL), by the target
+ * column type's input function.  PostHog writes date-times in the
+ * project's time zone with its offset (2026-11-02T08:34:05+05:30): a
+ * timestamp without time zone takes the same instant in UTC, and a date
+ * the UTC date of a date-time (a plain date stays as it is), whatever the
+ * session's TimeZone; timestamptz keeps the instant by itself.
+ */
+static Datum
+column_value(PhsyncLoader *loader, int c, char *text)
+{
+	PhsyncColumn *col = &loader->target->cols[loader->colmap[c]];
+	TimestampTz instant;
+
+	if (text == NULL)
+		return InputFunctionCall(&loader->input[c], NULL, col->typioparam, col->typmod);
+	switch (col->typid)
+	{
+		case TIMESTAMPOID:
+			/* a timestamp is the same count of microseconds as its UTC instant */
+			return DirectFunctionCall3(timestamptz_in, CStringGetDatum(text),
+									   ObjectIdGetDatum(InvalidOid), Int32GetDatum(col->typmod));
+		case DATEOID:
+			if (strlen(text) <= 10)
+				break;			/* a plain date */
+			instant = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(text),
+															  ObjectIdGetDatum(InvalidOid),
+															  Int32GetDatum(-1)));
+			if (TIMESTAMP_NOT_FINITE(instant))
+				break;
+			return DateADTGetDatum((DateADT) ((instant - ((instant % USECS_PER_DAY) + USECS_PER_DAY) % USECS_PER_DAY) /
+											  USECS_PER_DAY));
+		default:
+			break;
+	}
+	return InputFunctionCall(&loader->input[c], text, col->typioparam, col->typmod);
+}
+
+/* rows being inserted: rows[first .. first + n) of the chunk */
 typedef struct PageValues
 {
 	PhsyncLoader *loader;
-	PhsyncPage *page;
-	int		   *rows;			/* page rows to insert, in order */
+	const char **encoded;		/* the chunk's rows, as the scanner keeps them */
+	int		   *rows;			/* indexes into encoded, to insert in order */
 	Datum	   *values;			/* one batch: row-major, ncols per row */
 	char	   *nulls;
 	MemoryContext rowcxt;		/* conversion garbage of one row */
@@ -332,35 +384,31 @@ typedef struct PageValues
 } PageValues;
 
 /*
- * Convert row r of the page into slot `slot` of the batch.  The input
+ * Convert row r of the chunk into slot `slot` of the batch.  The input
  * functions run in a per-row context; only the values are kept.
  */
 static void
 convert_row(PageValues *pv, int r, int slot)
 {
 	PhsyncLoader *loader = pv->loader;
-	json_object *row = json_object_array_get_idx(pv->page->results, r);
 	int			ncols = loader->ncolumns;
 	Datum	   *values = pv->values + slot * ncols;
 	char	   *nulls = pv->nulls + slot * ncols;
 	MemoryContext batchcxt;
 	int			c;
 
-	if (!json_object_is_type(row, json_type_array) ||
-		(int) json_object_array_length(row) != ncols)
+	if (!row_decode(pv->encoded[r], loader->row))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
 				 errmsg("PostHog sent a row with %d values, expected %d",
-						json_object_is_type(row, json_type_array) ?
-						(int) json_object_array_length(row) : 0, ncols)));
+						loader->row->nvalues, ncols)));
 
 	batchcxt = MemoryContextSwitchTo(pv->rowcxt);
 	for (c = 0; c < ncols; c++)
 	{
 		PhsyncColumn *col = &loader->target->cols[loader->colmap[c]];
-		char	   *text = json_value_text(json_object_array_get_idx(row, c), col);
-		Datum		d = InputFunctionCall(&loader->input[c], text,
-										  col->typioparam, col->typmod);
+		char	   *text = value_text(loader, c);
+		Datum		d = column_value(loader, c, text);
 
 		nulls[c] = text ? ' ' : 'n';
 		if (text == NULL || col->typbyval)
@@ -525,36 +573,14 @@ try_in_subtransaction(void (*fn) (void *), void *arg)
 }
 
 /*
- * A row as PostHog sent it, as valid text for phsync.rejects (bytes that
- * are not UTF-8 become '?').
- */
-static char *
-raw_row_text(json_object *row)
-{
-	const char *s = row ? json_object_to_json_string_ext(row, JSON_C_TO_STRING_PLAIN) : "null";
-
-	return foreign_text(s, (int) strlen(s));
-}
-
-static Datum
-page_columns_array(PhsyncPage *page)
-{
-	Datum	   *names = palloc(sizeof(Datum) * Max(page->ncolumns, 1));
-	int			i;
-
-	for (i = 0; i < page->ncolumns; i++)
-		names[i] = CStringGetTextDatum(page->columns[i]);
-	return PointerGetDatum(construct_array(names, page->ncolumns, TEXTOID, -1, false, TYPALIGN_INT));
-}
-
-/*
- * The rows of a page to insert, in order.  To update, a key that occurs
+ * The rows of a chunk to insert, in order.  To update, a key that occurs
  * more than once keeps only its last row: one INSERT ... ON CONFLICT DO
- * UPDATE may not touch the same row twice.  Keys are compared as PostHog
+ * UPDATE may not touch the same row twice (the next chunk's statement may:
+ * the last row wins across chunks too).  Keys are compared as PostHog
  * wrote them.
  */
 static int
-page_rows(PhsyncLoader *loader, PhsyncPage *page, int *rows)
+chunk_rows(PhsyncLoader *loader, const char **encoded, int nrows, int *rows)
 {
 	HTAB	   *seen;
 	HASHCTL		ctl;
@@ -565,37 +591,40 @@ page_rows(PhsyncLoader *loader, PhsyncPage *page, int *rows)
 
 	if (!loader->update)
 	{
-		for (r = 0; r < page->nrows; r++)
+		for (r = 0; r < nrows; r++)
 			rows[r] = r;
-		return page->nrows;
+		return nrows;
 	}
 
 	ctl.keysize = NAMEDATALEN * 4;
 	ctl.entrysize = ctl.keysize;
 	ctl.hcxt = CurrentMemoryContext;
-	seen = hash_create("phsync page keys", page->nrows, &ctl,
+	seen = hash_create("phsync chunk keys", nrows, &ctl,
 					   HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 	initStringInfo(&key);
 	/* from the last row back: the first one seen is the one kept */
-	for (r = page->nrows - 1; r >= 0; r--)
+	for (r = nrows - 1; r >= 0; r--)
 	{
-		json_object *row = json_object_array_get_idx(page->results, r);
 		char		hkey[NAMEDATALEN * 4];
 		bool		found;
 
-		if (!json_object_is_type(row, json_type_array) ||
-			(int) json_object_array_length(row) != loader->ncolumns)
+		if (!row_decode(encoded[r], loader->row))
 		{
 			rows[n++] = r;		/* malformed: let conversion refuse it */
 			continue;
 		}
 		resetStringInfo(&key);
 		for (i = 0; i < loader->target->nuniq; i++)
-			appendStringInfo(&key, "%s\x1f",
-							 json_object_to_json_string_ext(json_object_array_get_idx(row, loader->keycols[i]),
-															JSON_C_TO_STRING_PLAIN));
+		{
+			int			c = loader->keycols[i];
+
+			appendStringInfo(&key, "%d:", (int) loader->row->kinds[c]);
+			if (loader->row->values[c])
+				appendBinaryStringInfo(&key, loader->row->values[c], (int) loader->row->lens[c]);
+			appendStringInfoChar(&key, '\x1f');
+		}
 		/* long keys are told apart by their hash and length */
-		if (key.len >= (int) sizeof(hkey))
+		if (key.len >= (int) sizeof(hkey) || memchr(key.data, '\0', key.len) != NULL)
 			snprintf(hkey, sizeof(hkey), "%08x:%d:%.*s",
 					 hash_bytes((unsigned char *) key.data, key.len), key.len,
 					 (int) sizeof(hkey) - 32, key.data);
@@ -606,7 +635,7 @@ page_rows(PhsyncLoader *loader, PhsyncPage *page, int *rows)
 			rows[n++] = r;
 	}
 	hash_destroy(seen);
-	/* back into page order */
+	/* back into order */
 	for (i = 0; i < n / 2; i++)
 	{
 		int			t = rows[i];
@@ -618,9 +647,9 @@ page_rows(PhsyncLoader *loader, PhsyncPage *page, int *rows)
 }
 
 /*
- * Insert one page.  Runs inside the page's transaction with SPI connected;
- * adds the rows inserted (duplicates are skipped), updated and rejected to
- * the counters.
+ * Insert a chunk of rows (encoded, as the scanner keeps them).  Runs
+ * inside the chunk's transaction with SPI connected; adds the rows
+ * inserted (duplicates are skipped), updated and rejected to the counters.
  *
  * With phsync.on_bad_row = reject, the page is tried whole in a
  * subtransaction; if a row's data is refused, the rows are tried one by one
@@ -628,23 +657,22 @@ page_rows(PhsyncLoader *loader, PhsyncPage *page, int *rows)
  * the others.  With "fail", the first bad row fails the run.
  */
 void
-loader_insert(PhsyncLoader *loader, PhsyncPage *page, int64 run_id,
+loader_insert(PhsyncLoader *loader, const char **rows, int count, int64 run_id,
 			  PhsyncCounters *counters)
 {
 	PageValues	pv;
 	int			nrows;
 	int			r;
 	int64		refused = 0;
-	Datum		columns = (Datum) 0;
 
-	if (page->nrows == 0)
+	if (count == 0)
 		return;
 
 	memset(&pv, 0, sizeof(pv));
 	pv.loader = loader;
-	pv.page = page;
-	pv.rows = palloc(sizeof(int) * page->nrows);
-	nrows = page_rows(loader, page, pv.rows);
+	pv.encoded = rows;
+	pv.rows = palloc(sizeof(int) * count);
+	nrows = chunk_rows(loader, rows, count, pv.rows);
 	pv.values = palloc(sizeof(Datum) * loader->ncolumns * loader->batch_rows);
 	pv.nulls = palloc(sizeof(char) * loader->ncolumns * loader->batch_rows);
 	pv.first = 0;
@@ -674,11 +702,8 @@ loader_insert(PhsyncLoader *loader, PhsyncPage *page, int64 run_id,
 				updated += pv.updated;
 				continue;
 			}
-			if (columns == (Datum) 0)
-				columns = page_columns_array(page);
-			runlog_reject(run_id, loader->target->display, columns,
-						  raw_row_text(json_object_array_get_idx(page->results, pv.rows[r])),
-						  failure);
+			runlog_reject(run_id, loader->target->display, loader->columns,
+						  row_json(rows[pv.rows[r]]), failure);
 			refused++;
 		}
 		pv.inserted = inserted;

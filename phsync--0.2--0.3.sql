@@ -79,6 +79,10 @@ COMMENT ON COLUMN phsync.cluster.registered_at IS 'when it took the run history 
 ALTER TABLE phsync.syncs ADD COLUMN owner name NOT NULL DEFAULT CURRENT_USER;
 COMMENT ON COLUMN phsync.syncs.owner IS 'the role that added it: runs act on the target as this role (a superuser''s sync into another role''s table: as that table''s owner)';
 
+-- a run's low-water mark: slices commit out of order
+ALTER TABLE phsync.runs ADD COLUMN resume_from timestamptz;
+COMMENT ON COLUMN phsync.runs.resume_from IS 'every row of the window before this is loaded (slices commit out of order): a run that stops half-way is resumed from here';
+
 -- a run can be cancelled
 ALTER TABLE phsync.runs DROP CONSTRAINT runs_status_check;
 ALTER TABLE phsync.runs ADD CONSTRAINT runs_status_check
@@ -105,7 +109,7 @@ DROP FUNCTION @extschema@.phsync_sync_state();
 CREATE FUNCTION @extschema@.phsync_sync_state(
 	OUT sync text, OUT enabled boolean, OUT target text, OUT watermark timestamptz,
 	OUT next_run timestamptz, OUT running boolean, OUT run_id bigint, OUT pages integer,
-	OUT rows_received bigint, OUT target_problem text)
+	OUT rows_received bigint, OUT target_problem text, OUT waiting_until timestamptz)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'phsync_sync_state'
 LANGUAGE C VOLATILE STRICT
@@ -134,7 +138,8 @@ SELECT s.sync,
 	   s.pages,
 	   s.rows_received,
 	   v.verify_mismatches AS last_verify_mismatches,
-	   s.target_problem
+	   s.target_problem,
+	   s.waiting_until
 FROM @extschema@.phsync_sync_state() s
 LEFT JOIN LATERAL (SELECT * FROM phsync.runs
 				   WHERE runs.sync OPERATOR(pg_catalog.=) s.sync
@@ -166,6 +171,7 @@ COMMENT ON COLUMN phsync.status.run_id IS 'the run in progress';
 COMMENT ON COLUMN phsync.status.pages IS 'pages the run in progress has loaded';
 COMMENT ON COLUMN phsync.status.rows_received IS 'rows the run in progress has received';
 COMMENT ON COLUMN phsync.status.last_verify_mismatches IS 'buckets that differed in its last verification';
+COMMENT ON COLUMN phsync.status.waiting_until IS 'the run in progress waits for PostHog''s throttle (HTTP 429) until then';
 COMMENT ON COLUMN phsync.status.target_problem IS 'why the target is not read (it does not exist, is not a table, the sync''s owner may not write it...); NULL when it is fine';
 
 CREATE FUNCTION @extschema@.phsync_cancel(run_id bigint)

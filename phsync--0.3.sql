@@ -66,7 +66,8 @@ CREATE TABLE phsync.runs (
 	rows_rejected	bigint NOT NULL DEFAULT 0,
 	sync			text NOT NULL DEFAULT 'default',
 	rows_updated	bigint NOT NULL DEFAULT 0,
-	verify_mismatches integer
+	verify_mismatches integer,
+	resume_from		timestamptz
 );
 CREATE INDEX runs_trigger_started_at_idx ON phsync.runs (trigger, started_at);
 CREATE INDEX runs_sync_id_idx ON phsync.runs (sync, id);
@@ -89,6 +90,7 @@ COMMENT ON COLUMN phsync.runs.retries IS 'requests that were retries after a tra
 COMMENT ON COLUMN phsync.runs.rows_rejected IS 'rows the target refused, kept in phsync.rejects';
 COMMENT ON COLUMN phsync.runs.verify_mismatches IS 'verify runs: buckets whose PostHog and local counts differ (after any repair)';
 COMMENT ON COLUMN phsync.runs.rows_updated IS 'existing rows rewritten because their values changed (conflict => ''update'')';
+COMMENT ON COLUMN phsync.runs.resume_from IS 'every row of the window before this is loaded (slices commit out of order): a run that stops half-way is resumed from here';
 COMMENT ON COLUMN phsync.runs.sync IS 'the sync that ran: default (the phsync.* settings) or a name from phsync.syncs';
 
 CREATE TABLE phsync.rejects (
@@ -282,7 +284,7 @@ COMMENT ON FUNCTION @extschema@.phsync_next_run(timestamptz) IS
 CREATE FUNCTION @extschema@.phsync_sync_state(
 	OUT sync text, OUT enabled boolean, OUT target text, OUT watermark timestamptz,
 	OUT next_run timestamptz, OUT running boolean, OUT run_id bigint, OUT pages integer,
-	OUT rows_received bigint, OUT target_problem text)
+	OUT rows_received bigint, OUT target_problem text, OUT waiting_until timestamptz)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'phsync_sync_state'
 LANGUAGE C VOLATILE STRICT
@@ -311,7 +313,8 @@ SELECT s.sync,
 	   s.pages,
 	   s.rows_received,
 	   v.verify_mismatches AS last_verify_mismatches,
-	   s.target_problem
+	   s.target_problem,
+	   s.waiting_until
 FROM @extschema@.phsync_sync_state() s
 LEFT JOIN LATERAL (SELECT * FROM phsync.runs
 				   WHERE runs.sync OPERATOR(pg_catalog.=) s.sync
@@ -343,6 +346,7 @@ COMMENT ON COLUMN phsync.status.run_id IS 'the run in progress';
 COMMENT ON COLUMN phsync.status.pages IS 'pages the run in progress has loaded';
 COMMENT ON COLUMN phsync.status.rows_received IS 'rows the run in progress has received';
 COMMENT ON COLUMN phsync.status.last_verify_mismatches IS 'buckets that differed in its last verification';
+COMMENT ON COLUMN phsync.status.waiting_until IS 'the run in progress waits for PostHog''s throttle (HTTP 429) until then';
 COMMENT ON COLUMN phsync.status.target_problem IS 'why the target is not read (it does not exist, is not a table, the sync''s owner may not write it...); NULL when it is fine';
 
 REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean) FROM PUBLIC;

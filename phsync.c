@@ -558,7 +558,8 @@ phsync_backfill(PG_FUNCTION_ARGS)
 
 /*
  * phsync_sync_state() RETURNS SETOF (sync, enabled, target, watermark,
- * next_run, running, run_id, pages, rows_received, target_problem)
+ * next_run, running, run_id, pages, rows_received, target_problem,
+ * waiting_until)
  *
  * What the phsync.status view needs from outside phsync.runs: each sync's
  * watermark (max(cursor) of its target, NULL while it is empty or not an
@@ -583,8 +584,8 @@ phsync_sync_state(PG_FUNCTION_ARGS)
 	foreach(lc, syncs)
 	{
 		PhsyncSync *s = lfirst(lc);
-		Datum		values[10];
-		bool		nulls[10] = {false, false, false, true, true, false, true, false, false, true};
+		Datum		values[11];
+		bool		nulls[11] = {false, false, false, true, true, false, true, false, false, true, true};
 		bool		mine = w.run_id != 0 && strcmp(w.sync, s->name) == 0;
 		PhsyncTargetSpec spec;
 		PhsyncProblem problem;
@@ -633,6 +634,11 @@ phsync_sync_state(PG_FUNCTION_ARGS)
 		}
 		values[7] = Int32GetDatum(mine ? w.pages : 0);
 		values[8] = Int64GetDatum(mine ? w.received : 0);
+		if (mine && w.waiting_until > GetCurrentTimestamp())
+		{
+			values[10] = TimestampTzGetDatum(w.waiting_until);
+			nulls[10] = false;
+		}
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	phsync_spi_finish();

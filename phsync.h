@@ -14,9 +14,11 @@
  *	   xact.c		transactions and SPI, recovering from errors
  *	2. talking to PostHog
  *	   schedule.c	when scheduled runs are due
- *	   hogql.c		HogQL text, request bodies, reading responses
- *	   http.c		the libcurl client
- *	   retry.c		what is retried, backoff, request pacing
+ *	   response.c	reading responses as they arrive: rows, columns, types;
+ *					PostHog's text made safe to store
+ *	   hogql.c		HogQL text and request bodies, keyset positions
+ *	   http.c		the libcurl client: requests in flight, cancelled when given up
+ *	   retry.c		what is retried and how; the request budget
  *	3. PostgreSQL's side
  *	   runlog.c		phsync.runs, rejects, verifications, cluster
  *	   target.c		what makes a table an acceptable target; its watermark
@@ -80,6 +82,8 @@ extern int	phsync_max_retries;
 extern int	phsync_retry_base_delay;	/* milliseconds */
 extern int	phsync_max_retry_delay; /* milliseconds */
 extern int	phsync_max_requests_per_minute;
+extern int	phsync_max_requests_per_hour;
+extern int	phsync_max_concurrent_requests;
 extern int	phsync_max_response_size;	/* kilobytes */
 extern int	phsync_on_bad_row;
 extern char *phsync_role;
@@ -183,7 +187,22 @@ typedef struct PhsyncWorkerState
 	char		sync[NAMEDATALEN];
 	int			pages;
 	int64		received;
+	TimestampTz waiting_until;	/* it waits for PostHog's throttle until then */
 } PhsyncWorkerState;
+
+/* a request budget: requests started per second over the last hour */
+#define PHSYNC_BUDGET_SECONDS 3600
+#define PHSYNC_BUDGETS 16
+
+typedef struct PhsyncBudget
+{
+	char		key[NAMEDATALEN];	/* whose: "settings", or a server */
+	int64		second;			/* the last second counted (0: unused) */
+	int32		minute;			/* requests in the last 60 seconds */
+	int32		hour;			/* requests in the last 3600 seconds */
+	TimestampTz closed_until;	/* a throttle said wait until then */
+	uint16		counts[PHSYNC_BUDGET_SECONDS];	/* per second, a ring */
+} PhsyncBudget;
 
 extern void shmem_install_hooks(void);
 extern bool shmem_available(void);
@@ -198,6 +217,7 @@ extern void shmem_set_busy(bool busy);
 extern void shmem_set_run(int64 run_id, const char *sync);
 extern void shmem_set_progress(int pages, int64 received);
 extern void shmem_set_next_due(TimestampTz due);
+extern void shmem_set_waiting(TimestampTz until);
 extern bool shmem_cancel_pending(void);
 extern void shmem_check_cancel(void);
 /* the sessions' side */
@@ -207,6 +227,9 @@ extern uint64 shmem_submit_request(const PhsyncRequest *request, int64 *busy_run
 extern bool shmem_read_answer(uint64 ticket, PhsyncAnswer *answer, bool *worker_absent);
 extern void shmem_withdraw_request(uint64 ticket);
 extern bool shmem_cancel_run(int64 run_id);
+extern PhsyncBudget *shmem_budget_lock(const char *key);
+extern void shmem_budget_unlock(void);
+extern TimestampTz shmem_budget_closed_until(const char *key);
 
 /* ---------- xact.c ---------- */
 extern void phsync_spi_connect(void);
@@ -237,7 +260,72 @@ extern void as_role_end(PhsyncAsRole *save);
 extern TimestampTz schedule_slot_after(TimestampTz t);
 extern TimestampTz schedule_day_start(TimestampTz t, int days_before);
 
+/* ---------- response.c ---------- */
+typedef enum PhsyncValueKind
+{
+	PHSYNC_VALUE_NULL,
+	PHSYNC_VALUE_STRING,
+	PHSYNC_VALUE_NUMBER,
+	PHSYNC_VALUE_TRUE,
+	PHSYNC_VALUE_FALSE,
+	PHSYNC_VALUE_JSON,			/* an array or object, as JSON text */
+	PHSYNC_VALUE_BAD_TEXT		/* a string that is not valid UTF-8 */
+} PhsyncValueKind;
+
+typedef struct PhsyncScan PhsyncScan;
+
+/* a row's values, decoded: arrays of `capacity` entries the caller owns */
+typedef struct PhsyncRow
+{
+	int			capacity;
+	int			nvalues;
+	const char **values;		/* NUL-terminated text; NULL for JSON null */
+	uint32	   *lens;
+	uint8	   *kinds;			/* PhsyncValueKind */
+} PhsyncRow;
+
+extern char *foreign_text(const char *s, int len);
+extern PhsyncScan *scan_create(void);
+extern void scan_free(PhsyncScan *s);
+extern bool scan_feed(PhsyncScan *s, const char *p, size_t len);
+extern bool scan_complete(PhsyncScan *s);
+extern const char *scan_error(PhsyncScan *s);
+extern size_t scan_buffered(PhsyncScan *s);
+extern int64 scan_rows(PhsyncScan *s);
+extern int64 scan_pending(PhsyncScan *s);
+extern bool scan_results_done(PhsyncScan *s);
+extern const char *scan_member(PhsyncScan *s, const char *name);
+extern bool scan_next_row(PhsyncScan *s, const char **encoded);
+extern const char *scan_last_row(PhsyncScan *s);
+extern void scan_release(PhsyncScan *s);
+extern int	row_nvalues(const char *encoded);
+extern bool row_decode(const char *encoded, PhsyncRow *row);
+extern PhsyncRow *row_alloc(int capacity);
+extern char *row_value_json(PhsyncRow *row, int i);
+extern char *row_json(const char *encoded);
+
+/* the shape of a response: its columns and their ClickHouse types */
+typedef struct PhsyncColumns
+{
+	int			ncolumns;
+	char	  **names;
+	char	  **chtypes;		/* NULL when PostHog did not say */
+	char	   *timezone;		/* the project's, NULL when not sent */
+} PhsyncColumns;
+
+extern PhsyncColumns *scan_columns(PhsyncScan *s);
+
 /* ---------- hogql.c ---------- */
+
+/* the values of a row that position the next page (keyset pagination) */
+typedef struct PhsyncKeyset
+{
+	bool		valid;
+	int			nvalues;		/* 1 + nkeys: cursor first */
+	char	  **json;			/* each value as JSON text, as PostHog sent it */
+	char	  **chtypes;		/* ClickHouse types, or NULL when unknown */
+} PhsyncKeyset;
+
 typedef struct PhsyncQuery
 {
 	PhsyncPreset preset;
@@ -245,46 +333,29 @@ typedef struct PhsyncQuery
 	char	   *cursor;			/* cursor column name */
 	int			nkeys;			/* key columns, cursor excluded */
 	char	  **keys;
-	int			limit;			/* rows per request, now */
+	char	  **events;			/* events preset: only these event names, or NULL */
+	int			nevents;
+	int			limit;			/* rows per request */
 	TimestampTz since;			/* the run's window, {since} and {until} */
 	TimestampTz until;
-	/* a narrower slice of the window, after PostHog said "too big" */
-	bool		chunked;
-	TimestampTz chunk_from;
-	TimestampTz chunk_until;
+	/* the slice of the window one request reads, when it is narrower */
+	bool		sliced;
+	TimestampTz slice_from;
+	TimestampTz slice_until;
 } PhsyncQuery;
 
-/* keyset position: the last row of the previous page, as PostHog sent it */
-typedef struct PhsyncKeyset
-{
-	bool		valid;
-	int			nvalues;		/* 1 + nkeys: cursor first */
-	json_object **values;		/* owned references */
-	char	  **chtypes;		/* ClickHouse types, or NULL when unknown */
-} PhsyncKeyset;
-
-typedef struct PhsyncPage
-{
-	json_object *response;		/* owns everything below */
-	json_object *results;		/* array of row arrays */
-	int			nrows;
-	int			ncolumns;
-	const char **columns;
-	const char **chtypes;		/* per column, NULL when unknown */
-} PhsyncPage;
-
+extern bool hogql_bounds_timestamp(PhsyncQuery *q);
 extern char *hogql_build(PhsyncQuery *q, PhsyncKeyset *after);
 extern char *hogql_count_query(PhsyncQuery *q, const char *distinct_key);
 extern char *hogql_request_body(PhsyncQuery *q, const char *hogql,
 								PhsyncKeyset *after, int64 bucket,
 								const char *name, const char *client_query_id);
 extern TimestampTz hogql_keyset_cursor(PhsyncKeyset *keyset);
-extern void hogql_read_page(json_object *response, PhsyncPage *page);
-extern void hogql_keyset_from_last_row(PhsyncPage *page, PhsyncQuery *q,
-									   PhsyncKeyset *keyset);
 extern void hogql_keyset_reset(PhsyncKeyset *keyset);
+extern void hogql_keyset_copy(PhsyncKeyset *dst, PhsyncKeyset *src);
+extern void hogql_keyset_from_row(PhsyncKeyset *keyset, PhsyncQuery *q, PhsyncColumns *cols,
+								  const char *encoded);
 extern char *phsync_format_timestamp(TimestampTz ts);
-extern char *foreign_text(const char *s, int len);
 extern char *hogql_read_query_file(const char *path);
 
 /* ---------- http.c ---------- */
@@ -299,8 +370,10 @@ typedef struct PhsyncEndpoint
 	const char *project_id;
 	const char *api_key;
 	const char *ca_file;		/* "" for none */
+	const char *proxy;			/* NULL or "" for none */
 	long		timeout_ms;
 	int			max_response_kb;
+	const char *budget_key;		/* whose request budget it spends */
 	const char *host_origin;
 	const char *key_origin;
 	const char *ca_origin;
@@ -308,16 +381,18 @@ typedef struct PhsyncEndpoint
 } PhsyncEndpoint;
 
 typedef struct PhsyncHttp PhsyncHttp;
+typedef struct PhsyncTransfer PhsyncTransfer;
 
-/* what one request came to; nothing is raised by http_post */
+/* what one request came to; nothing is raised by http_result() */
 typedef struct PhsyncHttpResult
 {
-	json_object *json;			/* the parsed body of a 200, owned by caller */
+	bool		ok;				/* a 200 with a complete body */
 	long		status;			/* HTTP status, 0 if no response */
 	int			curl_code;		/* CURLE_OK if the transfer completed */
 	bool		bad_body;		/* 200 but the body is not complete JSON */
 	bool		too_large;		/* aborted at phsync.max_response_size */
 	double		retry_after;	/* seconds from Retry-After, -1 if absent */
+	double		seconds;		/* how long it took */
 	char	   *detail;			/* PostHog's detail, curl's error, or why */
 } PhsyncHttpResult;
 
@@ -325,7 +400,7 @@ typedef struct PhsyncHttpResult
 typedef struct PhsyncHttpError
 {
 	int			sqlerrcode;
-	const char *category;		/* auth, permission, network, timeout, query, response */
+	const char *category;		/* auth, permission, network, timeout, query, response, throttled */
 	const char *message;
 	const char *detail;
 	const char *hint;
@@ -335,12 +410,24 @@ extern char *http_query_url(const PhsyncEndpoint *endpoint);
 extern PhsyncHttp *http_open(const PhsyncEndpoint *endpoint);
 extern void http_close(PhsyncHttp *http);
 extern void http_set_timeout(PhsyncHttp *http, long timeout_ms);
-extern void http_post(PhsyncHttp *http, const char *url, const char *body,
-					  PhsyncHttpResult *result);
+extern PhsyncTransfer *http_start(PhsyncHttp *http, const char *body,
+								  const char *client_query_id);
+extern void http_poll(PhsyncHttp *http, long timeout_ms);
+extern bool http_done(PhsyncTransfer *t);
+extern PhsyncScan *http_scan(PhsyncTransfer *t);
+extern PhsyncScan *http_take_scan(PhsyncTransfer *t);
+extern const char *http_client_query_id(PhsyncTransfer *t);
+extern double http_seconds(PhsyncTransfer *t);
+extern void http_resume(PhsyncTransfer *t);
+extern void http_result(PhsyncTransfer *t, PhsyncHttpResult *result);
+extern void http_finish(PhsyncTransfer *t);
+extern void http_abandon(PhsyncTransfer *t);
+extern PhsyncTransfer *http_request(PhsyncHttp *http, const char *body,
+									const char *client_query_id, PhsyncHttpResult *result);
 extern void http_explain(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result,
 						 PhsyncHttpError *e);
 extern void http_raise(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result) pg_attribute_noreturn();
-extern int	http_probe(const char *url, const char *ca_file, long timeout_ms,
+extern int	http_probe(const PhsyncEndpoint *endpoint, const char *url, long timeout_ms,
 					   char **detail);
 
 /* ---------- retry.c ---------- */
@@ -350,13 +437,25 @@ typedef struct PhsyncRetryPolicy
 	int			base_delay_ms;
 	int			max_delay_ms;
 	int			per_minute;		/* requests started per minute, 0: no limit */
+	int			per_hour;		/* and per hour */
 } PhsyncRetryPolicy;
 
-extern bool retry_is_transient(PhsyncHttpResult *result, bool *ask_for_less);
-extern void retry_wait(const PhsyncRetryPolicy *policy, int64 run_id, int retry,
-					   PhsyncHttpResult *result);
-extern void retry_pace(const PhsyncRetryPolicy *policy);
+typedef enum PhsyncRetry
+{
+	PHSYNC_RETRY_NO,			/* fail */
+	PHSYNC_RETRY_BACKOFF,		/* transient: retry after a backoff */
+	PHSYNC_RETRY_LESS,			/* too big: ask for less, retry */
+	PHSYNC_RETRY_THROTTLED,		/* 429 with Retry-After: wait, not a failure */
+	PHSYNC_RETRY_BUSY			/* 429 without: too many concurrent queries */
+} PhsyncRetry;
+
 extern void phsync_sleep(long ms);
+extern PhsyncRetry retry_classify(PhsyncHttpResult *result);
+extern long retry_delay_ms(const PhsyncRetryPolicy *policy, int retry, PhsyncHttpResult *result);
+extern long retry_throttle_ms(PhsyncHttpResult *result);
+extern char *retry_describe(PhsyncHttpResult *result);
+extern bool budget_take(const char *key, int per_minute, int per_hour, long *wait_ms);
+extern void budget_close(const char *key, TimestampTz until);
 
 /* ==================== 3. PostgreSQL's side ==================== */
 
@@ -394,6 +493,7 @@ typedef struct PhsyncCounters
 	int64		inserted;
 	int64		updated;
 	int64		rejected;
+	int			throttled;		/* waits for PostHog's throttles */
 } PhsyncCounters;
 
 extern const char *trigger_name(PhsyncTrigger trigger);
@@ -410,6 +510,9 @@ extern void runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
 extern void runlog_set_mismatches(int64 run_id, int mismatches);
 extern void runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until);
 extern void runlog_progress(int64 run_id, PhsyncCounters *c);
+extern void runlog_set_resume(int64 run_id, TimestampTz resume_from);
+extern bool runlog_resume_point(const char *sync, bool backfill, TimestampTz from,
+								TimestampTz to, TimestampTz *resume_from);
 extern void runlog_reject(int64 run_id, const char *target, Datum columns,
 						  const char *row, const char *error);
 extern void runlog_finish(int64 run_id, PhsyncRunStatus status, const char *error,
@@ -534,6 +637,7 @@ extern List *sync_list(const char *only, bool enabled_only);
 extern const char *sync_cursor_origin(const PhsyncSync *sync);
 extern Oid	sync_owner(const PhsyncSync *sync);
 extern void sync_check_owner(const char *name, const char *owner);
+extern PhsyncEndpoint *sync_settings_endpoint(void);
 extern PhsyncEndpoint *sync_endpoint(const PhsyncSync *sync);
 extern void sync_check_name(const char *name);
 extern Datum sync_add(const PhsyncSyncArgs *args, TupleDesc tupdesc);
@@ -543,10 +647,10 @@ extern void sync_drop(const char *name);
 /* ---------- loader.c ---------- */
 typedef struct PhsyncLoader PhsyncLoader;
 
-extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncPage *page,
+extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncColumns *cols,
 								   bool update, PhsyncBadRow on_bad_row);
-extern bool loader_matches(PhsyncLoader *loader, PhsyncPage *page);
-extern void loader_insert(PhsyncLoader *loader, PhsyncPage *page,
+extern bool loader_matches(PhsyncLoader *loader, PhsyncColumns *cols);
+extern void loader_insert(PhsyncLoader *loader, const char **rows, int nrows,
 						  int64 run_id, PhsyncCounters *counters);
 extern void loader_free(PhsyncLoader *loader);
 
@@ -561,27 +665,25 @@ typedef struct PhsyncRunState
 	PhsyncSync *sync;
 	PhsyncEndpoint endpoint;
 	PhsyncRetryPolicy policy;
-	int			page_size;		/* rows per request, at most */
+	int			page_size;		/* rows per request, at most (phsync.page_size) */
+	int			limit;			/* rows per request now (0: not started) */
+	int			cap;			/* PostHog's row cap, once seen (0: unknown) */
+	int			concurrency;	/* requests in flight at most, now */
 	PhsyncBadRow on_bad_row;
 	PhsyncTarget *target;
 	PhsyncQuery *query;			/* the sync's query, window not set */
 	PhsyncHttp *http;
-	char	   *url;
 	char	   *name;			/* the request name PostHog sees */
-	PhsyncPage	page;
-	PhsyncKeyset keyset;
 	PhsyncLoader *loader;
 	PhsyncCounters counters;
+	char	   *timezone;		/* the project's, as PostHog said */
+	bool		throttle_logged;	/* a throttle wait was logged at LOG */
 	MemoryContext cxt;
-	/* asking for less after "too big" answers */
-	int64		span;			/* width of the slice of the window */
-	int			successes;		/* in a row, since the last shrink */
 } PhsyncRunState;
 
 extern void fetch_window(PhsyncRunState *st, TimestampTz since, TimestampTz until);
-extern json_object *fetch_json(PhsyncRunState *st, PhsyncQuery *q,
-							   const char *hogql, int64 bucket);
-extern void fetch_forget(PhsyncRunState *st);
+extern PhsyncScan *fetch_once(PhsyncRunState *st, PhsyncQuery *q, const char *hogql,
+							  int64 bucket);
 
 /* ---------- verify.c ---------- */
 extern void verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to,

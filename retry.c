@@ -1,19 +1,34 @@
 /*-------------------------------------------------------------------------
  *
  * retry.c
- *		The retry policy and request pacing.
+ *		What phsync does when a request fails, and how many requests it
+ *		may start: the retry policy and the request budget.
  *
- * Transient failures (429, 500, 502, 503, 504, 512, connection failures,
- * timeouts, resets, truncated or unreadable bodies) are retried up to
- * max_retries times per request (phsync.max_retries), with exponential
- * backoff and jitter; a 429's Retry-After is honoured (capped by
- * phsync.max_retry_delay).  504, 512 and our own timeout mean "the query
- * was too big": the caller is told to ask for less.  Everything else
- * (400, 401, 402, 403, 404, TLS verification) fails at once.
+ * Failures (retry_classify):
+ *	- 429 with Retry-After (PostHog's throttles: 240 a minute and 2,400 an
+ *	  hour for API queries, or 120 an hour for HogQL outside that
+ *	  programme): a wait, not a failure.  The budget is closed until then
+ *	  for every request to the same PostHog key, and the wait does not use
+ *	  up a retry.
+ *	- 429 without Retry-After: the project's concurrent queries (3) are all
+ *	  taken.  The caller runs fewer requests at once, and retries after a
+ *	  backoff (counted once it runs one at a time).
+ *	- 504, 512 and our own time limit: the query was too big: the caller
+ *	  asks for less (a narrower slice, a smaller page) and retries.
+ *	- 500, 502, 503, connection failures, resets, truncated or unreadable
+ *	  bodies: transient: retried up to max_retries times per request, after
+ *	  base * 2^(n-1) with jitter, at most max_delay (phsync.max_retries,
+ *	  phsync.retry_base_delay, phsync.max_retry_delay).
+ *	- Everything else (400, 401, 402, 403, 404, TLS verification, a
+ *	  response too large): fails at once.
  *
- * Requests are spaced so that at most per_minute start in any minute
- * (phsync.max_requests_per_minute), so a long backfill stays under PostHog's rate limits
- * instead of being throttled.
+ * The budget (budget_take): PostHog counts requests per key in a sliding
+ * minute and a sliding hour.  phsync keeps the same two windows, per
+ * second, in shared memory, one budget per key (the settings' key, or a
+ * foreign server's), shared by the worker and sessions: a request starts
+ * only while both windows have room and no throttle closed the budget.  A
+ * small daily run goes at full speed; a long backfill averages what the
+ * hour allows instead of being throttled.
  *
  * All waits are on the process latch: a cancel or shutdown ends them.
  *
@@ -27,16 +42,18 @@
 #include "common/pg_prng.h"
 #include "miscadmin.h"
 #include "storage/latch.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
 #include "phsync.h"
 
-/* when the last request started, for pacing (per process) */
-static TimestampTz last_request_start = 0;
+/* the longest wait a throttle can ask for: PostHog's longest window */
+#define MAX_THROTTLE_WAIT_MS (3600 * 1000L)
 
 /*
- * Sleep ms milliseconds, waking for interrupts (which are acted on).
+ * Sleep ms milliseconds, waking for interrupts (which are acted on) and
+ * for a cancelled run.
  */
 void
 phsync_sleep(long ms)
@@ -53,30 +70,26 @@ phsync_sleep(long ms)
 		if (left <= 0)
 			break;
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 left, PG_WAIT_EXTENSION);
+						 Min(left, 1000L), PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 	}
 }
 
 /*
- * Is this failure worth another try?  *ask_for_less is set when PostHog
- * (or our own timeout) says the query was too expensive.
+ * What to do about a failed request (see the top of this file).
  */
-bool
-retry_is_transient(PhsyncHttpResult *result, bool *ask_for_less)
+PhsyncRetry
+retry_classify(PhsyncHttpResult *result)
 {
-	*ask_for_less = false;
-
 	if (result->too_large)
-		return false;			/* the same request would be as large */
+		return PHSYNC_RETRY_NO; /* the same request would be as large */
 
 	if (result->curl_code != CURLE_OK)
 	{
 		switch ((CURLcode) result->curl_code)
 		{
 			case CURLE_OPERATION_TIMEDOUT:
-				*ask_for_less = true;
-				return true;
+				return PHSYNC_RETRY_LESS;
 			case CURLE_COULDNT_RESOLVE_HOST:
 			case CURLE_COULDNT_CONNECT:
 			case CURLE_SEND_ERROR:
@@ -87,42 +100,42 @@ retry_is_transient(PhsyncHttpResult *result, bool *ask_for_less)
 			case CURLE_HTTP2_STREAM:
 			case CURLE_BAD_CONTENT_ENCODING:
 			case CURLE_WRITE_ERROR:
-				return true;
+				return PHSYNC_RETRY_BACKOFF;
 			default:
 				/* TLS verification, bad URL, unsupported protocol... */
-				return false;
+				return PHSYNC_RETRY_NO;
 		}
 	}
 
 	switch (result->status)
 	{
 		case 200:
-			return result->bad_body;	/* truncated or garbled: ask again */
+			/* truncated or garbled: ask again */
+			return result->bad_body ? PHSYNC_RETRY_BACKOFF : PHSYNC_RETRY_NO;
 		case 504:
 		case 512:
-			*ask_for_less = true;
-			return true;
+			return PHSYNC_RETRY_LESS;
 		case 429:
+			return result->retry_after >= 0 ? PHSYNC_RETRY_THROTTLED : PHSYNC_RETRY_BUSY;
 		case 500:
 		case 502:
 		case 503:
-			return true;
+			return PHSYNC_RETRY_BACKOFF;
 		default:
-			return false;
+			return PHSYNC_RETRY_NO;
 	}
 }
 
 /*
- * Wait before retry number `retry` (1-based): Retry-After when PostHog gave
- * one, else base * 2^(retry-1) with "equal jitter" (half fixed, half
- * random), never more than the policy's longest delay.  Logged.
+ * How long to wait before retry number `retry` (1-based) of a transient
+ * failure: Retry-After when PostHog gave one, else base * 2^(retry-1)
+ * with "equal jitter" (half fixed, half random), never more than the
+ * policy's longest delay.
  */
-void
-retry_wait(const PhsyncRetryPolicy *policy, int64 run_id, int retry,
-		   PhsyncHttpResult *result)
+long
+retry_delay_ms(const PhsyncRetryPolicy *policy, int retry, PhsyncHttpResult *result)
 {
 	double		ms;
-	char		what[64];
 
 	if (result->retry_after >= 0)
 		ms = result->retry_after * 1000.0;
@@ -133,40 +146,153 @@ retry_wait(const PhsyncRetryPolicy *policy, int64 run_id, int retry,
 		full = Min(full, (double) policy->max_delay_ms);
 		ms = full / 2 + pg_prng_double(&pg_global_prng_state) * full / 2;
 	}
-	ms = Min(ms, (double) policy->max_delay_ms);
-
-	if (result->curl_code != CURLE_OK || result->too_large)
-		snprintf(what, sizeof(what), "request failed");
-	else if (result->status != 200)
-		snprintf(what, sizeof(what), "PostHog answered HTTP %ld", result->status);
-	else
-		snprintf(what, sizeof(what), "PostHog's response was unreadable");
-
-	ereport(LOG,
-			(errmsg("phsync run %lld: %s, retrying in %.1f s (retry %d of %d)",
-					(long long) run_id, what, ms / 1000.0, retry, policy->max_retries),
-			 errdetail("%s", result->detail)));
-	phsync_sleep((long) ms);
+	return (long) Min(ms, (double) policy->max_delay_ms);
 }
 
 /*
- * Wait until the next request may start under the policy's per_minute (0:
- * no limit), and note its start.
+ * How long a throttle asked to wait (its Retry-After, at most an hour).
+ */
+long
+retry_throttle_ms(PhsyncHttpResult *result)
+{
+	return (long) Min(Max(result->retry_after, 0) * 1000.0, (double) MAX_THROTTLE_WAIT_MS);
+}
+
+/*
+ * What happened, in a few words, for the log (the detail goes beside it).
+ */
+char *
+retry_describe(PhsyncHttpResult *result)
+{
+	if (result->curl_code != CURLE_OK || result->too_large)
+		return pstrdup("request failed");
+	if (result->status != 200)
+		return psprintf("PostHog answered HTTP %ld", result->status);
+	return pstrdup("PostHog's response was unreadable");
+}
+
+/* ---------- the request budget ---------- */
+
+/*
+ * Advance a budget's windows to second now_s: seconds that leave the
+ * minute or the hour stop counting.
+ */
+static void
+budget_advance(PhsyncBudget *b, int64 now_s)
+{
+	int64		s;
+
+	if (b->second == 0 || now_s - b->second >= PHSYNC_BUDGET_SECONDS)
+	{
+		memset(b->counts, 0, sizeof(b->counts));
+		b->minute = b->hour = 0;
+		b->second = now_s;
+		return;
+	}
+	for (s = b->second + 1; s <= now_s; s++)
+	{
+		/* second s - 60 leaves the minute; s - 3600 (same slot as s) the hour */
+		b->minute -= b->counts[(s - 60) % PHSYNC_BUDGET_SECONDS];
+		b->hour -= b->counts[s % PHSYNC_BUDGET_SECONDS];
+		b->counts[s % PHSYNC_BUDGET_SECONDS] = 0;
+	}
+	b->second = Max(b->second, now_s);
+}
+
+/*
+ * When (second) the oldest of the requests counted in the last `window`
+ * seconds leaves it.
+ */
+static int64
+budget_frees_at(PhsyncBudget *b, int64 now_s, int window)
+{
+	int64		s;
+
+	for (s = now_s - window + 1; s <= now_s; s++)
+		if (b->counts[((s % PHSYNC_BUDGET_SECONDS) + PHSYNC_BUDGET_SECONDS) % PHSYNC_BUDGET_SECONDS] > 0)
+			return s + window;
+	return now_s + 1;
+}
+
+/*
+ * May a request under budget `key` start now?  If so it is counted and
+ * true returned; if not, *wait_ms says how long until one may.
+ */
+static bool
+budget_try(PhsyncBudget *b, int per_minute, int per_hour, long *wait_ms)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	int64		now_s = now / USECS_PER_SEC;
+	int64		free_s = 0;
+
+	if (now < b->closed_until)
+	{
+		*wait_ms = Max(1, (b->closed_until - now) / 1000);
+		return false;
+	}
+	budget_advance(b, now_s);
+	if (per_minute > 0 && b->minute >= per_minute)
+		free_s = Max(free_s, budget_frees_at(b, now_s, 60));
+	if (per_hour > 0 && b->hour >= per_hour)
+		free_s = Max(free_s, budget_frees_at(b, now_s, PHSYNC_BUDGET_SECONDS));
+	if (free_s > 0)
+	{
+		*wait_ms = Max(1, free_s * 1000 - now / 1000);
+		return false;
+	}
+	b->counts[now_s % PHSYNC_BUDGET_SECONDS]++;
+	b->minute++;
+	b->hour++;
+	return true;
+}
+
+/*
+ * budget_try() on the shared budget for key (or a process-local one when
+ * phsync is not preloaded).
+ */
+bool
+budget_take(const char *key, int per_minute, int per_hour, long *wait_ms)
+{
+	static PhsyncBudget *local = NULL;
+	PhsyncBudget *b;
+	bool		ok;
+
+	*wait_ms = 0;
+	if (per_minute <= 0 && per_hour <= 0)
+	{
+		/* no limit, but a throttle's wait still holds */
+		TimestampTz until = shmem_budget_closed_until(key);
+
+		if (until > GetCurrentTimestamp())
+		{
+			*wait_ms = Max(1, (until - GetCurrentTimestamp()) / 1000);
+			return false;
+		}
+		return true;
+	}
+	b = shmem_budget_lock(key);
+	if (b == NULL)
+	{
+		if (local == NULL)
+			local = MemoryContextAllocZero(TopMemoryContext, sizeof(PhsyncBudget));
+		return budget_try(local, per_minute, per_hour, wait_ms);
+	}
+	ok = budget_try(b, per_minute, per_hour, wait_ms);
+	shmem_budget_unlock();
+	return ok;
+}
+
+/*
+ * A throttle said to wait until `until`: no request under key starts
+ * before then.
  */
 void
-retry_pace(const PhsyncRetryPolicy *policy)
+budget_close(const char *key, TimestampTz until)
 {
-	if (policy->per_minute > 0 && last_request_start != 0)
-	{
-		long		spacing = 60000L / policy->per_minute;
-		TimestampTz next = TimestampTzPlusMilliseconds(last_request_start, spacing);
-		long		wait = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), next);
+	PhsyncBudget *b = shmem_budget_lock(key);
 
-		if (wait > 0)
-		{
-			elog(DEBUG1, "phsync: pacing requests, waiting %ld ms", wait);
-			phsync_sleep(wait);
-		}
-	}
-	last_request_start = GetCurrentTimestamp();
+	if (b == NULL)
+		return;
+	b->closed_until = Max(b->closed_until, until);
+	shmem_budget_unlock();
 }

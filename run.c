@@ -110,7 +110,9 @@ run_prepare(PhsyncRunState *st)
 	st->policy.base_delay_ms = phsync_retry_base_delay;
 	st->policy.max_delay_ms = phsync_max_retry_delay;
 	st->policy.per_minute = phsync_max_requests_per_minute;
+	st->policy.per_hour = phsync_max_requests_per_hour;
 	st->page_size = phsync_page_size;
+	st->concurrency = phsync_max_concurrent_requests;
 	st->on_bad_row = phsync_on_bad_row;
 
 	q->preset = sync->preset;
@@ -128,7 +130,6 @@ run_prepare(PhsyncRunState *st)
 	for (i = 0; i < q->nkeys; i++)
 		q->keys[i] = st->target->cols[st->target->keys[i]].name;
 	st->query = q;
-	st->url = http_query_url(&st->endpoint);
 	st->name = psprintf("phsync %s", sync->name);
 	st->http = http_open(&st->endpoint);
 }
@@ -138,13 +139,16 @@ run_prepare(PhsyncRunState *st)
  * watermark (max(cursor)) less the lookback, or everything when the sync
  * re-reads all.  A backfill: from its own progress, max(cursor) inside
  * [from, to), so that an interrupted one resumes and a repeated one adds
- * nothing twice.
+ * nothing twice.  Either way, no later than where the last such run that
+ * did not finish had loaded everything (its slices committed out of
+ * order, so max(cursor) can be past rows it lacks; see fetch.c).
  */
 static TimestampTz
 window_start(PhsyncRunState *st, PhsyncJob *job, TimestampTz until)
 {
 	TimestampTz watermark;
 	TimestampTz since;
+	TimestampTz resume;
 	MemoryContext cxt = xact_begin();
 
 	if (job->bounded)
@@ -156,6 +160,17 @@ window_start(PhsyncRunState *st, PhsyncJob *job, TimestampTz until)
 		since = watermark - st->sync->lookback;
 	else
 		since = initial_since(until);
+	if (!st->sync->reread_all &&
+		runlog_resume_point(st->sync->name, job->bounded, job->from, job->to, &resume) &&
+		resume - st->sync->lookback < since)
+	{
+		ereport(LOG,
+				(errmsg("phsync run %lld resumes where the last unfinished run of sync %s had loaded everything: %s",
+						(long long) st->run_id, st->sync->name, phsync_format_timestamp(resume))));
+		since = resume - st->sync->lookback;
+		if (job->bounded)
+			since = Max(job->from, since);
+	}
 	xact_commit(cxt);
 	return since;
 }
@@ -166,7 +181,6 @@ window_start(PhsyncRunState *st, PhsyncJob *job, TimestampTz until)
 static void
 release(PhsyncRunState *st)
 {
-	fetch_forget(st);
 	http_close(st->http);
 	st->http = NULL;
 	loader_free(st->loader);
@@ -206,12 +220,13 @@ run_body(PhsyncRunState *st, PhsyncJob *job)
 		fetch_window(st, since, until);
 
 	ereport(LOG,
-			(errmsg("phsync run %lld (sync %s) into %s: %s to %s, %d pages, %lld rows received, %lld inserted, %lld updated, %lld rejected, %d retries, %.1f s",
+			(errmsg("phsync run %lld (sync %s) into %s: %s to %s, %d pages, %lld rows received, %lld inserted, %lld updated, %lld rejected, %d retries, %d throttle waits, %.1f s",
 					(long long) st->run_id, st->sync->name, st->target->display,
 					phsync_format_timestamp(since), phsync_format_timestamp(until),
 					st->counters.pages, (long long) st->counters.received,
 					(long long) st->counters.inserted, (long long) st->counters.updated,
 					(long long) st->counters.rejected, st->counters.retries,
+					st->counters.throttled,
 					(double) (GetCurrentTimestamp() - started) / USECS_PER_SEC)));
 }
 

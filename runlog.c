@@ -249,7 +249,8 @@ counter_args(int64 run_id, PhsyncCounters *c, Oid *types, Datum *values)
 }
 
 /*
- * Store the run's counters (inside the page's transaction).
+ * Store the run's counters (inside the transaction that loads rows, so
+ * that they are what the table holds).
  */
 void
 runlog_progress(int64 run_id, PhsyncCounters *c)
@@ -260,6 +261,52 @@ runlog_progress(int64 run_id, PhsyncCounters *c)
 	counter_args(run_id, c, types, values);
 	runlog_exec("UPDATE phsync.runs SET " COUNTERS_SET " WHERE id = $1",
 				NCOUNTERS, types, values, NULL, 1);
+}
+
+/*
+ * Store the run's low-water mark: every row of its window before it is
+ * loaded (inside the transaction that loads rows).
+ */
+void
+runlog_set_resume(int64 run_id, TimestampTz resume_from)
+{
+	Oid			types[2] = {INT8OID, TIMESTAMPTZOID};
+	Datum		values[2] = {Int64GetDatum(run_id), TimestampTzGetDatum(resume_from)};
+
+	runlog_exec("UPDATE phsync.runs SET resume_from = $2 WHERE id = $1",
+				2, types, values, NULL, 1);
+}
+
+/*
+ * Where a run of sync must start so that nothing an earlier run left half
+ * done is skipped: the low-water mark of the sync's last finished run of
+ * the same kind, when that run did not succeed (several slices commit out
+ * of order, so the target's max(cursor) may be past rows it lacks).  For
+ * a backfill, only a backfill whose range holds that mark within [from,
+ * to) counts.  False when there is no such run.
+ */
+bool
+runlog_resume_point(const char *sync, bool backfill, TimestampTz from, TimestampTz to,
+					TimestampTz *resume_from)
+{
+	Oid			types[4] = {TEXTOID, BOOLOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Datum		values[4] = {CStringGetTextDatum(sync), BoolGetDatum(backfill),
+	TimestampTzGetDatum(from), TimestampTzGetDatum(to)};
+	bool		isnull;
+
+	runlog_exec("SELECT resume_from FROM ("
+				"SELECT status, resume_from FROM phsync.runs "
+				"WHERE sync = $1 AND status IN ('succeeded', 'failed', 'cancelled') "
+				"AND CASE WHEN $2 THEN trigger = 'backfill' ELSE trigger IN ('schedule', 'manual') END "
+				"ORDER BY id DESC LIMIT 1) last "
+				"WHERE status <> 'succeeded' AND resume_from IS NOT NULL "
+				"AND (NOT $2 OR (resume_from >= $3 AND resume_from < $4))",
+				4, types, values, NULL, -1);
+	if (SPI_processed != 1)
+		return false;
+	*resume_from = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+													 SPI_tuptable->tupdesc, 1, &isnull));
+	return !isnull;
 }
 
 /*

@@ -34,12 +34,14 @@ char	   *phsync_run_at = NULL;
 char	   *phsync_ca_file = NULL;
 int			phsync_lookback = 600;
 int			phsync_interval = 86400;
-int			phsync_page_size = 10000;
-int			phsync_request_timeout = 60000;
+int			phsync_page_size = 50000;
+int			phsync_request_timeout = 90000;
 int			phsync_max_retries = 5;
 int			phsync_retry_base_delay = 1000;
 int			phsync_max_retry_delay = 300000;
-int			phsync_max_requests_per_minute = 30;
+int			phsync_max_requests_per_minute = 240;
+int			phsync_max_requests_per_hour = 2400;
+int			phsync_max_concurrent_requests = 2;
 int			phsync_max_response_size = 256 * 1024;
 int			phsync_on_bad_row = PHSYNC_BAD_ROW_REJECT;
 char	   *phsync_role = NULL;
@@ -426,12 +428,14 @@ settings_define(void)
 							NULL, &phsync_interval, 86400, 60, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomIntVariable("phsync.page_size",
-							"Rows per PostHog request.",
-							NULL, &phsync_page_size, 10000, 1, 50000,
+							"Most rows per PostHog request.",
+							"Pages start at 10000 rows (or this, when smaller) and grow to this while PostHog answers quickly.",
+							&phsync_page_size, 50000, 1, 50000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("phsync.request_timeout",
-							"Limit for one HTTP request.",
-							NULL, &phsync_request_timeout, 60000, 100, INT_MAX,
+							"How long phsync waits for PostHog's answer to start, or for more of it.",
+							"Past it, the request is given up and cancelled on PostHog's side.  The default is above PostHog's own limits: 30 s waiting for a query slot plus 60 s of execution.",
+							&phsync_request_timeout, 90000, 100, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomStringVariable("phsync.ca_file",
 							   "Extra CA bundle for TLS verification.",
@@ -450,8 +454,19 @@ settings_define(void)
 							NULL, &phsync_max_retry_delay, 300000, 1, 24 * 3600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("phsync.max_requests_per_minute",
-							"Most PostHog requests phsync starts in a minute; 0 means no limit.",
-							NULL, &phsync_max_requests_per_minute, 30, 0, 60000,
+							"Most PostHog requests phsync starts in any minute; 0 means no limit.",
+							"PostHog's limit for API queries is 240 a minute, per key.",
+							&phsync_max_requests_per_minute, 240, 0, 60000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("phsync.max_requests_per_hour",
+							"Most PostHog requests phsync starts in any hour; 0 means no limit.",
+							"PostHog's limit for API queries is 2400 an hour, per key; 120 for HogQL outside that programme.",
+							&phsync_max_requests_per_hour, 2400, 0, 1000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("phsync.max_concurrent_requests",
+							"Most PostHog requests a run has in flight at once.",
+							"PostHog runs 3 queries of a project at once; the default leaves one for PostHog's own users.",
+							&phsync_max_concurrent_requests, 2, 1, 32,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("phsync.max_response_size",
 							"Largest PostHog response accepted (after decompression).",

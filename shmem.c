@@ -36,6 +36,10 @@
  * progress callback, which must not take a lock or raise an error: those
  * two fields are atomics, read without the spinlock.
  *
+ * Request budgets (retry.c): one per PostHog key, shared by the worker and
+ * the sessions that query PostHog, under their own LWLock (keeping a
+ * budget's windows current can take a few thousand steps).
+ *
  * Besides: the worker's pid and latch (0/NULL while none is attached),
  * when its next scheduled run is due, the run in progress (id, sync,
  * pages, rows received) for phsync.status and progress notices, and
@@ -93,6 +97,11 @@ typedef struct PhsyncShared
 	char		sync[NAMEDATALEN];
 	int			pages;
 	int64		received;
+	TimestampTz waiting_until;	/* it waits for a throttle until then, or 0 */
+
+	/* request budgets, under budget_lock */
+	LWLock	   *budget_lock;
+	PhsyncBudget budgets[PHSYNC_BUDGETS];
 } PhsyncShared;
 
 static PhsyncShared *shared = NULL;
@@ -110,6 +119,7 @@ shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(MAXALIGN(sizeof(PhsyncShared)));
+	RequestNamedLWLockTranche("phsync", 1);
 }
 
 static void
@@ -128,6 +138,7 @@ shmem_startup(void)
 		SpinLockInit(&shared->mutex);
 		pg_atomic_init_u32(&shared->request_cancelled, 0);
 		pg_atomic_init_u64(&shared->cancel_run, 0);
+		shared->budget_lock = &(GetNamedLWLockTranche("phsync"))->lock;
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -322,6 +333,20 @@ shmem_set_run(int64 run_id, const char *sync)
 	strlcpy(shared->sync, sync ? sync : "", NAMEDATALEN);
 	shared->pages = 0;
 	shared->received = 0;
+	shared->waiting_until = 0;
+	SpinLockRelease(&shared->mutex);
+}
+
+/*
+ * The run in progress waits for a throttle until `until` (0: it does not).
+ */
+void
+shmem_set_waiting(TimestampTz until)
+{
+	if (shared == NULL)
+		return;
+	SpinLockAcquire(&shared->mutex);
+	shared->waiting_until = until;
 	SpinLockRelease(&shared->mutex);
 }
 
@@ -415,7 +440,60 @@ shmem_worker_state(PhsyncWorkerState *state)
 	strlcpy(state->sync, shared->sync, NAMEDATALEN);
 	state->pages = shared->pages;
 	state->received = shared->received;
+	state->waiting_until = shared->waiting_until;
 	SpinLockRelease(&shared->mutex);
+}
+
+/* ---------- request budgets ---------- */
+
+/*
+ * The budget of key, locked (shmem_budget_unlock() releases it): created
+ * when new, taking over the least recently used slot when all are taken.
+ * NULL when phsync's shared memory is not there.
+ */
+PhsyncBudget *
+shmem_budget_lock(const char *key)
+{
+	PhsyncBudget *b;
+	PhsyncBudget *oldest = NULL;
+	int			i;
+
+	if (shared == NULL)
+		return NULL;
+	LWLockAcquire(shared->budget_lock, LW_EXCLUSIVE);
+	for (i = 0; i < PHSYNC_BUDGETS; i++)
+	{
+		b = &shared->budgets[i];
+		if (strcmp(b->key, key) == 0)
+			return b;
+		if (oldest == NULL || b->second < oldest->second)
+			oldest = b;
+	}
+	memset(oldest, 0, sizeof(PhsyncBudget));
+	strlcpy(oldest->key, key, sizeof(oldest->key));
+	return oldest;
+}
+
+void
+shmem_budget_unlock(void)
+{
+	LWLockRelease(shared->budget_lock);
+}
+
+/*
+ * Until when a throttle closed the budget of key (0: it is open).
+ */
+TimestampTz
+shmem_budget_closed_until(const char *key)
+{
+	PhsyncBudget *b = shmem_budget_lock(key);
+	TimestampTz until;
+
+	if (b == NULL)
+		return 0;
+	until = b->closed_until;
+	shmem_budget_unlock();
+	return until;
 }
 
 /*

@@ -120,13 +120,36 @@ sync_check_owner(const char *name, const char *owner)
 }
 
 /*
+ * The phsync.* settings' connection, as they are (even incomplete).
+ */
+PhsyncEndpoint *
+sync_settings_endpoint(void)
+{
+	PhsyncEndpoint *e = palloc0(sizeof(PhsyncEndpoint));
+
+	e->host = pstrdup(phsync_host);
+	e->project_id = pstrdup(phsync_project_id ? phsync_project_id : "");
+	e->api_key = settings_api_key();
+	e->ca_file = pstrdup(phsync_ca_file ? phsync_ca_file : "");
+	e->proxy = "";
+	e->timeout_ms = phsync_request_timeout;
+	e->max_response_kb = phsync_max_response_size;
+	e->budget_key = "settings";
+	e->host_origin = "phsync.host";
+	e->key_origin = "phsync.api_key";
+	e->ca_origin = "phsync.ca_file";
+	return e;
+}
+
+/*
  * How to reach the sync's PostHog project: the phsync.* settings (also
- * with sync NULL: the settings' connection, with no query).
+ * with sync NULL: the settings' connection, with no query).  Raises when
+ * the project or the key is not set.
  */
 PhsyncEndpoint *
 sync_endpoint(const PhsyncSync *sync)
 {
-	PhsyncEndpoint *e = palloc0(sizeof(PhsyncEndpoint));
+	PhsyncEndpoint *e;
 
 	if (phsync_project_id == NULL || phsync_project_id[0] == '\0')
 		ereport(ERROR,
@@ -138,15 +161,7 @@ sync_endpoint(const PhsyncSync *sync)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("phsync.api_key is not set"),
 				 errhint("Set phsync.api_key in postgresql.conf and reload the configuration.")));
-	e->host = pstrdup(phsync_host);
-	e->project_id = pstrdup(phsync_project_id);
-	e->api_key = settings_api_key();
-	e->ca_file = pstrdup(phsync_ca_file ? phsync_ca_file : "");
-	e->timeout_ms = phsync_request_timeout;
-	e->max_response_kb = phsync_max_response_size;
-	e->host_origin = "phsync.host";
-	e->key_origin = "phsync.api_key";
-	e->ca_origin = "phsync.ca_file";
+	e = sync_settings_endpoint();
 	if (sync == NULL)
 		e->query_origin = NULL;
 	else if (sync->query_file)

@@ -70,31 +70,32 @@ count_posthog(PhsyncRunState *st, Buckets *b, TimestampTz to)
 
 	for (first = 0; first < b->n; first += BUCKETS_PER_REQUEST)
 	{
-		json_object *response;
-		PhsyncPage	page;
-		int			r;
+		PhsyncScan *scan;
+		PhsyncRow  *row = row_alloc(2);
+		const char *encoded;
 
 		q.since = bucket_start(b, first);
 		q.until = Min(to, bucket_start(b, first + BUCKETS_PER_REQUEST));
-		q.chunked = false;
-		response = fetch_json(st, &q, hogql_count_query(&q, distinct), b->width);
-		hogql_read_page(response, &page);
-		for (r = 0; r < page.nrows; r++)
+		q.sliced = false;
+		scan = fetch_once(st, &q, hogql_count_query(&q, distinct), b->width);
+		while (scan_next_row(scan, &encoded))
 		{
-			json_object *row = json_object_array_get_idx(page.results, r);
 			int64		i;
 
-			if (!json_object_is_type(row, json_type_array) ||
-				json_object_array_length(row) != 2)
+			if (!row_decode(encoded, row) || row->kinds[0] != PHSYNC_VALUE_NUMBER ||
+				row->kinds[1] != PHSYNC_VALUE_NUMBER)
+			{
+				scan_free(scan);
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
 						 errmsg("PostHog sent a count row phsync cannot read")));
-			i = first + json_object_get_int64(json_object_array_get_idx(row, 0));
+			}
+			i = first + strtoll(row->values[0], NULL, 10);
 			if (i < first || i >= b->n)
 				continue;
-			b->posthog[i] = json_object_get_int64(json_object_array_get_idx(row, 1));
+			b->posthog[i] = strtoll(row->values[1], NULL, 10);
 		}
-		json_object_put(response);
+		scan_free(scan);
 		st->counters.pages++;
 	}
 }

@@ -132,7 +132,7 @@ any subset later; GET /config shows them).  Defaults are PostHog's:
   cost_sleep false          sleep charge/time_scale real seconds (holding
                             the slot), as the query would run
   max_window_seconds null   504 for any query whose window
-                            ({chunk_from}..{chunk_until}, else
+                            ({slice_from}..{slice_until}, else
                             {since}..{until}) is wider
   latency_base_ms 0,        a successful answer takes at least base +
   latency_per_row_us 0      per_row x rows (real time), holding its slot
@@ -2611,8 +2611,8 @@ class ServerState:
             raise HogQLError("query.query must be a string")
         mw = self.config["max_window_seconds"]
         if mw is not None:
-            lo = values.get("chunk_from", values.get("since"))
-            hi = values.get("chunk_until", values.get("until"))
+            lo = values.get("slice_from", values.get("chunk_from", values.get("since")))
+            hi = values.get("slice_until", values.get("chunk_until", values.get("until")))
             if lo and hi and (parse_time(hi) - parse_time(lo)).total_seconds() > mw:
                 raise QueryTooBig()
         ast = self.parser.parse(text)

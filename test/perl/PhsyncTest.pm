@@ -21,7 +21,7 @@ use Time::HiRes qw(usleep);
 use Exporter 'import';
 our @EXPORT = qw(make_certs start_fake fake_post fake_post_raw fake_get fake_requests
   fake_config fake_query
-  set_conf iso_ago
+  set_conf iso_ago hours_ago
   phsync_node poll_until source_equals_target target_count run_now
   last_run $API_KEY);
 
@@ -214,8 +214,12 @@ sub phsync_node
 		'phsync.project_id' => '1',
 		'phsync.api_key' => $API_KEY,
 		'phsync.page_size' => '10',
-		# fast retries and no pacing, unless a test wants them
+		# fast retries and no request budget, unless a test wants them
 		'phsync.max_requests_per_minute' => '0',
+		'phsync.max_requests_per_hour' => '0',
+		# one request at a time, so that tests can count pages; the tests of
+		# throughput and the chaos test turn concurrency on
+		'phsync.max_concurrent_requests' => '1',
 		'phsync.retry_base_delay' => '10ms',
 		'phsync.max_retry_delay' => '2s',
 		# keep the schedule out of the way unless a test wants it
@@ -257,7 +261,18 @@ sub iso_ago
 {
 	my ($node, $interval) = @_;
 	return $node->safe_psql('postgres',
-		"SELECT to_char(now() - interval '$interval', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
+		"SELECT to_char((now() - interval '$interval') AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')");
+}
+
+# RFC 3339 text of now minus $h hours, from this machine's clock: for a
+# phsync.initial_since just before a test's rows, so that a first run's
+# window is one slice (a run over a long window reads it in slices, the
+# first a day wide, and a test that counts requests would count those).
+sub hours_ago
+{
+	my ($h) = @_;
+	my @t = gmtime(time() - $h * 3600);
+	return sprintf('%04d-%02d-%02dT%02d:%02d:%02dZ', $t[5] + 1900, $t[4] + 1, $t[3], $t[2], $t[1], $t[0]);
 }
 
 # Call $code until it returns true, at most $timeout seconds.

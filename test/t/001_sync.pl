@@ -21,7 +21,10 @@ my $t0 = $node->safe_psql('postgres',
 fake_post($fake, '/generate', { count => 35, seed => 1, created_from => $t0, step_ms => 300_000 });
 
 # First run: creates the table and loads the whole window, 10 rows a page.
-is(run_now($node), 'succeeded|4|35|35', 'first run loads all 35 rows in 4 pages');
+# The built-in query reads slices of created_at, each bounding `timestamp`
+# too: the first covers a day, and each nearly empty one doubles the next
+# (1, 2, 4, 8 days, then the rest of the 30 days, where the rows are).
+is(run_now($node), 'succeeded|8|35|35', 'first run loads all 35 rows: 4 pages of rows after 4 empty slices');
 is(source_equals_target($node, $fake), 0, 'target equals the source, every column');
 is($node->safe_psql('postgres', q{
 	SELECT string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod), ', ' ORDER BY a.attnum)
@@ -49,20 +52,23 @@ is($node->safe_psql('postgres', "SELECT now() - window_from BETWEEN interval '30
 
 # What went over the wire
 my $reqs = fake_requests($fake);
-is(scalar(@$reqs), 4, 'four requests for four pages');
+is(scalar(@$reqs), 8, 'eight requests for eight pages');
+is(join(',', map { $_->{rows} // 0 } @$reqs), '0,0,0,0,10,10,10,5', 'rows per request');
 my %ids;
 for my $r (@$reqs)
 {
 	$ids{ $r->{body}{client_query_id} }++;
 }
-is(scalar(keys %ids), 4, 'each request has its own client_query_id');
+is(scalar(keys %ids), 8, 'each request has its own client_query_id');
 ok(!(grep { ($_->{body}{refresh} // '') ne 'force_blocking' } @$reqs), 'every request sends refresh=force_blocking');
 ok(!(grep { !$_->{auth_ok} } @$reqs), 'every request carries the bearer key');
 ok(!(grep { ($_->{accept_encoding} // '') !~ /gzip/ } @$reqs), 'every request accepts gzip');
 ok(!(grep { ($_->{body}{name} // '') ne 'phsync default' } @$reqs), 'every request is named after its sync');
-my $q2 = $reqs->[1]{body}{query};
+my @slices = map { [ $_->{body}{query}{values}{slice_from}, $_->{body}{query}{values}{slice_until} ] } @$reqs;
+is(scalar(grep { !defined $_->[0] } @slices), 0, 'every request reads a slice');
+my $q2 = $reqs->[5]{body}{query};
 like($q2->{query}, qr/created_at >= toDateTime\(\{since\}\) AND created_at < toDateTime\(\{until\}\)/, 'window on created_at through placeholders');
-like($q2->{query}, qr/timestamp >= toDateTime\(\{timestamp_since\}\)/, 'timestamp bounded too');
+like($q2->{query}, qr/timestamp >= toDateTime\(\{timestamp_since\}\) AND timestamp < toDateTime\(\{timestamp_until\}\)/, 'timestamp bounded too, on both sides');
 like($q2->{query}, qr/created_at > toDateTime\(\{after_0\}\)\)\s+OR \(created_at = toDateTime\(\{after_0\}\) AND uuid > toUUID\(\{after_1\}\)\)/,
 	'keyset condition on (created_at, uuid) through placeholders');
 unlike($q2->{query}, qr/OFFSET|\d{4}-\d\d-\d\d/i, 'no OFFSET and no literal timestamps in the HogQL text');

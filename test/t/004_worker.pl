@@ -34,7 +34,7 @@ $node->safe_psql('analytics', 'CREATE EXTENSION phsync');
 my $t0 = $node->safe_psql('postgres',
 	"SELECT to_char(now() - interval '3 hours', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')");
 fake_post($fake, '/generate', { count => 35, seed => 11, created_from => $t0, step_ms => 60_000 });
-is(run_now($node, 'analytics'), 'succeeded|4|35|35', 'phsync_run_now() works right after CREATE EXTENSION, no restart');
+like(run_now($node, 'analytics'), qr/^succeeded\|\d+\|35\|35$/, 'phsync_run_now() works right after CREATE EXTENSION, no restart');
 like($activity->(), qr/^analytics\|idle until \d{4}-/, 'worker shows in pg_stat_activity as "phsync worker", idle until its next run');
 
 # The schedule: run_at a few seconds from now, changed with SIGHUP.

@@ -13,7 +13,8 @@ use PhsyncTest;
 
 my $certs = make_certs();
 my $fake = start_fake(certs => $certs);
-my $node = phsync_node('retries', $fake, $certs, 'phsync.max_retries' => '4');
+my $node = phsync_node('retries', $fake, $certs, 'phsync.max_retries' => '4',
+	'phsync.initial_since' => hours_ago(6));
 $node->safe_psql('postgres', 'CREATE EXTENSION phsync');
 
 my $batch = 0;
@@ -87,25 +88,32 @@ fake_post($fake, '/config', { max_window_seconds => 600 });
 like(run_now($node), qr/^succeeded\|\d+\|240\|240$/, 'a backfill too big for one query completes');
 is(source_equals_target($node, $fake), 0, 'target equals source');
 $reqs = fake_requests($fake);
-my @sliced = grep { exists $_->{body}{query}{values}{chunk_from} } @$reqs;
+my @sliced = grep { exists $_->{body}{query}{values}{slice_from} } @$reqs;
 ok(scalar(@sliced) > 5, 'requests were sliced (' . scalar(@sliced) . ' of ' . scalar(@$reqs) . ')');
-like($sliced[-1]{body}{query}{query}, qr/created_at >= toDateTime\(\{chunk_from\}\) AND created_at < toDateTime\(\{chunk_until\}\)/,
+like($sliced[-1]{body}{query}{query}, qr/created_at >= toDateTime\(\{slice_from\}\) AND created_at < toDateTime\(\{slice_until\}\)/,
 	'slices bound the cursor through placeholders');
 ok(!(grep { $_->{body}{query}{query} =~ /LIMIT (\d+)$/ && $1 > 50 } @$reqs), 'the page never grew past page_size');
 ok(slurp_file($node->logfile) =~ qr/asking PostHog for less: \d+ s of the window, 50 rows a page/, 'shrinking is logged');
 fake_post($fake, '/config', { max_window_seconds => undef });
 
-# Pacing: at most 600 requests a minute, so 100 ms apart.
+# The request budget: at most 3 requests in any minute.  A run that needs
+# more waits for the minute to pass, without failing.  (No spacing before
+# the budget is spent: a small run goes at full speed.)
 fake_post($fake, '/reset');
 add_rows(40);
-set_conf($node, 'phsync.max_requests_per_minute' => '600', 'phsync.page_size' => '10');
-like(run_now($node), qr/^succeeded\|/, 'paced run succeeds');
+set_conf($node, 'phsync.max_requests_per_minute' => '3', 'phsync.page_size' => '10');
+my $bg = $node->background_psql('postgres', on_error_stop => 0);
+$bg->query_until(qr/go/, "\\echo go\nSELECT status FROM phsync_run_now();\n");
+ok(poll_until(sub { $node->safe_psql('postgres', "SELECT query FROM pg_stat_activity WHERE backend_type = 'phsync worker'") =~ /waiting to fetch page 4/ }, 30, 'budget'),
+	'after three requests the run waits for the budget');
 $reqs = fake_requests($fake);
-ok(@$reqs >= 5, scalar(@$reqs) . ' requests');
-# pacing spaces request starts; arrival times jitter a little, so check the span
-my $span = $reqs->[-1]{time} - $reqs->[0]{time};
-cmp_ok($span, '>=', (@$reqs - 1) * 0.1 - 0.05,
-	sprintf('%d requests took %.2f s: at least 100 ms apart on average', scalar(@$reqs), $span));
+is(scalar(@$reqs), 3, 'three requests, and no fourth within the minute');
+cmp_ok($reqs->[-1]{time} - $reqs->[0]{time}, '<', 1, 'the three went at full speed');
+is($node->safe_psql('postgres', "SELECT status FROM phsync.runs ORDER BY id DESC LIMIT 1"), 'running', 'the run is waiting, not failed');
+$node->safe_psql('postgres', "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE '%phsync_run_now()%' AND backend_type = 'client backend' AND pid <> pg_backend_pid()");
+ok(poll_until(sub { $node->safe_psql('postgres', "SELECT status FROM phsync.runs ORDER BY id DESC LIMIT 1") eq 'cancelled' }, 10, 'cancelled'),
+	'its caller gave up: the run is cancelled');
+$bg->quit;
 
 # A response larger than phsync.max_response_size is refused, not retried.
 set_conf($node, 'phsync.max_response_size' => '64kB', 'phsync.page_size' => '1000', 'phsync.max_requests_per_minute' => '0');

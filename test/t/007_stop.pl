@@ -17,10 +17,10 @@ use PhsyncTest;
 my $certs = make_certs();
 my $fake = start_fake(certs => $certs);
 my $node = phsync_node('stop', $fake, $certs, 'phsync.request_timeout' => '5min',
-	restart_after_crash => 'on');
+	'phsync.initial_since' => hours_ago(6), restart_after_crash => 'on');
 $node->safe_psql('postgres', 'CREATE EXTENSION phsync');
 fake_post($fake, '/generate', { count => 25, seed => 3, created_from => iso_ago($node, '10 minutes'), step_ms => 1000 });
-is(run_now($node), 'succeeded|3|25|25', 'a first run loads 25 rows');
+is(run_now($node), 'succeeded|3|25|25', 'a first run loads 25 rows in 3 pages');
 fake_post($fake, '/generate', { count => 25, seed => 4, created_from => iso_ago($node, '5 minutes'), step_ms => 1000 });
 
 my $worker_pid = sub {

@@ -16,7 +16,7 @@ my $primary = phsync_node('primary', $fake, $certs, 'phsync.initial_since' => '2
 	allows_streaming => 1);
 $primary->safe_psql('postgres', 'CREATE EXTENSION phsync');
 fake_post($fake, '/generate', { count => 12, seed => 5, created_from => iso_ago($primary, '1 hour'), step_ms => 1000 });
-like(run_now($primary), qr/^succeeded\|2\|12\|12$/, 'the primary syncs');
+like(run_now($primary), qr/^succeeded\|\d+\|12\|12$/, 'the primary syncs');
 
 $primary->backup('b');
 my $standby = PostgreSQL::Test::Cluster->new('standby');

@@ -13,7 +13,7 @@ use PhsyncTest;
 
 my $certs = make_certs();
 my $fake = start_fake(certs => $certs);
-my $node = phsync_node('status', $fake, $certs);
+my $node = phsync_node('status', $fake, $certs, 'phsync.initial_since' => hours_ago(6));
 $node->safe_psql('postgres', 'CREATE EXTENSION phsync');
 poll_until(sub { $node->safe_psql('postgres', "SELECT query FROM pg_stat_activity WHERE backend_type = 'phsync worker'") =~ /^idle until/ }, 30, 'worker idle');
 
@@ -28,7 +28,7 @@ is($node->safe_psql('postgres', "SELECT next_run = '2029-12-24 00:00:00+00' FROM
 	'next_run is the worker\'s next scheduled slot');
 
 fake_post($fake, '/generate', { count => 25, seed => 1, created_from => iso_ago($node, '10 minutes'), step_ms => 1000 });
-like(run_now($node), qr/^succeeded\|3\|25\|25$/, 'a run');
+like(run_now($node), qr/^succeeded\|\d+\|25\|25$/, 'a run');
 is($status->(), 'default|t|public.posthog_events|succeeded|25|t|t|f|-|0|0', 'after it: last run and watermark');
 is($node->safe_psql('postgres', q{SELECT watermark = (SELECT max(created_at) FROM posthog_events)
 	AND lag BETWEEN interval '9 minutes' AND interval '11 minutes' FROM phsync.status}), 't', 'watermark is max(created_at), lag is now minus it');

@@ -13,7 +13,10 @@ use PhsyncTest;
 
 my $certs = make_certs();
 my $fake = start_fake(certs => $certs);
+# the window starts just before the rows: one slice, a request per page
+use POSIX qw(strftime);
 my $node = phsync_node('statistics', $fake, $certs, 'phsync.page_size' => '1000',
+	'phsync.initial_since' => strftime('%Y-%m-%dT%H:%M:%SZ', gmtime(time() - 4 * 3600)),
 	autovacuum_naptime => '1s');
 $node->safe_psql('postgres', 'CREATE EXTENSION phsync');
 fake_post($fake, '/generate', { count => 5000, seed => 16, created_from => iso_ago($node, '3 hours'), step_ms => 1000 });
@@ -25,6 +28,7 @@ my $stat = sub {
 
 # PostgreSQL flushes a backend's statistics at most once a second: the
 # third page comes 1.5 s after the first, then the fourth request hangs
+# (pages of 1000 rows: phsync.page_size is below the first page size)
 fake_post($fake, '/faults', [ {}, {}, { delay_ms => 1500 }, { delay_ms => 6000 } ]);
 my $h = $node->background_psql('postgres');
 $h->query_until(qr/started/, "\\echo started\nSELECT status FROM phsync_run_now();\n");

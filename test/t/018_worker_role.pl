@@ -82,7 +82,10 @@ $node->safe_psql('postgres', q{
 		RETURN NEW;
 	END $$;
 	CREATE TRIGGER grab BEFORE INSERT ON mallory.bait FOR EACH ROW EXECUTE FUNCTION mallory.grab();
-	SELECT phsync_add_sync('bait', 'mallory.bait', preset => 'events');});
+	SELECT phsync_add_sync('bait', 'mallory.bait', preset => 'events');
+	-- what phsync 0.2's README told each target's owner to grant the worker's role
+	GRANT USAGE ON SCHEMA mallory TO phsync_runner;
+	GRANT SELECT, INSERT ON mallory.bait, mallory.stolen TO phsync_runner;});
 my $runs = $node->safe_psql('postgres', 'SELECT count(*) FROM phsync.runs');
 like($node->safe_psql('postgres', "SET ROLE mallory; SELECT status FROM phsync_run_now('bait')"), qr/^succeeded$/,
 	'the delegate\'s sync runs (its trigger swallows its own errors)');

@@ -72,6 +72,8 @@ typedef struct Request
 	struct Slice *slice;
 	PhsyncTransfer *t;
 	int			limit;			/* rows asked */
+	bool		executing;		/* PostHog has not begun to answer: it holds a slot */
+	bool		past_slice;		/* its rows reached the end of its (split) slice */
 	bool		judged;			/* its transfer ended and was looked at */
 	PhsyncColumns *cols;		/* its columns, once known */
 } Request;
@@ -89,6 +91,7 @@ typedef struct Slice
 	int			retries;		/* of the request being retried */
 	TimestampTz retry_at;		/* not before then */
 	int			pages;
+	int64		page_span;		/* how far its last full page moved it (0: unknown) */
 	TimestampTz committed;		/* cursor of the last row loaded */
 	bool		committed_any;
 } Slice;
@@ -103,7 +106,8 @@ typedef struct Fetch
 	TimestampTz next_start;		/* no slice covers [next_start, until) yet */
 	int64		width;			/* of a new slice; 0: the rest of the window */
 	bool		expand;			/* a page came back full: several slices */
-	int			inflight;
+	int			inflight;		/* requests PostHog has not begun to answer */
+	int			open;			/* requests not judged yet (inflight or arriving) */
 	long		wait_ms;		/* nothing to do before this (budget, retries) */
 } Fetch;
 
@@ -175,7 +179,9 @@ start_request(Fetch *f, Slice *s)
 	s->asked = true;
 	s->more = false;
 	st->counters.requests++;
+	r->executing = true;
 	f->inflight++;
+	f->open++;
 	shmem_set_waiting(0);
 }
 
@@ -248,6 +254,9 @@ split_slice(Fetch *f)
 		if (s->exhausted || !s->asked)
 			continue;
 		left = s->to - slice_position(s);
+		/* worth it only when at least two more pages look left */
+		if (s->page_span > 0 && left < 2 * s->page_span)
+			continue;
 		if (left > best_left)
 		{
 			best = s;
@@ -272,7 +281,15 @@ start_requests(Fetch *f)
 	TimestampTz now = GetCurrentTimestamp();
 	bool		started = false;
 
-	while (f->inflight < st->concurrency)
+	/*
+	 * At most `concurrency` queries executing at PostHog (each holds one of
+	 * the project's query slots), and as many more whose answers are
+	 * arriving: the next page of a slice can only be asked once its last
+	 * row is in, so the other slices keep PostHog busy meanwhile.  (One at
+	 * a time means one: no request while another's answer arrives.)
+	 */
+	while (f->inflight < st->concurrency &&
+		   f->open < (st->concurrency > 1 ? 2 * st->concurrency : 1))
 	{
 		Slice	   *s = NULL;
 		ListCell   *lc;
@@ -377,7 +394,12 @@ judge(Fetch *f, Request *r)
 	TimestampTz now = GetCurrentTimestamp();
 
 	r->judged = true;
-	f->inflight--;
+	f->open--;
+	if (r->executing)
+	{
+		r->executing = false;
+		f->inflight--;
+	}
 	http_result(r->t, &res);
 	if (res.ok)
 	{
@@ -394,7 +416,10 @@ judge(Fetch *f, Request *r)
 		s->retries = 0;
 		if (nrows > 0 && page_full(st, r, nrows))
 		{
+			TimestampTz before = slice_position(s);
+
 			hogql_keyset_from_row(&s->next, &f->q, r->cols, scan_last_row(scan));
+			s->page_span = Max(hogql_keyset_cursor(&s->next) - before, 1);
 			MemoryContextSwitchTo(old);
 			s->more = true;
 			/* split while this page was asked for: past its end is done */
@@ -482,7 +507,7 @@ judge(Fetch *f, Request *r)
 }
 
 /*
- * Judge every request whose transfer ended.
+ * Note requests PostHog began to answer, and judge every one that ended.
  */
 static void
 judge_ended(Fetch *f)
@@ -498,6 +523,12 @@ judge_ended(Fetch *f)
 		{
 			Request    *r = lfirst(rc);
 
+			if (r->executing && http_answering(r->t))
+			{
+				/* PostHog's part is done: its slot is free */
+				r->executing = false;
+				f->inflight--;
+			}
 			if (!r->judged && http_done(r->t))
 				judge(f, r);
 		}
@@ -584,6 +615,37 @@ load_chunk(Fetch *f, Request *r)
 	if (n == 0)
 		return;
 	last = row_cursor(f, r, rows[n - 1]);
+	if (r->past_slice)
+		n = 0;
+	else if (last >= s->to && last != 0)
+	{
+		/*
+		 * The slice was split while this page was asked for: rows from the
+		 * split point on belong to the other half, which reads them itself.
+		 * Rows are in cursor order: find the first one past the end.
+		 */
+		int			lo = 0,
+					hi = n - 1;
+
+		while (lo < hi)
+		{
+			int			mid = (lo + hi) / 2;
+
+			if (row_cursor(f, r, rows[mid]) >= s->to)
+				hi = mid;
+			else
+				lo = mid + 1;
+		}
+		n = lo;
+		r->past_slice = true;
+		last = n > 0 ? row_cursor(f, r, rows[n - 1]) : 0;
+	}
+	if (n == 0)
+	{
+		scan_release(scan);
+		http_resume(r->t);
+		return;
+	}
 	st->counters.received += n;
 
 	report(st, "loading", st->counters.pages);
@@ -713,13 +775,15 @@ fetch_window(PhsyncRunState *st, TimestampTz since, TimestampTz until)
 		(void) start_requests(&f);
 		http_poll(st->http, 0);
 		judge_ended(&f);
+		/* the next pages are asked for before loading what came */
+		(void) start_requests(&f);
 		r = next_to_load(&f);
 		if (r)
 			load_chunk(&f, r);
 		tidy(&f);
 		if (r == NULL && (f.next_start < until || f.slices != NIL))
 		{
-			report(st, f.inflight > 0 ? "fetching" : "waiting to fetch", st->counters.pages + 1);
+			report(st, f.open > 0 ? "fetching" : "waiting to fetch", st->counters.pages + 1);
 			http_poll(st->http, Max(f.wait_ms, 1));
 			judge_ended(&f);
 		}

@@ -65,6 +65,7 @@ struct PhsyncTransfer
 	bool		remote_cancelled;	/* the DELETE was sent */
 	CURLcode	result;
 	TimestampTz started;
+	TimestampTz answered;		/* when the status line came (0: not yet) */
 	TimestampTz last_data;		/* when bytes last came in */
 	PhsyncTransfer *next;		/* in http->transfers */
 };
@@ -293,6 +294,8 @@ transfer_header(char *data, size_t size, size_t nitems, void *userdata)
 
 		if (sp && sp + 4 <= data + len)
 			t->status = strtol(sp + 1, NULL, 10);
+		if (t->answered == 0)
+			t->answered = GetCurrentTimestamp();
 	}
 	else if (len > 12 && pg_strncasecmp(data, "Retry-After:", 12) == 0)
 	{
@@ -393,6 +396,8 @@ http_start(PhsyncHttp *http, const char *body, const char *client_query_id)
 		SETOPT(t->curl, CURLOPT_HTTPHEADER, t->headers);
 		SETOPT(t->curl, CURLOPT_USERAGENT, "phsync/" PHSYNC_VERSION);
 		SETOPT(t->curl, CURLOPT_ACCEPT_ENCODING, "");
+		/* large pages: read the socket in large pieces */
+		SETOPT(t->curl, CURLOPT_BUFFERSIZE, 256L * 1024);
 		set_transport_options(t->curl, t->errbuf, e, Min(http->timeout_ms, 30000L));
 		SETOPT(t->curl, CURLOPT_WRITEFUNCTION, transfer_write);
 		SETOPT(t->curl, CURLOPT_WRITEDATA, t);
@@ -669,6 +674,16 @@ http_seconds(PhsyncTransfer *t)
 }
 
 /*
+ * Has PostHog begun to answer t (or did t end)?  Until then the query
+ * holds one of PostHog's query slots; the transfer that follows does not.
+ */
+bool
+http_answering(PhsyncTransfer *t)
+{
+	return t->answered != 0 || t->done;
+}
+
+/*
  * Take the scan out of a finished transfer (a 200's): the caller owns it
  * (scan_free()), and may free the transfer.
  */
@@ -729,7 +744,8 @@ http_result(PhsyncTransfer *t, PhsyncHttpResult *result)
 	result->status = t->status;
 	result->curl_code = (int) t->result;
 	result->retry_after = t->retry_after;
-	result->seconds = http_seconds(t);
+	/* PostHog's own time: to the first byte of its answer */
+	result->seconds = (double) ((t->answered ? t->answered : GetCurrentTimestamp()) - t->started) / USECS_PER_SEC;
 	if (t->too_large)
 	{
 		result->too_large = true;

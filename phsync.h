@@ -287,6 +287,7 @@ typedef struct PhsyncRow
 extern char *foreign_text(const char *s, int len);
 extern PhsyncScan *scan_create(void);
 extern void scan_free(PhsyncScan *s);
+extern void scan_trim(void);
 extern bool scan_feed(PhsyncScan *s, const char *p, size_t len);
 extern bool scan_complete(PhsyncScan *s);
 extern const char *scan_error(PhsyncScan *s);
@@ -392,7 +393,7 @@ typedef struct PhsyncHttpResult
 	bool		bad_body;		/* 200 but the body is not complete JSON */
 	bool		too_large;		/* aborted at phsync.max_response_size */
 	double		retry_after;	/* seconds from Retry-After, -1 if absent */
-	double		seconds;		/* how long it took */
+	double		seconds;		/* PostHog's time: to the first byte of the answer */
 	char	   *detail;			/* PostHog's detail, curl's error, or why */
 } PhsyncHttpResult;
 
@@ -418,6 +419,7 @@ extern PhsyncScan *http_scan(PhsyncTransfer *t);
 extern PhsyncScan *http_take_scan(PhsyncTransfer *t);
 extern const char *http_client_query_id(PhsyncTransfer *t);
 extern double http_seconds(PhsyncTransfer *t);
+extern bool http_answering(PhsyncTransfer *t);
 extern void http_resume(PhsyncTransfer *t);
 extern void http_result(PhsyncTransfer *t, PhsyncHttpResult *result);
 extern void http_finish(PhsyncTransfer *t);

@@ -254,6 +254,58 @@ row_begin(PhsyncScan *s)
 }
 
 /*
+ * Blocks of BLOCK_SIZE freed lately, for the next ones: a run goes through
+ * hundreds of them, and a fresh one costs a page fault per 4 kB.
+ */
+#define SPARE_BLOCKS 8
+static RowBlock *spare_blocks = NULL;
+static int	nspare = 0;
+
+static RowBlock *
+block_alloc(size_t size)
+{
+	RowBlock   *b;
+
+	if (size == BLOCK_SIZE && spare_blocks)
+	{
+		b = spare_blocks;
+		spare_blocks = b->next;
+		nspare--;
+		return b;
+	}
+	return malloc(offsetof(RowBlock, data) + size);
+}
+
+static void
+block_free(RowBlock *b)
+{
+	if (b->size == BLOCK_SIZE && nspare < SPARE_BLOCKS)
+	{
+		b->next = spare_blocks;
+		spare_blocks = b;
+		nspare++;
+		return;
+	}
+	free(b);
+}
+
+/*
+ * Give the spare blocks back (a run is over).
+ */
+void
+scan_trim(void)
+{
+	while (spare_blocks)
+	{
+		RowBlock   *b = spare_blocks;
+
+		spare_blocks = b->next;
+		free(b);
+	}
+	nspare = 0;
+}
+
+/*
  * The row in the scratch buffer is complete: append it to the queue.
  */
 static void
@@ -268,7 +320,7 @@ row_end(PhsyncScan *s)
 	{
 		size_t		size = Max(BLOCK_SIZE, s->rowlen);
 
-		b = malloc(offsetof(RowBlock, data) + size);
+		b = block_alloc(size);
 		if (b == NULL)
 		{
 			fail(s, "out of memory");
@@ -382,6 +434,60 @@ member_done(PhsyncScan *s)
  * Feed len bytes of the body.  Returns false once the body is known to be
  * bad (scan_error() says why).
  */
+/*
+ * The first '"' or '\\' in [p, end), or end: eight bytes at a time while
+ * none is among them (the bulk of a response is string contents).
+ */
+static inline const char *
+string_run_end(const char *p, const char *end)
+{
+	const uint64 ones = UINT64CONST(0x0101010101010101);
+	const uint64 highs = UINT64CONST(0x8080808080808080);
+
+	while (end - p >= 8)
+	{
+		uint64		w;
+		uint64		q;
+		uint64		b;
+
+		memcpy(&w, p, 8);
+		q = w ^ (ones * '"');
+		b = w ^ (ones * '\\');
+		/* a zero byte in q or b: a quote or backslash in these eight */
+		if ((((q - ones) & ~q) | ((b - ones) & ~b)) & highs)
+			break;
+		p += 8;
+	}
+	while (p < end && *p != '"' && *p != '\\')
+		p++;
+	return p;
+}
+
+/* the character a one-character JSON escape stands for; 0: not one */
+static inline char
+simple_escape(char c)
+{
+	switch (c)
+	{
+		case '"':
+		case '\\':
+		case '/':
+			return c;
+		case 'b':
+			return '\b';
+		case 'f':
+			return '\f';
+		case 'n':
+			return '\n';
+		case 'r':
+			return '\r';
+		case 't':
+			return '\t';
+		default:
+			return 0;
+	}
+}
+
 bool
 scan_feed(PhsyncScan *s, const char *p, size_t len)
 {
@@ -611,17 +717,31 @@ scan_feed(PhsyncScan *s, const char *p, size_t len)
 
 			case S_STRING:
 				{
-					/* copy the run up to the next quote or backslash at once */
+					/*
+					 * Copy the runs between escapes at once, and take the
+					 * one-character escapes on the way (properties are JSON
+					 * text inside a string: an escaped quote every few bytes).
+					 */
 					const char *q = p;
+					char		e;
 
-					while (q < end && *q != '"' && *q != '\\')
-						q++;
-					if (q > p)
+					for (;;)
 					{
-						row_put(s, p, q - p);
+						q = string_run_end(q, end);
+						if (q > p)
+							row_put(s, p, q - p);
 						p = q;
-						break;
+						if (p + 1 >= end || *p != '\\' || (e = simple_escape(p[1])) == 0)
+							break;
+						if (s->uhigh)
+							bad_text(s);
+						row_putc(s, e);
+						p += 2;
+						q = p;
 					}
+					if (p >= end)
+						break;
+					c = *p;
 					if (c == '"')
 					{
 						const char *text = s->row + s->valstart + sizeof(uint32);
@@ -789,7 +909,7 @@ scan_free(PhsyncScan *s)
 	{
 		RowBlock   *next = b->next;
 
-		free(b);
+		block_free(b);
 		b = next;
 	}
 	free(s->member.data);
@@ -981,7 +1101,7 @@ scan_release(PhsyncScan *s)
 			break;				/* keep the last row for scan_last_row() */
 		s->head = b->next;
 		s->buffered -= b->size;
-		free(b);
+		block_free(b);
 	}
 	if (s->head && s->head == s->tail && s->head->taken >= s->head->used &&
 		s->head != s->last_block)

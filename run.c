@@ -183,6 +183,7 @@ release(PhsyncRunState *st)
 {
 	http_close(st->http);
 	st->http = NULL;
+	scan_trim();
 	loader_free(st->loader);
 	st->loader = NULL;
 }

@@ -185,7 +185,8 @@ first one by default):
   POST /config, GET /config   the settings above
   GET  /requests        query requests received (never the key): path,
                         method, project_id, body, client_query_id, start,
-                        end, status (HTTP status, or "cancelled"),
+                        ready (a 200's answer computed), end, status (HTTP
+                        status, or "cancelled"),
                         events_read, cost_seconds, rows, auth_ok, headers
   GET  /cancels         cancels received: {"client_query_id", "project_id",
                         "time", "was_running"}
@@ -2911,6 +2912,7 @@ def make_handler(state, kind):
             want = (float(c["latency_base_ms"]) / 1000.0 + float(c["latency_per_row_us"]) * nrows / 1e6)
             if want > 0 and fl.sleep(want - (time.perf_counter() - t0)):
                 raise Cancelled()
+            rec["ready"] = time.time()     # PostHog's work is done; sending starts
             if isinstance(result, bytes):
                 return 200, lambda: self.send_bytes(200, result)
             state.store(project, body, result)

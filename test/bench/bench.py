@@ -1,20 +1,28 @@
 #!/usr/bin/env python3
 """phsync benchmark driver (see bench.sh).
 
-One PostgreSQL, one fake PostHog over HTTPS on loopback, N synthetic events
-(realistic: 0.5-2 KB nested properties with unicode and escapes).  Into
-identical empty tables (same primary key and cursor index):
+One PostgreSQL, one fake PostHog over HTTPS on loopback that answers like a
+real query: 0.4 s + 60 us per row returned, 3 queries of a project at once,
+PostHog's throttles (240 a minute, 2,400 an hour).  N synthetic events
+(realistic: 0.5-2 KB nested properties with unicode and escapes).  phsync
+runs at its default settings.  Into identical empty tables (same primary
+key and cursor index):
 
-  1. phsync: phsync_run_now() from an empty table (HTTP, parse, insert);
+  1. phsync: phsync_run_now() from an empty table;
   2. COPY of the same rows from a local file (the physical limit);
   3. the naive way: one prepared INSERT ... ON CONFLICT DO NOTHING per row,
-     one transaction per page, from a Python client reading the same API.
+     one transaction per page of 10,000, from a Python client reading the
+     same API one page after the other.
 
-The fake server pre-renders its rows and reports the time it spent
-answering; "own" times subtract it, so the figures are phsync's.  Peak
-memory is the worker's anonymous resident memory (RssAnon: its own heap,
-not shared buffers), sampled every 10 ms.  At the end the phsync table must
-equal the COPY table row for row.
+Reported: wall clock against max(PostHog's busy time, the worker's CPU)
+(PostHog's busy time: the union of the intervals in which some request was
+being computed, from its arrival to its answer being ready); rows/s; the
+speed-up over the naive script; CPU per row against COPY's (COPY's backend
+CPU / the worker's CPU, same rows); the worker's peak anonymous memory
+(RssAnon: its heap, not shared buffers) over idle at N and 4N; a run with
+nothing new; and a simulated one-year backfill (a steady stream: requests,
+rows per request, requests per hour, 429s).  The phsync table must equal
+the COPY table row for row.
 """
 import argparse
 import json
@@ -29,6 +37,7 @@ import urllib.request
 import psycopg2
 
 PORT = 54391
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def sh(*cmd, **kw):
@@ -36,13 +45,14 @@ def sh(*cmd, **kw):
 
 
 class Fake:
-    def __init__(self, work, fake_py):
+    def __init__(self, work, fake_py, config):
         ready = os.path.join(work, "fake.json")
-        self.proc = subprocess.Popen(
-            [sys.executable, fake_py, "--cert", f"{work}/server.crt", "--key", f"{work}/server.key",
-             "--api-key", "phx_bench", "--project-id", "1", "--ready-file", ready],
-            stdout=open(f"{work}/fake.log", "w"), stderr=subprocess.STDOUT)
-        for _ in range(300):
+        cmd = [sys.executable, fake_py, "--cert", f"{work}/server.crt", "--key", f"{work}/server.key",
+               "--api-key", "phx_bench", "--project-id", "1", "--ready-file", ready]
+        for k, v in config.items():
+            cmd += ["--" + k.replace("_", "-"), str(v)]
+        self.proc = subprocess.Popen(cmd, stdout=open(f"{work}/fake.log", "w"), stderr=subprocess.STDOUT)
+        for _ in range(600):
             if os.path.exists(ready):
                 break
             time.sleep(0.05)
@@ -57,16 +67,42 @@ class Fake:
         return json.load(urllib.request.urlopen(req, timeout=3600))
 
     def get(self, path):
-        return json.load(urllib.request.urlopen(self.control + path, timeout=60))
-
-    def busy(self):
-        return self.get("/stats")["busy_seconds"]
+        return json.load(urllib.request.urlopen(self.control + path, timeout=600))
 
     def query(self, body):
         req = urllib.request.Request(self.api + "/api/projects/1/query/", json.dumps(body).encode(),
                                      {"Content-Type": "application/json",
                                       "Authorization": "Bearer phx_bench"})
         return json.load(urllib.request.urlopen(req, context=self.ctx, timeout=600))
+
+    def reset(self):
+        """Forget requests and throttle history (not the data)."""
+        self.post("/reset", {})
+        self.post("/stats/reset", {})
+
+    def server_busy(self):
+        """Seconds in which PostHog was computing some request (union of
+        [arrival, answer ready]), the requests, and the 429s."""
+        reqs = [r for r in self.get("/requests") if r.get("method") == "POST"]
+        spans = sorted((r["start"], r.get("ready") or r["end"]) for r in reqs)
+        busy, cur_s, cur_e = 0.0, None, None
+        for s, e in spans:
+            if cur_e is None or s > cur_e:
+                if cur_e is not None:
+                    busy += cur_e - cur_s
+                cur_s, cur_e = s, e
+            else:
+                cur_e = max(cur_e, e)
+        if cur_e is not None:
+            busy += cur_e - cur_s
+        return busy, reqs
+
+
+def proc_cpu(pid):
+    """utime + stime of a process, seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def rss_anon(pid):
@@ -96,24 +132,38 @@ def worker_pid(cur):
     return cur.fetchone()[0]
 
 
-def timed_run(cur, fake, sample=True):
-    """phsync_run_now(): (wall s, server s, run row, peak RssAnon, idle RssAnon)."""
-    pid = worker_pid(cur)
-    idle = rss_anon(pid)
-    sampler = Sampler(pid)
-    if sample:
-        sampler.start()
-    fake.post("/stats/reset", {})
-    t0 = time.perf_counter()
-    cur.execute("SELECT status, pages, rows_received, rows_inserted, error FROM phsync_run_now()")
-    row = cur.fetchone()
-    wall = time.perf_counter() - t0
-    sampler.stop = True
-    if sample:
-        sampler.join()
-    if row[0] != "succeeded":
-        sys.exit(f"phsync run failed: {row}")
-    return wall, fake.busy(), row, sampler.peak, idle
+class Run:
+    """One measured phsync run (phsync_run_now() or a backfill)."""
+
+    def __init__(self, cur, fake, sql, sample=True, perf=None):
+        pid = worker_pid(cur)
+        prof = subprocess.Popen(["perf", "record", "-g", "-q", "-p", str(pid), "-o", perf],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if perf else None
+        self.idle = rss_anon(pid)
+        sampler = Sampler(pid)
+        if sample:
+            sampler.start()
+        fake.reset()
+        cpu0 = proc_cpu(pid)
+        t0 = time.perf_counter()
+        cur.execute(sql)
+        self.row = cur.fetchone()
+        self.wall = time.perf_counter() - t0
+        self.cpu = proc_cpu(pid) - cpu0
+        if prof:
+            prof.send_signal(2)
+            prof.wait()
+        sampler.stop = True
+        if sample:
+            sampler.join()
+        self.peak = sampler.peak
+        self.server, self.requests = fake.server_busy()
+        if self.row[0] != "succeeded":
+            sys.exit(f"phsync run failed: {self.row}")
+
+    @property
+    def overlap(self):
+        return self.wall / max(self.server, self.cpu)
 
 
 BUILTIN = ("SELECT uuid, event, timestamp, distinct_id, person_id, properties, elements_chain, created_at\n"
@@ -121,13 +171,13 @@ BUILTIN = ("SELECT uuid, event, timestamp, distinct_id, person_id, properties, e
            "  AND timestamp >= toDateTime({timestamp_since})")
 
 
-def naive(fake, conn, rows_wanted, page_size):
+def naive(fake, conn, rows_wanted, page_size=10000):
     """What home-made scripts do: page through the API, INSERT row by row."""
     cur = conn.cursor()
     cur.execute("PREPARE ins(uuid, text, timestamptz, text, uuid, jsonb, text, timestamptz) AS "
                 "INSERT INTO naive_events VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING")
     conn.commit()
-    fake.post("/stats/reset", {})
+    fake.reset()
     after = None
     done = 0
     t0 = time.perf_counter()
@@ -149,8 +199,25 @@ def naive(fake, conn, rows_wanted, page_size):
         conn.commit()
         done += len(rows)
         after = (rows[-1][7], rows[-1][0])
-    wall = time.perf_counter() - t0
-    return done, wall, fake.busy()
+    return done, time.perf_counter() - t0
+
+
+def set_conf(cur, **settings):
+    for k, v in settings.items():
+        if v is None:
+            cur.execute(f"ALTER SYSTEM RESET phsync.{k}")
+        else:
+            cur.execute(f"ALTER SYSTEM SET phsync.{k} = %s", (str(v),))
+    cur.execute("SELECT pg_reload_conf()")
+    time.sleep(0.5)
+
+
+def synthetic(fake, count, seed, step_ms):
+    """Serve count events ending 5 minutes ago; returns the first created_at."""
+    t0 = time.perf_counter()
+    syn = fake.post("/synthetic", {"count": count, "seed": seed, "step_ms": step_ms})
+    print(f"   rendered {count} events in {time.perf_counter() - t0:.1f} s", flush=True)
+    return syn["first"]
 
 
 def main():
@@ -159,8 +226,14 @@ def main():
     ap.add_argument("--fake", required=True)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--naive-rows", type=int, default=0, help="default: min(rows, 100000)")
-    ap.add_argument("--page-size", type=int, default=10000)
-    ap.add_argument("--no-4n", action="store_true", help="skip the 4N runs")
+    ap.add_argument("--no-4n", action="store_true", help="skip the 4N run")
+    ap.add_argument("--year-rows", type=int, default=1_000_000,
+                    help="events in the simulated one-year backfill (0: skip it)")
+    ap.add_argument("--timeline", action="store_true", help="print the requests of the run at N")
+    ap.add_argument("--perf", help="record a profile of the worker during the run at N into this file "
+                    "(and of COPY's backend into FILE.copy)")
+    ap.add_argument("--latency-base-ms", type=float, default=400)
+    ap.add_argument("--latency-per-row-us", type=float, default=60)
     args = ap.parse_args()
     n = args.rows
     naive_rows = args.naive_rows or min(n, 100_000)
@@ -175,11 +248,11 @@ def main():
        f"{work}/ca.key", "-CAcreateserial", "-out", f"{work}/server.crt", "-days", "2",
        "-extfile", f"{work}/ext.cnf")
 
-    print(f"== rendering {n} synthetic events", flush=True)
-    fake = Fake(work, args.fake)
-    t0 = time.perf_counter()
-    syn = fake.post("/synthetic", {"count": n, "seed": 1})
-    print(f"   {time.perf_counter() - t0:.1f} s", flush=True)
+    # PostHog's defaults (caps, throttles, 3 slots) plus the latency model
+    fake = Fake(work, args.fake, {"latency_base_ms": args.latency_base_ms,
+                                  "latency_per_row_us": args.latency_per_row_us})
+    print(f"== {n} synthetic events", flush=True)
+    first = synthetic(fake, n, 1, 10)
 
     data = f"{work}/data"
     sh("initdb", "-D", data, "-A", "trust")
@@ -188,19 +261,18 @@ def main():
 port = {PORT}
 unix_socket_directories = '{work}'
 listen_addresses = ''
-shared_buffers = 1GB
+shared_buffers = 512MB
 max_wal_size = 8GB
 checkpoint_timeout = 30min
+wal_init_zero = off
 shared_preload_libraries = 'phsync'
 phsync.host = '{fake.api}'
 phsync.project_id = '1'
 phsync.api_key = 'phx_bench'
 phsync.ca_file = '{work}/ca.crt'
-phsync.page_size = {args.page_size}
-phsync.initial_since = '2020-01-01'
-phsync.max_requests_per_minute = 0
 phsync.run_at = '00:00'
 phsync.interval = '3650d'
+phsync.verify = off
 """)
     sh("pg_ctl", "-D", data, "-l", f"{work}/postgres.log", "-w", "start")
     try:
@@ -214,12 +286,24 @@ phsync.interval = '3650d'
             if cur.fetchone()[0]:
                 break
             time.sleep(0.1)
+        # touch every shared buffer once, so that neither phsync nor COPY pays
+        # for the first use of the memory
+        cur.execute("CREATE UNLOGGED TABLE warm AS SELECT repeat('x', 900) AS x FROM generate_series(1, 600000)")
+        cur.execute("DROP TABLE warm")
+        # the first run starts an hour before the data (a real project's initial_since)
+        cur.execute("SELECT %s::timestamptz - interval '1 hour'", (first,))
+        set_conf(cur, initial_since=cur.fetchone()[0].isoformat())
 
-        print("== phsync_run_now() from an empty table", flush=True)
-        wall, server, row, peak, idle = timed_run(cur, fake)
-        own = wall - server
-        cur.execute("SELECT pg_total_relation_size('posthog_events')")
-        print(f"   {row[1]} pages, {row[2]} rows, wall {wall:.1f} s, server {server:.1f} s, phsync {own:.1f} s", flush=True)
+        run_sql = "SELECT status, pages, rows_received, rows_inserted, error FROM phsync_run_now()"
+        print("== phsync_run_now() from an empty table, default settings", flush=True)
+        r1 = Run(cur, fake, run_sql, perf=args.perf)
+        print(f"   {r1.row[1]} pages, {r1.row[3]} rows, wall {r1.wall:.1f} s, PostHog busy {r1.server:.1f} s, "
+              f"worker CPU {r1.cpu:.1f} s", flush=True)
+        if args.timeline:
+            t0 = min(r["start"] for r in r1.requests)
+            for r in sorted(r1.requests, key=lambda r: r["start"]):
+                print(f"   {r['start'] - t0:7.2f} {(r.get('ready') or r['end']) - t0:7.2f} {r['end'] - t0:7.2f} "
+                      f"{r.get('status')} {r.get('rows')} {r['client_query_id']}")
 
         cur.execute("CREATE TABLE copy_events (LIKE posthog_events INCLUDING ALL)")
         cur.execute("CREATE TABLE naive_events (LIKE posthog_events INCLUDING ALL)")
@@ -228,16 +312,24 @@ phsync.interval = '3650d'
         payload = os.path.getsize(copy_file)
         cur.execute("CHECKPOINT")
         print("== COPY of the same rows", flush=True)
+        cur.execute("SELECT pg_backend_pid()")
+        bpid = cur.fetchone()[0]
+        prof = subprocess.Popen(["perf", "record", "-g", "-q", "-p", str(bpid), "-o", args.perf + ".copy"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if args.perf else None
+        cpu0 = proc_cpu(bpid)
         t0 = time.perf_counter()
         cur.execute(f"COPY copy_events FROM '{copy_file}'")
         copy_s = time.perf_counter() - t0
-        print(f"   {copy_s:.1f} s", flush=True)
+        copy_cpu = proc_cpu(bpid) - cpu0
+        if prof:
+            prof.send_signal(2)
+            prof.wait()
+        print(f"   {copy_s:.1f} s, backend CPU {copy_cpu:.1f} s", flush=True)
 
         print(f"== naive per-row INSERT ({naive_rows} rows)", flush=True)
         nconn = psycopg2.connect(host=work, port=PORT, dbname="postgres")
-        naive_done, naive_wall, naive_server = naive(fake, nconn, naive_rows, args.page_size)
-        naive_own = naive_wall - naive_server
-        print(f"   wall {naive_wall:.1f} s, server {naive_server:.1f} s", flush=True)
+        naive_done, naive_wall = naive(fake, nconn, naive_rows)
+        print(f"   wall {naive_wall:.1f} s", flush=True)
 
         # correctness: phsync's table equals COPY's, row for row
         cur.execute("SELECT count(*) FROM posthog_events")
@@ -247,56 +339,96 @@ phsync.interval = '3650d'
         diff = cur.fetchone()[0]
 
         # a run with nothing new (lookback 0: only the last row is re-read)
-        cur.execute("ALTER SYSTEM SET phsync.lookback = 0")
-        cur.execute("SELECT pg_reload_conf()")
-        time.sleep(0.5)
-        nn_wall, nn_server, nn_row, _, _ = timed_run(cur, fake, sample=False)
+        set_conf(cur, lookback=0)
+        nn = Run(cur, fake, run_sql, sample=False)
+        set_conf(cur, lookback=None)
 
-        res4 = None
+        r4 = None
+        got4 = None
         if not args.no_4n:
-            print(f"== 4N: rendering {4 * n} events, then phsync from an empty table", flush=True)
-            cur.execute("ALTER SYSTEM RESET phsync.lookback")
-            cur.execute("SELECT pg_reload_conf()")
+            print(f"== 4N: {4 * n} events, phsync from an empty table", flush=True)
             cur.execute("DROP TABLE posthog_events, copy_events, naive_events")
-            fake.post("/synthetic", {"count": 4 * n, "seed": 2})
-            w4, s4, r4, p4, i4 = timed_run(cur, fake)
-            print(f"   {r4[2]} rows, wall {w4:.1f} s, server {s4:.1f} s, phsync {w4 - s4:.1f} s", flush=True)
+            first4 = synthetic(fake, 4 * n, 2, 10)
+            cur.execute("SELECT %s::timestamptz - interval '1 hour'", (first4,))
+            set_conf(cur, initial_since=cur.fetchone()[0].isoformat())
+            r4 = Run(cur, fake, run_sql)
+            print(f"   {r4.row[3]} rows, wall {r4.wall:.1f} s, PostHog busy {r4.server:.1f} s, "
+                  f"worker CPU {r4.cpu:.1f} s", flush=True)
             cur.execute("SELECT count(*) FROM posthog_events")
             got4 = cur.fetchone()[0]
-            cur.execute("ALTER SYSTEM SET phsync.lookback = 0")
-            cur.execute("SELECT pg_reload_conf()")
-            time.sleep(0.5)
-            nn4_wall, nn4_server, _, _, _ = timed_run(cur, fake, sample=False)
-            res4 = (w4, s4, r4, p4, i4, got4, nn4_wall, nn4_server)
+
+        year = None
+        if args.year_rows:
+            m = args.year_rows
+            print(f"== one-year backfill: {m} events, one every {365 * 86400 / m:.0f} s", flush=True)
+            cur.execute("DROP TABLE IF EXISTS posthog_events, copy_events, naive_events")
+            step_ms = 365 * 86400 * 1000 // m
+            yfirst = synthetic(fake, m, 3, step_ms)
+            set_conf(cur, initial_since=None)
+            cur.execute("SELECT phsync_create_table('events', 'public.posthog_events')")
+            cur.execute("SELECT %s::timestamptz, %s::timestamptz + interval '366 days'", (yfirst, yfirst))
+            y_from, y_to = cur.fetchone()
+            # a backfill is queued: time it until it ends
+            pid = worker_pid(cur)
+            fake.reset()
+            cpu0 = proc_cpu(pid)
+            t0 = time.perf_counter()
+            cur.execute("SELECT id FROM phsync_backfill('default', %s, %s)", (y_from, y_to))
+            bid = cur.fetchone()[0]
+            while True:
+                cur.execute("SELECT status, rows_inserted, requests FROM phsync.runs WHERE id = %s", (bid,))
+                st, yrows, yreq = cur.fetchone()
+                if st not in ("queued", "running"):
+                    break
+                time.sleep(0.2)
+            ywall = time.perf_counter() - t0
+            ycpu = proc_cpu(pid) - cpu0
+            ybusy, yreqs = fake.server_busy()
+            if st != "succeeded":
+                sys.exit(f"one-year backfill {st}")
+            throttled = [r for r in yreqs if r.get("status") == 429]
+            ok_reqs = [r for r in yreqs if r.get("status") == 200]
+            per_hour = len(yreqs) / max(ywall / 3600, 1e-9)
+            year = (m, ywall, ycpu, ybusy, len(yreqs), yreq, yrows, len(ok_reqs), len(throttled), per_hour)
 
         mb = payload / 1e6
         print()
         print(f"phsync benchmark: N = {n} events, {mb:.0f} MB as COPY text ({payload / n:.0f} B/row), "
-              f"page_size {args.page_size}, {os.cpu_count()} cores")
-        print(f"{'method':<34}{'rows':>9}{'seconds':>9}{'rows/s':>10}{'MB/s':>8}{'vs COPY':>9}")
-        copy_rate = n / copy_s
-        for name, rows, secs in [("phsync, own work (server excluded)", n, own),
-                                 ("phsync, wall clock", n, wall),
-                                 ("COPY from a local file", n, copy_s),
-                                 ("naive per-row INSERT, own work", naive_done, naive_own)]:
-            rate = rows / secs
-            print(f"{name:<34}{rows:>9}{secs:>9.2f}{rate:>10.0f}{rate * payload / n / 1e6:>8.1f}{rate / copy_rate:>9.2f}")
+              f"{os.cpu_count()} cores; PostHog model {args.latency_base_ms / 1000:.1f} s + "
+              f"{args.latency_per_row_us:.0f} us/row, 3 slots, 240/min and 2,400/h; phsync defaults")
+        print(f"{'':<38}{'rows':>9}{'wall s':>8}{'rows/s':>9}{'PostHog s':>10}{'CPU s':>7}{'wall/max':>9}")
+        for name, r in [("phsync_run_now() at N", r1)] + ([("phsync_run_now() at 4N", r4)] if r4 else []):
+            print(f"{name:<38}{r.row[3]:>9}{r.wall:>8.1f}{r.row[3] / r.wall:>9.0f}{r.server:>10.1f}"
+                  f"{r.cpu:>7.1f}{r.overlap:>9.2f}")
+        print(f"{'naive per-row script':<38}{naive_done:>9}{naive_wall:>8.1f}{naive_done / naive_wall:>9.0f}")
+        print(f"{'COPY from a local file':<38}{n:>9}{copy_s:>8.1f}{n / copy_s:>9.0f}{'':>10}{copy_cpu:>7.1f}")
         print()
-        print(f"worker memory (RssAnon): idle {idle / 2**20:.1f} MB, peak at N {peak / 2**20:.1f} MB "
-              f"(+{(peak - idle) / 2**20:.1f} MB)", end="")
-        if res4:
-            print(f", peak at 4N {res4[3] / 2**20:.1f} MB (+{(res4[3] - res4[4]) / 2**20:.1f} MB), "
-                  f"4N/N {res4[3] / peak:.2f}")
+        speedup = (r1.row[3] / r1.wall) / (naive_done / naive_wall)
+        cpu_ratio = copy_cpu / r1.cpu
+        print(f"wall / max(PostHog busy, worker CPU): {r1.overlap:.2f} at N"
+              + (f", {r4.overlap:.2f} at 4N" if r4 else "") + " (target <= 1.3)")
+        print(f"speed-up over the naive script: {speedup:.1f}x (target >= 3)")
+        print(f"CPU per row, COPY / phsync: {cpu_ratio:.2f} (target >= 0.8)")
+        print(f"worker memory (RssAnon): idle {r1.idle / 2**20:.1f} MB, peak at N {r1.peak / 2**20:.1f} MB "
+              f"(+{(r1.peak - r1.idle) / 2**20:.1f} MB)", end="")
+        if r4:
+            print(f", peak at 4N {r4.peak / 2**20:.1f} MB (+{(r4.peak - r4.idle) / 2**20:.1f} MB), "
+                  f"4N/N {r4.peak / r1.peak:.2f} (target: +150 MB at most, 4N/N within 10%)")
         else:
             print()
-        print(f"run with nothing new at N: wall {nn_wall * 1000:.0f} ms, server {nn_server * 1000:.0f} ms, "
-              f"phsync {1000 * (nn_wall - nn_server):.0f} ms ({nn_row[2]} row re-read)")
-        if res4:
-            print(f"run with nothing new at 4N: wall {res4[6] * 1000:.0f} ms, server {res4[7] * 1000:.0f} ms, "
-                  f"phsync {1000 * (res4[6] - res4[7]):.0f} ms")
-        ok = got == n and diff == 0 and (res4 is None or res4[5] == 4 * n)
+        print(f"run with nothing new at N: wall {nn.wall * 1000:.0f} ms, PostHog {nn.server * 1000:.0f} ms, "
+              f"{len(nn.requests)} request(s)")
+        if year:
+            m, ywall, ycpu, ybusy, nreq, yreq, yrows, nok, n429, per_hour = year
+            print(f"one-year backfill of a steady stream ({m} events): {nreq} requests ({n429} answered 429), "
+                  f"{yrows / max(nok, 1):.0f} rows per request, {ywall:.1f} s wall, "
+                  f"{per_hour:.0f} requests per hour at this pace (PostHog allows 2,400), "
+                  f"PostHog busy {ybusy:.1f} s, worker CPU {ycpu:.1f} s")
+        ok = got == n and diff == 0 and (r4 is None or got4 == 4 * n) and \
+            (year is None or (year[6] == year[0] and year[8] == 0))
         print(f"check: phsync table has {got} rows, {diff} differ from COPY's"
-              + (f"; 4N table has {res4[5]} rows" if res4 else "") + (": OK" if ok else ": MISMATCH"))
+              + (f"; 4N table has {got4} rows" if r4 else "")
+              + (f"; the year has {year[6]} rows" if year else "") + (": OK" if ok else ": MISMATCH"))
         if not ok:
             sys.exit(1)
     finally:

@@ -2,7 +2,8 @@
 # slow, truncated and garbled responses, kill -9 of the worker, immediate
 # server restarts) while new and late events keep arriving.  After every
 # round the target holds only source rows, never one twice; at the end,
-# once the faults clear, it equals the source row for row.
+# once the faults clear, it equals the source row for row.  Requests are
+# concurrent (three at once) and overlap the inserts.
 #
 # PHSYNC_CHAOS_SEED=n reruns one schedule; PHSYNC_CHAOS_ROUNDS=n sets its length.
 use strict;
@@ -26,7 +27,9 @@ my $fake = start_fake(certs => $certs);
 my $node = phsync_node('chaos', $fake, $certs, restart_after_crash => 'on',
 	'phsync.page_size' => '7', 'phsync.max_retries' => '3',
 	'phsync.retry_base_delay' => '10ms', 'phsync.max_retry_delay' => '200ms',
-	'phsync.request_timeout' => '20s');
+	'phsync.request_timeout' => '20s',
+	# overlapped and concurrent requests, as by default (and more)
+	'phsync.max_concurrent_requests' => '3');
 $node->safe_psql('postgres', 'CREATE EXTENSION phsync');
 
 my $activity = sub {

@@ -4,7 +4,9 @@
  *		phsync_doctor(): the checks a person makes when phsync does not
  *		work, in the order they would make them, one row each.
  *
- * settings, worker, dns, tcp, tls, auth, target, query.  Every network
+ * settings, worker, dns, tcp, tls, auth, then per sync: server (a sync
+ * on a foreign server: its host and its owner's key), target, query.
+ * Every network
  * step has a short timeout, so the doctor never hangs; a step that cannot
  * be made because an earlier one failed says so.  Details start with the
  * category users see elsewhere (auth, network, timeout, permission).  The
@@ -88,7 +90,7 @@ check_settings(Doctor *d)
 	else if (settings_api_key()[0] == '\0')
 		missing = "phsync.api_key";
 	d->configured = (missing == NULL);
-	d->endpoint = sync_settings_endpoint();
+	d->endpoint = endpoint_from_settings();
 	if (missing)
 		row(d, "settings", "error", psprintf("%s is not set", missing),
 			psprintf("Set %s in postgresql.conf and reload the configuration.", missing));
@@ -220,7 +222,7 @@ ask_posthog(Doctor *d, const char *item, PhsyncEndpoint *endpoint, PhsyncQuery *
 	if (res.ok)
 	{
 		/* the first answer says the project's time zone */
-		row(d, item, "ok", timezone && strcmp(item, "auth") == 0 ?
+		row(d, item, "ok", timezone && (strcmp(item, "auth") == 0 || strcmp(item, "server") == 0) ?
 			psprintf("%s; its time zone is %s", ok_detail, timezone) : ok_detail, NULL);
 		return true;
 	}
@@ -307,18 +309,93 @@ check_target(Doctor *d, PhsyncSync *sync, const char *prefix)
 }
 
 /*
+ * The endpoint of a sync, or NULL with *failure and *hint set (a server
+ * or a user mapping that is missing, say).
+ */
+static PhsyncEndpoint *
+endpoint_or_null(PhsyncSync *sync, char **failure, char **hint)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	PhsyncEndpoint *volatile e = NULL;
+
+	PG_TRY();
+	{
+		e = sync_endpoint(sync);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		*failure = pstrdup(edata->message);
+		*hint = edata->hint ? pstrdup(edata->hint) : NULL;
+		FreeErrorData(edata);
+		e = NULL;
+	}
+	PG_END_TRY();
+	return e;
+}
+
+/*
+ * A sync's server: reachable with its owner's key?  One row per server
+ * and owner (the first sync that uses them says it).
+ */
+static bool
+check_server(Doctor *d, PhsyncSync *sync, PhsyncEndpoint **endpoint, List **seen)
+{
+	const char *prefix = psprintf("sync %s: server %s: ", sync->name, sync->server);
+	char	   *failure = NULL;
+	char	   *hint = NULL;
+	char	   *key = psprintf("%s/%s", sync->server, sync->owner_name);
+	PhsyncQuery q;
+	ListCell   *lc;
+	bool		ok;
+
+	*endpoint = endpoint_or_null(sync, &failure, &hint);
+	if (*endpoint == NULL)
+	{
+		row(d, "server", "error", psprintf("%s%s", prefix, failure), hint);
+		return false;
+	}
+	foreach(lc, *seen)
+	{
+		char	   *k = lfirst(lc);
+
+		if (strcmp(k, key) == 0)
+			return true;
+	}
+	memset(&q, 0, sizeof(q));
+	q.cursor = sync->cursor;
+	q.preset = PHSYNC_CUSTOM;
+	q.base = "SELECT 1";
+	ok = ask_posthog(d, "server", *endpoint, &q, "SELECT 1",
+					 psprintf("%sthe API key of the user mapping for %s runs queries in project %s at %s",
+							  prefix, sync->owner_name, (*endpoint)->project_id, (*endpoint)->host));
+	if (ok)
+		*seen = lappend(*seen, key);
+	return ok;
+}
+
+/*
  * The target and the query of one sync.  Rows about a sync other than the
- * default one say which.
+ * default one say which.  A sync with a server is checked against it
+ * first.
  */
 static void
-check_target_and_query(Doctor *d, PhsyncSync *sync, bool authenticated)
+check_target_and_query(Doctor *d, PhsyncSync *sync, bool authenticated, List **seen)
 {
 	const char *prefix = sync_is_default(sync) ? "" : psprintf("sync %s: ", sync->name);
-	PhsyncTarget *target = check_target(d, sync, prefix);
+	PhsyncEndpoint *endpoint = NULL;
+	PhsyncTarget *target;
 	PhsyncQuery q;
 	char	   *hogql;
 	int			i;
 
+	if (sync->server)
+		authenticated = check_server(d, sync, &endpoint, seen);
+	target = check_target(d, sync, prefix);
 	if (!authenticated)
 	{
 		row(d, "query", "warning",
@@ -349,7 +426,19 @@ check_target_and_query(Doctor *d, PhsyncSync *sync, bool authenticated)
 		}
 	}
 	hogql = hogql_build(&q, NULL);
-	(void) ask_posthog(d, "query", sync_endpoint(sync), &q, hogql,
+	if (endpoint == NULL)
+	{
+		char	   *failure = NULL;
+		char	   *hint = NULL;
+
+		endpoint = endpoint_or_null(sync, &failure, &hint);
+		if (endpoint == NULL)
+		{
+			row(d, "query", "error", psprintf("%s%s", prefix, failure), hint);
+			return;
+		}
+	}
+	(void) ask_posthog(d, "query", endpoint, &q, hogql,
 					   sync->query_file ? "PostHog accepts the query in phsync.query_file" :
 					   sync->preset == PHSYNC_CUSTOM ? psprintf("%sPostHog accepts the query", prefix) :
 					   psprintf("%sPostHog accepts the built-in %s query", prefix,
@@ -363,6 +452,7 @@ static void
 check_syncs(Doctor *d, bool authenticated)
 {
 	List	   *syncs = NIL;
+	List	   *seen = NIL;
 	ListCell   *lc;
 
 	phsync_spi_connect();
@@ -374,7 +464,7 @@ check_syncs(Doctor *d, bool authenticated)
 		row(d, "target", "warning", "no sync is enabled",
 			"phsync.target_table is empty and phsync.syncs has no enabled sync.");
 	foreach(lc, syncs)
-		check_target_and_query(d, lfirst(lc), authenticated);
+		check_target_and_query(d, lfirst(lc), authenticated, &seen);
 	phsync_spi_finish();
 }
 

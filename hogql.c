@@ -344,6 +344,50 @@ add_timestamp(json_object *values, const char *name, TimestampTz ts)
 }
 
 /*
+ * The JSON body of a query from SQL (phsync_query() and its kin): kind
+ * HogQLQuery with the caller's HogQL and values (a JSON object's text, or
+ * NULL), or DatabaseSchemaQuery (hogql NULL).  Palloc'd.
+ */
+char *
+hogql_adhoc_body(const char *hogql, const char *values_json, const char *name,
+				 const char *client_query_id)
+{
+	json_object *root = json_object_new_object();
+	json_object *query = json_object_new_object();
+	char	   *result;
+
+	if (hogql)
+	{
+		json_object *values = values_json ? json_tokener_parse(values_json) : NULL;
+
+		if (values_json && (values == NULL || !json_object_is_type(values, json_type_object)))
+		{
+			if (values)
+				json_object_put(values);
+			json_object_put(root);
+			json_object_put(query);
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("values must be a JSON object"),
+					 errhint("For example: values => '{\"since\": \"2026-11-01T00:00:00Z\"}'")));
+		}
+		json_object_object_add(query, "kind", json_object_new_string("HogQLQuery"));
+		json_object_object_add(query, "query", json_object_new_string(hogql));
+		json_object_object_add(query, "values", values ? values : json_object_new_object());
+	}
+	else
+		json_object_object_add(query, "kind", json_object_new_string("DatabaseSchemaQuery"));
+	json_object_object_add(root, "query", query);
+	json_object_object_add(root, "refresh", json_object_new_string("force_blocking"));
+	json_object_object_add(root, "name", json_object_new_string(name));
+	json_object_object_add(root, "client_query_id", json_object_new_string(client_query_id));
+
+	result = pstrdup(json_object_to_json_string_ext(root, JSON_C_TO_STRING_PLAIN));
+	json_object_put(root);
+	return result;
+}
+
+/*
  * The JSON body of a query request: the HogQL, every value as a
  * placeholder, refresh=force_blocking (no stale cache), a name and a
  * client_query_id (to cancel it by).  Palloc'd.

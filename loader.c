@@ -299,15 +299,14 @@ strip_json_nul_escapes(const char *s)
 }
 
 /*
- * Text of value c of the decoded row for a type input function (NULL for
- * JSON null), in the database encoding.  Strings arrive decoded and
- * checked to be UTF-8; one that is not is this row's error.
+ * The text of value c of a decoded row for a column of type typid (NULL:
+ * SQL NULL): UTF-8 made the database's encoding, \u0000 escapes dropped
+ * from JSON; a value that is not text (a lone surrogate) is an error about
+ * the row.
  */
 static char *
-value_text(PhsyncLoader *loader, int c)
+value_text(PhsyncRow *row, int c, Oid typid, const char *colname)
 {
-	PhsyncRow  *row = loader->row;
-	PhsyncColumn *col = &loader->target->cols[loader->colmap[c]];
 	char	   *text = (char *) row->values[c];
 
 	switch (row->kinds[c])
@@ -319,12 +318,12 @@ value_text(PhsyncLoader *loader, int c)
 			pg_verifymbstr(text, (int) row->lens[c], false);
 			ereport(ERROR,
 					(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
-					 errmsg("value for column \"%s\" holds a \\u escape of a lone Unicode surrogate", col->name)));
+					 errmsg("value for column \"%s\" holds a \\u escape of a lone Unicode surrogate", colname)));
 			break;
 		case PHSYNC_VALUE_STRING:
 			if (GetDatabaseEncoding() != PG_UTF8)
 				text = pg_any_to_server(text, (int) row->lens[c], PG_UTF8);
-			if (col->typid == JSONBOID || col->typid == JSONOID)
+			if (typid == JSONBOID || typid == JSONOID)
 				text = strip_json_nul_escapes(text);
 			return text;
 		case PHSYNC_VALUE_TRUE:
@@ -338,27 +337,30 @@ value_text(PhsyncLoader *loader, int c)
 }
 
 /*
- * The value of result column c for text (NULL: SQL NULL), by the target
- * column type's input function.  PostHog writes date-times in the
+ * Value c of a decoded row as a Datum of type typid (*isnull for SQL
+ * NULL), by the type's input function.  PostHog writes date-times in the
  * project's time zone with its offset (2026-11-02T08:34:05+05:30): a
  * timestamp without time zone takes the same instant in UTC, and a date
  * the UTC date of a date-time (a plain date stays as it is), whatever the
- * session's TimeZone; timestamptz keeps the instant by itself.
+ * session's TimeZone; timestamptz keeps the instant by itself.  Shared by
+ * the loader and phsync_query().
  */
-static Datum
-column_value(PhsyncLoader *loader, int c, char *text)
+Datum
+value_datum(PhsyncRow *row, int c, Oid typid, int32 typmod, FmgrInfo *input,
+			Oid typioparam, const char *colname, bool *isnull)
 {
-	PhsyncColumn *col = &loader->target->cols[loader->colmap[c]];
+	char	   *text = value_text(row, c, typid, colname);
 	TimestampTz instant;
 
+	*isnull = (text == NULL);
 	if (text == NULL)
-		return InputFunctionCall(&loader->input[c], NULL, col->typioparam, col->typmod);
-	switch (col->typid)
+		return InputFunctionCall(input, NULL, typioparam, typmod);
+	switch (typid)
 	{
 		case TIMESTAMPOID:
 			/* a timestamp is the same count of microseconds as its UTC instant */
 			return DirectFunctionCall3(timestamptz_in, CStringGetDatum(text),
-									   ObjectIdGetDatum(InvalidOid), Int32GetDatum(col->typmod));
+									   ObjectIdGetDatum(InvalidOid), Int32GetDatum(typmod));
 		case DATEOID:
 			if (strlen(text) <= 10)
 				break;			/* a plain date */
@@ -372,7 +374,7 @@ column_value(PhsyncLoader *loader, int c, char *text)
 		default:
 			break;
 	}
-	return InputFunctionCall(&loader->input[c], text, col->typioparam, col->typmod);
+	return InputFunctionCall(input, text, typioparam, typmod);
 }
 
 /* rows being inserted: rows[first .. first + n) of the chunk */
@@ -414,11 +416,12 @@ convert_row(PageValues *pv, int r, int slot)
 	for (c = 0; c < ncols; c++)
 	{
 		PhsyncColumn *col = &loader->target->cols[loader->colmap[c]];
-		char	   *text = value_text(loader, c);
-		Datum		d = column_value(loader, c, text);
+		bool		isnull;
+		Datum		d = value_datum(loader->row, c, col->typid, col->typmod, &loader->input[c],
+									col->typioparam, col->name, &isnull);
 
-		nulls[c] = text ? ' ' : 'n';
-		if (text == NULL || col->typbyval)
+		nulls[c] = isnull ? 'n' : ' ';
+		if (isnull || col->typbyval)
 			values[c] = d;
 		else
 		{

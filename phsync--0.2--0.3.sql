@@ -19,27 +19,43 @@ COMMENT ON FUNCTION @extschema@.phsync_doctor() IS
 
 REVOKE ALL ON FUNCTION @extschema@.phsync_doctor() FROM PUBLIC;
 
--- sync definitions are checked by the library, as the worker checks them
-CREATE OR REPLACE FUNCTION @extschema@.phsync_add_sync(
+-- sync definitions are checked by the library, as the worker checks them;
+-- a sync has an owner and may name a foreign server
+ALTER TABLE phsync.syncs ADD COLUMN owner name NOT NULL DEFAULT CURRENT_USER;
+COMMENT ON COLUMN phsync.syncs.owner IS 'the role that added it: runs act on the target as this role (a superuser''s sync into another role''s table: as that table''s owner)';
+ALTER TABLE phsync.syncs ADD COLUMN server name;
+COMMENT ON COLUMN phsync.syncs.server IS 'the phsync foreign server of its PostHog project (the key: the owner''s user mapping); NULL: the phsync.* settings';
+
+DROP FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean);
+CREATE FUNCTION @extschema@.phsync_add_sync(
 	name text, target text,
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
-	enabled boolean DEFAULT true, verify boolean DEFAULT NULL)
+	enabled boolean DEFAULT true, verify boolean DEFAULT NULL, server text DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_add_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-CREATE OR REPLACE FUNCTION @extschema@.phsync_alter_sync(
+COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text) IS
+	'adds a sync (a preset or a HogQL query into a target table); scheduled runs run every enabled sync';
+REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text) FROM PUBLIC;
+
+DROP FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean);
+CREATE FUNCTION @extschema@.phsync_alter_sync(
 	name text, target text DEFAULT NULL,
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
 	enabled boolean DEFAULT NULL, verify boolean DEFAULT NULL,
-	reread_all boolean DEFAULT false)
+	reread_all boolean DEFAULT false, server text DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_alter_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text) IS
+	'changes a sync; arguments left NULL keep their value (reread_all => true sets lookback to NULL: re-read everything)';
+REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION @extschema@.phsync_drop_sync(name text)
 RETURNS void
@@ -75,9 +91,6 @@ COMMENT ON COLUMN phsync.verifications.local_count IS 'rows the target has in th
 COMMENT ON COLUMN phsync.cluster.system_identifier IS 'pg_control_system().system_identifier of that cluster';
 COMMENT ON COLUMN phsync.cluster.registered_at IS 'when it took the run history over';
 
--- a sync has an owner: runs act on its target as that role
-ALTER TABLE phsync.syncs ADD COLUMN owner name NOT NULL DEFAULT CURRENT_USER;
-COMMENT ON COLUMN phsync.syncs.owner IS 'the role that added it: runs act on the target as this role (a superuser''s sync into another role''s table: as that table''s owner)';
 
 -- a run's low-water mark: slices commit out of order
 ALTER TABLE phsync.runs ADD COLUMN resume_from timestamptz;
@@ -184,3 +197,76 @@ COMMENT ON FUNCTION @extschema@.phsync_cancel(bigint) IS
 	'cancels a queued or running run (the sync''s owner and superusers may); a running one stops within a second';
 
 REVOKE ALL ON FUNCTION @extschema@.phsync_cancel(bigint) FROM PUBLIC;
+
+-- ---------- PostHog projects as foreign servers; PostHog from SQL (0.3) ----------
+
+CREATE FUNCTION @extschema@.phsync_fdw_validator(text[], oid)
+RETURNS void
+AS 'MODULE_PATHNAME', 'phsync_fdw_validator'
+LANGUAGE C STRICT;
+
+COMMENT ON FUNCTION @extschema@.phsync_fdw_validator(text[], oid) IS
+	'checks the options of phsync servers (host, project_id, limits) and user mappings (api_key)';
+
+CREATE FOREIGN DATA WRAPPER phsync VALIDATOR @extschema@.phsync_fdw_validator;
+
+COMMENT ON FOREIGN DATA WRAPPER phsync IS
+	'PostHog projects: a server holds the host and project, a user mapping the API key';
+
+/*
+ * In the calling session, with the caller's own user mapping (without a
+ * server: the phsync.* settings, for superusers only).  Not granted to
+ * PUBLIC.
+ */
+CREATE FUNCTION @extschema@.phsync_query(query text, server text DEFAULT NULL, "values" jsonb DEFAULT NULL)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'phsync_query'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_query(text, text, jsonb) IS
+	'runs one HogQL query on PostHog and returns its rows (give a column definition list)';
+
+CREATE FUNCTION @extschema@.phsync_query_json(query text, server text DEFAULT NULL, "values" jsonb DEFAULT NULL)
+RETURNS SETOF jsonb
+AS 'MODULE_PATHNAME', 'phsync_query_json'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_query_json(text, text, jsonb) IS
+	'runs one HogQL query on PostHog and returns each row as a jsonb object';
+
+CREATE FUNCTION @extschema@.phsync_describe(query text, server text DEFAULT NULL, "values" jsonb DEFAULT NULL)
+RETURNS TABLE (name text, posthog_type text, postgres_type text)
+AS 'MODULE_PATHNAME', 'phsync_describe'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_describe(text, text, jsonb) IS
+	'the columns a HogQL query returns, with PostHog''s type and the PostgreSQL type phsync stores each as';
+
+CREATE FUNCTION @extschema@.phsync_tables(server text DEFAULT NULL)
+RETURNS TABLE (table_name text, column_name text, posthog_type text, postgres_type text)
+AS 'MODULE_PATHNAME', 'phsync_tables'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_tables(text) IS
+	'PostHog''s HogQL tables and their columns (postgres_type NULL: not a column, such as a lazy join)';
+
+CREATE FUNCTION @extschema@.phsync_create_table(name text, query text, key text[],
+											   "cursor" text DEFAULT NULL, server text DEFAULT NULL,
+											   "values" jsonb DEFAULT NULL)
+RETURNS regclass
+AS 'MODULE_PATHNAME', 'phsync_create_table_for_query'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_create_table(text, text, text[], text, text, jsonb) IS
+	'creates a target table for a custom HogQL query: its columns and types, the key, a cursor index';
+
+REVOKE ALL ON FUNCTION @extschema@.phsync_query(text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_query_json(text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_describe(text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_tables(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_create_table(text, text, text[], text, text, jsonb) FROM PUBLIC;

@@ -146,7 +146,8 @@ CREATE TABLE phsync.syncs (
 	verify			boolean NOT NULL DEFAULT false,
 	created_at		timestamptz NOT NULL DEFAULT pg_catalog.now(),
 	CHECK ((preset IS NULL) OPERATOR(pg_catalog.<>) (query IS NULL)),
-	owner			name NOT NULL DEFAULT CURRENT_USER
+	owner			name NOT NULL DEFAULT CURRENT_USER,
+	server			name
 );
 
 COMMENT ON TABLE phsync.syncs IS 'syncs added with phsync_add_sync(); the sync named default comes from the phsync.* settings';
@@ -161,6 +162,7 @@ COMMENT ON COLUMN phsync.syncs.cursor_column IS 'timestamp or date column whose 
 COMMENT ON COLUMN phsync.syncs.conflict IS 'nothing: skip rows already there; update: rewrite them when their values changed';
 COMMENT ON COLUMN phsync.syncs.lookback IS 'how far before the watermark each run starts reading; NULL: re-read everything every run';
 COMMENT ON COLUMN phsync.syncs.verify IS 'scheduled runs also verify the previous day (phsync_verify) and record it in phsync.runs';
+COMMENT ON COLUMN phsync.syncs.server IS 'the phsync foreign server of its PostHog project (the key: the owner''s user mapping); NULL: the phsync.* settings';
 
 CREATE TABLE phsync.verifications (
 	run_id			bigint NOT NULL REFERENCES phsync.runs (id) ON DELETE CASCADE,
@@ -193,13 +195,13 @@ CREATE FUNCTION @extschema@.phsync_add_sync(
 	name text, target text,
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
-	enabled boolean DEFAULT true, verify boolean DEFAULT NULL)
+	enabled boolean DEFAULT true, verify boolean DEFAULT NULL, server text DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_add_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean) IS
+COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text) IS
 	'adds a sync (a preset or a HogQL query into a target table); scheduled runs run every enabled sync';
 
 CREATE FUNCTION @extschema@.phsync_alter_sync(
@@ -207,13 +209,13 @@ CREATE FUNCTION @extschema@.phsync_alter_sync(
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
 	enabled boolean DEFAULT NULL, verify boolean DEFAULT NULL,
-	reread_all boolean DEFAULT false)
+	reread_all boolean DEFAULT false, server text DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_alter_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean) IS
+COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text) IS
 	'changes a sync; arguments left NULL keep their value (reread_all => true sets lookback to NULL: re-read everything)';
 
 CREATE FUNCTION @extschema@.phsync_drop_sync(name text)
@@ -349,8 +351,8 @@ COMMENT ON COLUMN phsync.status.last_verify_mismatches IS 'buckets that differed
 COMMENT ON COLUMN phsync.status.waiting_until IS 'the run in progress waits for PostHog''s throttle (HTTP 429) until then';
 COMMENT ON COLUMN phsync.status.target_problem IS 'why the target is not read (it does not exist, is not a table, the sync''s owner may not write it...); NULL when it is fine';
 
-REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.phsync_drop_sync(text) FROM PUBLIC;
 
 CREATE FUNCTION @extschema@.phsync_cancel(run_id bigint)
@@ -378,3 +380,76 @@ CREATE TABLE phsync.cluster (
 COMMENT ON TABLE phsync.cluster IS 'the cluster whose worker owns this run history (empty after a restore until the worker starts)';
 COMMENT ON COLUMN phsync.cluster.system_identifier IS 'pg_control_system().system_identifier of that cluster';
 COMMENT ON COLUMN phsync.cluster.registered_at IS 'when it took the run history over';
+
+-- ---------- PostHog projects as foreign servers; PostHog from SQL (0.3) ----------
+
+CREATE FUNCTION @extschema@.phsync_fdw_validator(text[], oid)
+RETURNS void
+AS 'MODULE_PATHNAME', 'phsync_fdw_validator'
+LANGUAGE C STRICT;
+
+COMMENT ON FUNCTION @extschema@.phsync_fdw_validator(text[], oid) IS
+	'checks the options of phsync servers (host, project_id, limits) and user mappings (api_key)';
+
+CREATE FOREIGN DATA WRAPPER phsync VALIDATOR @extschema@.phsync_fdw_validator;
+
+COMMENT ON FOREIGN DATA WRAPPER phsync IS
+	'PostHog projects: a server holds the host and project, a user mapping the API key';
+
+/*
+ * In the calling session, with the caller's own user mapping (without a
+ * server: the phsync.* settings, for superusers only).  Not granted to
+ * PUBLIC.
+ */
+CREATE FUNCTION @extschema@.phsync_query(query text, server text DEFAULT NULL, "values" jsonb DEFAULT NULL)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'phsync_query'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_query(text, text, jsonb) IS
+	'runs one HogQL query on PostHog and returns its rows (give a column definition list)';
+
+CREATE FUNCTION @extschema@.phsync_query_json(query text, server text DEFAULT NULL, "values" jsonb DEFAULT NULL)
+RETURNS SETOF jsonb
+AS 'MODULE_PATHNAME', 'phsync_query_json'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_query_json(text, text, jsonb) IS
+	'runs one HogQL query on PostHog and returns each row as a jsonb object';
+
+CREATE FUNCTION @extschema@.phsync_describe(query text, server text DEFAULT NULL, "values" jsonb DEFAULT NULL)
+RETURNS TABLE (name text, posthog_type text, postgres_type text)
+AS 'MODULE_PATHNAME', 'phsync_describe'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_describe(text, text, jsonb) IS
+	'the columns a HogQL query returns, with PostHog''s type and the PostgreSQL type phsync stores each as';
+
+CREATE FUNCTION @extschema@.phsync_tables(server text DEFAULT NULL)
+RETURNS TABLE (table_name text, column_name text, posthog_type text, postgres_type text)
+AS 'MODULE_PATHNAME', 'phsync_tables'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_tables(text) IS
+	'PostHog''s HogQL tables and their columns (postgres_type NULL: not a column, such as a lazy join)';
+
+CREATE FUNCTION @extschema@.phsync_create_table(name text, query text, key text[],
+											   "cursor" text DEFAULT NULL, server text DEFAULT NULL,
+											   "values" jsonb DEFAULT NULL)
+RETURNS regclass
+AS 'MODULE_PATHNAME', 'phsync_create_table_for_query'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_create_table(text, text, text[], text, text, jsonb) IS
+	'creates a target table for a custom HogQL query: its columns and types, the key, a cursor index';
+
+REVOKE ALL ON FUNCTION @extschema@.phsync_query(text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_query_json(text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_describe(text, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_tables(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_create_table(text, text, text[], text, text, jsonb) FROM PUBLIC;

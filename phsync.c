@@ -12,6 +12,7 @@
  */
 #include "postgres.h"
 
+#include "access/reloptions.h"
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
@@ -25,7 +26,9 @@
 #include "miscadmin.h"
 #include "storage/latch.h"
 #include "utils/acl.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/regproc.h"
 #include "utils/timestamp.h"
@@ -53,6 +56,12 @@ PG_FUNCTION_INFO_V1(phsync_alter_sync);
 PG_FUNCTION_INFO_V1(phsync_drop_sync);
 PG_FUNCTION_INFO_V1(phsync_create_table);
 PG_FUNCTION_INFO_V1(phsync_cancel);
+PG_FUNCTION_INFO_V1(phsync_fdw_validator);
+PG_FUNCTION_INFO_V1(phsync_query);
+PG_FUNCTION_INFO_V1(phsync_query_json);
+PG_FUNCTION_INFO_V1(phsync_describe);
+PG_FUNCTION_INFO_V1(phsync_tables);
+PG_FUNCTION_INFO_V1(phsync_create_table_for_query);
 
 void		_PG_init(void);
 
@@ -698,10 +707,11 @@ phsync_doctor(PG_FUNCTION_ARGS)
 
 /*
  * The arguments phsync_add_sync() and phsync_alter_sync() share: name,
- * target, query, preset, cursor, conflict, lookback, enabled, verify.
+ * target, query, preset, cursor, conflict, lookback, enabled, verify; and
+ * server, at position server_arg.
  */
 static void
-sync_args(FunctionCallInfo fcinfo, PhsyncSyncArgs *args)
+sync_args(FunctionCallInfo fcinfo, PhsyncSyncArgs *args, int server_arg)
 {
 	memset(args, 0, sizeof(*args));
 	require_arg(fcinfo, 0, "name");
@@ -717,6 +727,7 @@ sync_args(FunctionCallInfo fcinfo, PhsyncSyncArgs *args)
 	args->enabled = args->has_enabled && PG_GETARG_BOOL(7);
 	args->has_verify = !PG_ARGISNULL(8);
 	args->verify = args->has_verify && PG_GETARG_BOOL(8);
+	args->server = text_arg(fcinfo, server_arg);
 }
 
 static TupleDesc
@@ -731,7 +742,7 @@ result_tupdesc(FunctionCallInfo fcinfo)
 
 /*
  * phsync_add_sync(name, target, query, preset, cursor, conflict, lookback,
- * enabled, verify) RETURNS phsync.syncs
+ * enabled, verify, server) RETURNS phsync.syncs
  *
  * Not SECURITY DEFINER: the sync belongs to the role that calls it, whose
  * rights on the target are checked.
@@ -743,7 +754,7 @@ phsync_add_sync(PG_FUNCTION_ARGS)
 	TupleDesc	tupdesc = result_tupdesc(fcinfo);
 	Datum		result;
 
-	sync_args(fcinfo, &args);
+	sync_args(fcinfo, &args, 9);
 	require_arg(fcinfo, 1, "target");
 	phsync_spi_connect();
 	result = sync_add(&args, tupdesc);
@@ -753,7 +764,7 @@ phsync_add_sync(PG_FUNCTION_ARGS)
 
 /*
  * phsync_alter_sync(name, target, query, preset, cursor, conflict,
- * lookback, enabled, verify, reread_all) RETURNS phsync.syncs
+ * lookback, enabled, verify, reread_all, server) RETURNS phsync.syncs
  */
 Datum
 phsync_alter_sync(PG_FUNCTION_ARGS)
@@ -762,7 +773,7 @@ phsync_alter_sync(PG_FUNCTION_ARGS)
 	TupleDesc	tupdesc = result_tupdesc(fcinfo);
 	Datum		result;
 
-	sync_args(fcinfo, &args);
+	sync_args(fcinfo, &args, 10);
 	args.reread_all = !PG_ARGISNULL(9) && PG_GETARG_BOOL(9);
 	phsync_spi_connect();
 	result = sync_alter(&args, tupdesc);
@@ -807,6 +818,160 @@ phsync_create_table(PG_FUNCTION_ARGS)
 	phsync_spi_finish();
 	relid = RangeVarGetRelid(target_rangevar(name), NoLock, false);
 	PG_RETURN_OID(relid);
+}
+
+/* ---------- PostHog from SQL ---------- */
+
+/*
+ * phsync_fdw_validator(options text[], catalog oid): the phsync
+ * foreign-data wrapper's options (see servers.c).
+ */
+Datum
+phsync_fdw_validator(PG_FUNCTION_ARGS)
+{
+	server_validate_options(untransformRelOptions(PG_GETARG_DATUM(0)), PG_GETARG_OID(1));
+	PG_RETURN_VOID();
+}
+
+/* the jsonb argument arg as JSON text, or NULL */
+static char *
+jsonb_arg(FunctionCallInfo fcinfo, int arg)
+{
+	Jsonb	   *j;
+
+	if (PG_ARGISNULL(arg))
+		return NULL;
+	j = PG_GETARG_JSONB_P(arg);
+	if (!JB_ROOT_IS_OBJECT(j))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("values must be a JSON object"),
+				 errhint("For example: values => '{\"since\": \"2026-11-01T00:00:00Z\"}'")));
+	return JsonbToCString(NULL, &j->root, VARSIZE(j));
+}
+
+/*
+ * phsync_query(query, server, values) RETURNS SETOF record: one HogQL
+ * query's rows, typed by the caller's column definition list.
+ */
+Datum
+phsync_query(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	require_arg(fcinfo, 0, "query");
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+	query_rows(text_arg(fcinfo, 1), text_arg(fcinfo, 0), jsonb_arg(fcinfo, 2), false,
+			   rsinfo->setResult, rsinfo->setDesc);
+	return (Datum) 0;
+}
+
+/*
+ * phsync_query_json(query, server, values) RETURNS SETOF jsonb: each row
+ * as an object, column name to value.
+ */
+Datum
+phsync_query_json(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	TupleDesc	tupdesc;
+	MemoryContext old;
+
+	require_arg(fcinfo, 0, "query");
+	if (rsinfo == NULL || !IsA(rsinfo, ReturnSetInfo) ||
+		!(rsinfo->allowedModes & SFRM_Materialize))
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("set-valued function called in context that cannot accept a set")));
+	/* a set of one jsonb column, in the query's memory */
+	old = MemoryContextSwitchTo(rsinfo->econtext->ecxt_per_query_memory);
+	tupdesc = CreateTemplateTupleDesc(1);
+	TupleDescInitEntry(tupdesc, (AttrNumber) 1, "phsync_query_json", JSONBOID, -1, 0);
+	rsinfo->returnMode = SFRM_Materialize;
+	rsinfo->setResult = tuplestore_begin_heap(true, false, work_mem);
+	rsinfo->setDesc = tupdesc;
+	MemoryContextSwitchTo(old);
+	query_rows(text_arg(fcinfo, 1), text_arg(fcinfo, 0), jsonb_arg(fcinfo, 2), true,
+			   rsinfo->setResult, rsinfo->setDesc);
+	return (Datum) 0;
+}
+
+/*
+ * phsync_describe(query, server, values) RETURNS TABLE (name,
+ * posthog_type, postgres_type)
+ */
+Datum
+phsync_describe(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	PhsyncColumns *cols;
+	int			i;
+
+	require_arg(fcinfo, 0, "query");
+	InitMaterializedSRF(fcinfo, 0);
+	cols = query_describe(text_arg(fcinfo, 1), text_arg(fcinfo, 0), jsonb_arg(fcinfo, 2));
+	for (i = 0; i < cols->ncolumns; i++)
+	{
+		Datum		values[3];
+		bool		nulls[3] = {false, false, false};
+
+		values[0] = CStringGetTextDatum(cols->names[i]);
+		if (cols->chtypes[i])
+			values[1] = CStringGetTextDatum(cols->chtypes[i]);
+		else
+			nulls[1] = true;
+		values[2] = CStringGetTextDatum(pg_type_for_clickhouse(cols->chtypes[i], cols->names[i]));
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	return (Datum) 0;
+}
+
+/*
+ * phsync_tables(server) RETURNS TABLE (table_name, column_name,
+ * posthog_type, postgres_type)
+ */
+Datum
+phsync_tables(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	InitMaterializedSRF(fcinfo, 0);
+	query_tables(text_arg(fcinfo, 0), rsinfo->setResult, rsinfo->setDesc);
+	return (Datum) 0;
+}
+
+/*
+ * phsync_create_table(name, query, key, cursor, server, values) RETURNS
+ * regclass: a target for a custom query.  Not SECURITY DEFINER.
+ */
+Datum
+phsync_create_table_for_query(PG_FUNCTION_ARGS)
+{
+	List	   *keys = NIL;
+
+	require_arg(fcinfo, 0, "name");
+	require_arg(fcinfo, 1, "query");
+	if (!PG_ARGISNULL(2))
+	{
+		Datum	   *elems;
+		bool	   *nulls;
+		int			n,
+					i;
+
+		deconstruct_array(PG_GETARG_ARRAYTYPE_P(2), TEXTOID, -1, false, TYPALIGN_INT,
+						  &elems, &nulls, &n);
+		for (i = 0; i < n; i++)
+		{
+			if (nulls[i])
+				ereport(ERROR,
+						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+						 errmsg("key columns must not be null")));
+			keys = lappend(keys, TextDatumGetCString(elems[i]));
+		}
+	}
+	PG_RETURN_OID(query_create_table(text_arg(fcinfo, 0), text_arg(fcinfo, 4), text_arg(fcinfo, 1),
+									 jsonb_arg(fcinfo, 5), keys, text_arg(fcinfo, 3)));
 }
 
 /* ---------- cancelling ---------- */

@@ -9,6 +9,8 @@
  *
  *	1. foundations
  *	   settings.c	every phsync.* setting and its check hook
+ *	   servers.c	where a PostHog project is: the settings, or a foreign
+ *					server and a user mapping (the wrapper's validator)
  *	   presets.c	the built-in queries: tables, columns, keys, defaults
  *	   shmem.c		the shared-memory protocol between sessions and the worker
  *	   xact.c		transactions and SPI, recovering from errors
@@ -27,6 +29,7 @@
  *	4. fetching
  *	   fetch.c		a window, page by page: keyset, slices, asking for less
  *	   verify.c		PostHog's counts per bucket against the target's
+ *	   query.c		PostHog from SQL in a session: phsync_query(), discovery
  *	5. one run, and the doctor
  *	   run.c		one run of a sync (load or verify), its outcome
  *	   doctor.c		phsync_doctor()'s checks
@@ -47,6 +50,7 @@
 #include "nodes/primnodes.h"
 #include "pgtime.h"
 #include "utils/timestamp.h"
+#include "utils/tuplestore.h"
 
 /*
  * PostgreSQL's fmgrprotos.h declares a SQL function called json_object,
@@ -74,6 +78,7 @@ extern char *phsync_cursor_column;
 extern char *phsync_initial_since;
 extern char *phsync_run_at;
 extern char *phsync_ca_file;
+extern char *phsync_proxy;
 extern int	phsync_lookback;		/* seconds */
 extern int	phsync_interval;		/* seconds */
 extern int	phsync_page_size;
@@ -107,6 +112,38 @@ extern int	settings_run_at_seconds(void);
 extern pg_tz *settings_timezone(void);
 extern bool settings_host_ok(const char *host, const char **detail);
 extern bool settings_project_id_ok(const char *project_id);
+
+/* ---------- servers.c ---------- */
+/*
+ * Where and how to reach one PostHog project, and where each of those
+ * values was set, for hints ("phsync.api_key" or a user mapping).
+ */
+typedef struct PhsyncEndpoint
+{
+	const char *host;			/* base URL */
+	const char *project_id;
+	const char *api_key;
+	const char *ca_file;		/* "" for none */
+	const char *proxy;			/* NULL or "" for none */
+	long		timeout_ms;
+	int			max_response_kb;
+	int			page_size;		/* most rows a request asks for */
+	int			per_minute;		/* request budget (0: none) */
+	int			per_hour;
+	int			concurrency;	/* requests at once */
+	const char *server;			/* the foreign server, NULL: the settings */
+	const char *budget_key;		/* whose request budget it spends */
+	const char *host_origin;
+	const char *key_origin;
+	const char *ca_origin;
+	const char *query_origin;	/* where the sync's query is, NULL: a preset */
+} PhsyncEndpoint;
+
+extern void server_validate_options(List *options, Oid catalog);
+extern PhsyncEndpoint *endpoint_from_settings(void);
+extern PhsyncEndpoint *endpoint_settings(void);
+extern PhsyncEndpoint *endpoint_server(const char *name, Oid role, const char *what);
+extern struct ForeignServer *server_lookup(const char *name, const char *what);
 
 /* ---------- presets.c ---------- */
 typedef enum PhsyncPreset
@@ -315,6 +352,8 @@ typedef struct PhsyncColumns
 } PhsyncColumns;
 
 extern PhsyncColumns *scan_columns(PhsyncScan *s);
+extern const char *pg_type_for_clickhouse(const char *chtype, const char *column);
+extern const char *pg_type_for_schema_field(const char *fieldtype, const char *column);
 
 /* ---------- hogql.c ---------- */
 
@@ -348,6 +387,8 @@ typedef struct PhsyncQuery
 extern bool hogql_bounds_timestamp(PhsyncQuery *q);
 extern char *hogql_build(PhsyncQuery *q, PhsyncKeyset *after);
 extern char *hogql_count_query(PhsyncQuery *q, const char *distinct_key);
+extern char *hogql_adhoc_body(const char *hogql, const char *values_json, const char *name,
+							  const char *client_query_id);
 extern char *hogql_request_body(PhsyncQuery *q, const char *hogql,
 								PhsyncKeyset *after, int64 bucket,
 								const char *name, const char *client_query_id);
@@ -361,25 +402,6 @@ extern char *hogql_read_query_file(const char *path);
 
 /* ---------- http.c ---------- */
 
-/*
- * Where and how to reach one PostHog project, and where each of those
- * values was set, for hints ("phsync.api_key" or a user mapping).
- */
-typedef struct PhsyncEndpoint
-{
-	const char *host;			/* base URL */
-	const char *project_id;
-	const char *api_key;
-	const char *ca_file;		/* "" for none */
-	const char *proxy;			/* NULL or "" for none */
-	long		timeout_ms;
-	int			max_response_kb;
-	const char *budget_key;		/* whose request budget it spends */
-	const char *host_origin;
-	const char *key_origin;
-	const char *ca_origin;
-	const char *query_origin;	/* where the sync's query is, NULL: a preset */
-} PhsyncEndpoint;
 
 typedef struct PhsyncHttp PhsyncHttp;
 typedef struct PhsyncTransfer PhsyncTransfer;
@@ -599,6 +621,7 @@ typedef struct PhsyncSync
 	int64		lookback;		/* microseconds */
 	bool		enabled;
 	bool		verify;			/* scheduled runs verify the previous day */
+	char	   *server;			/* foreign server; NULL: the phsync.* settings */
 } PhsyncSync;
 
 /* phsync_add_sync()'s and phsync_alter_sync()'s arguments; NULL: not given */
@@ -616,6 +639,7 @@ typedef struct PhsyncSyncArgs
 	bool		has_verify;
 	bool		verify;
 	bool		reread_all;
+	char	   *server;			/* '' : back to the settings */
 } PhsyncSyncArgs;
 
 /* a row of phsync.syncs, as text */
@@ -631,6 +655,7 @@ typedef struct PhsyncSyncDef
 	char	   *lookback;		/* NULL: re-read everything */
 	bool		enabled;
 	bool		verify;
+	char	   *server;			/* NULL: the settings */
 } PhsyncSyncDef;
 
 extern bool sync_is_default(const PhsyncSync *sync);
@@ -639,7 +664,6 @@ extern List *sync_list(const char *only, bool enabled_only);
 extern const char *sync_cursor_origin(const PhsyncSync *sync);
 extern Oid	sync_owner(const PhsyncSync *sync);
 extern void sync_check_owner(const char *name, const char *owner);
-extern PhsyncEndpoint *sync_settings_endpoint(void);
 extern PhsyncEndpoint *sync_endpoint(const PhsyncSync *sync);
 extern void sync_check_name(const char *name);
 extern Datum sync_add(const PhsyncSyncArgs *args, TupleDesc tupdesc);
@@ -649,6 +673,8 @@ extern void sync_drop(const char *name);
 /* ---------- loader.c ---------- */
 typedef struct PhsyncLoader PhsyncLoader;
 
+extern Datum value_datum(PhsyncRow *row, int c, Oid typid, int32 typmod, FmgrInfo *input,
+					   Oid typioparam, const char *colname, bool *isnull);
 extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncColumns *cols,
 								   bool update, PhsyncBadRow on_bad_row);
 extern bool loader_matches(PhsyncLoader *loader, PhsyncColumns *cols);
@@ -690,6 +716,14 @@ extern PhsyncScan *fetch_once(PhsyncRunState *st, PhsyncQuery *q, const char *ho
 /* ---------- verify.c ---------- */
 extern void verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to,
 					   int64 bucket, bool repair);
+
+/* ---------- query.c ---------- */
+extern void query_rows(const char *server, const char *hogql, const char *values_json, bool as_json,
+					   Tuplestorestate *store, TupleDesc tupdesc);
+extern PhsyncColumns *query_describe(const char *server, const char *hogql, const char *values_json);
+extern void query_tables(const char *server, Tuplestorestate *store, TupleDesc tupdesc);
+extern Oid	query_create_table(const char *name, const char *server, const char *hogql,
+							   const char *values_json, List *keys, const char *cursor);
 
 /* ==================== 5. one run, and the doctor ==================== */
 

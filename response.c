@@ -99,6 +99,8 @@ struct PhsyncScan
 	char	   *types_json;
 	char	   *timezone_json;
 	char	   *detail_json;
+	char	   *hasmore_json;	/* "hasMore": only without a LIMIT */
+	char	   *tables_json;	/* a DatabaseSchemaQuery's answer */
 
 	/* rows */
 	RowBlock   *head;			/* oldest block, the reader's */
@@ -370,12 +372,32 @@ is_ws(char c)
 /*
  * A top-level member's key has been read: keep its value or skip it.
  */
+/*
+ * Where a top-level member phsync keeps goes (NULL: one it skips).
+ */
+static char **
+member_slot(PhsyncScan *s, const char *key)
+{
+	if (strcmp(key, "columns") == 0)
+		return &s->columns_json;
+	if (strcmp(key, "types") == 0)
+		return &s->types_json;
+	if (strcmp(key, "timezone") == 0)
+		return &s->timezone_json;
+	if (strcmp(key, "detail") == 0)
+		return &s->detail_json;
+	if (strcmp(key, "hasMore") == 0)
+		return &s->hasmore_json;
+	if (strcmp(key, "tables") == 0)
+		return &s->tables_json;
+	return NULL;
+}
+
 static void
 member_key_done(PhsyncScan *s)
 {
 	s->key[s->keylen] = '\0';
-	s->keep_member = strcmp(s->key, "columns") == 0 || strcmp(s->key, "types") == 0 ||
-		strcmp(s->key, "timezone") == 0 || strcmp(s->key, "detail") == 0;
+	s->keep_member = member_slot(s, s->key) != NULL;
 }
 
 static void
@@ -412,14 +434,7 @@ member_done(PhsyncScan *s)
 
 	if (!s->keep_member || s->member.len == 0)
 		return;
-	if (strcmp(s->key, "columns") == 0)
-		slot = &s->columns_json;
-	else if (strcmp(s->key, "types") == 0)
-		slot = &s->types_json;
-	else if (strcmp(s->key, "timezone") == 0)
-		slot = &s->timezone_json;
-	else if (strcmp(s->key, "detail") == 0)
-		slot = &s->detail_json;
+	slot = member_slot(s, s->key);
 	if (slot)
 	{
 		free(*slot);
@@ -917,6 +932,8 @@ scan_free(PhsyncScan *s)
 	free(s->types_json);
 	free(s->timezone_json);
 	free(s->detail_json);
+	free(s->hasmore_json);
+	free(s->tables_json);
 	free(s->row);
 	free(s);
 }
@@ -966,20 +983,14 @@ scan_results_done(PhsyncScan *s)
 
 /*
  * The raw JSON text of a kept member ("columns", "types", "timezone",
- * "detail"), NULL when it has not been seen.
+ * "detail", "hasMore", "tables"), NULL when it has not been seen.
  */
 const char *
 scan_member(PhsyncScan *s, const char *name)
 {
-	if (strcmp(name, "columns") == 0)
-		return s->columns_json;
-	if (strcmp(name, "types") == 0)
-		return s->types_json;
-	if (strcmp(name, "timezone") == 0)
-		return s->timezone_json;
-	if (strcmp(name, "detail") == 0)
-		return s->detail_json;
-	return NULL;
+	char	  **slot = member_slot(s, name);
+
+	return slot ? *slot : NULL;
 }
 
 /*
@@ -1234,4 +1245,97 @@ row_value_json(PhsyncRow *row, int i)
 		default:
 			return foreign_text(v, (int) row->lens[i]);
 	}
+}
+
+/* ---------- PostHog's types as PostgreSQL's ---------- */
+
+/*
+ * The PostgreSQL type phsync stores a result column of ClickHouse type
+ * chtype as (a type name for CREATE TABLE).  Nullable() and
+ * LowCardinality() are looked through; date-times are instants
+ * (timestamptz: PostHog renders them with the project's offset); integers
+ * get a type that holds their whole range; arrays, maps, tuples and JSON
+ * become jsonb, and so does a String column named properties (PostHog
+ * sends JSON text there).  Anything unknown is text.
+ */
+const char *
+pg_type_for_clickhouse(const char *chtype, const char *column)
+{
+	char		base[256];
+	const char *p = chtype ? chtype : "";
+	size_t		n;
+
+	/* look through wrappers */
+	for (;;)
+	{
+		if (strncmp(p, "Nullable(", 9) == 0)
+			p += 9;
+		else if (strncmp(p, "LowCardinality(", 15) == 0)
+			p += 15;
+		else
+			break;
+	}
+	strlcpy(base, p, sizeof(base));
+	n = strcspn(base, "(),");
+	if (strncmp(base, "DateTime", 8) == 0)
+		return "timestamptz";
+	if (strncmp(base, "Date", 4) == 0)
+		return "date";
+	if (strcmp(base, "UUID") == 0 || strncmp(base, "UUID)", 5) == 0)
+		return "uuid";
+	if (strncmp(base, "Bool", 4) == 0)
+		return "boolean";
+	if (n == 4 && strncmp(base, "Int8", 4) == 0)
+		return "smallint";
+	if ((n == 5 && strncmp(base, "Int16", 5) == 0) || (n == 5 && strncmp(base, "UInt8", 5) == 0))
+		return "smallint";
+	if ((n == 5 && strncmp(base, "Int32", 5) == 0) || (n == 6 && strncmp(base, "UInt16", 6) == 0))
+		return "integer";
+	if ((n == 5 && strncmp(base, "Int64", 5) == 0) || (n == 6 && strncmp(base, "UInt32", 6) == 0))
+		return "bigint";
+	if (strncmp(base, "Int", 3) == 0 || strncmp(base, "UInt", 4) == 0 ||
+		strncmp(base, "Decimal", 7) == 0)
+		return "numeric";
+	if (strncmp(base, "Float32", 7) == 0)
+		return "real";
+	if (strncmp(base, "Float", 5) == 0)
+		return "double precision";
+	if (strncmp(base, "Array", 5) == 0 || strncmp(base, "Map", 3) == 0 ||
+		strncmp(base, "Tuple", 5) == 0 || strncmp(base, "JSON", 4) == 0 ||
+		strncmp(base, "Object", 6) == 0)
+		return "jsonb";
+	if (column && (strcmp(column, "properties") == 0 ||
+				   (strlen(column) > 11 && strcmp(column + strlen(column) - 11, "_properties") == 0)))
+		return "jsonb";
+	return "text";
+}
+
+/*
+ * The PostgreSQL type for a field type of PostHog's database schema
+ * (DatabaseSchemaQuery: integer, float, decimal, string, datetime, date,
+ * boolean, json, array; NULL for what is not a column, such as a lazy
+ * table).
+ */
+const char *
+pg_type_for_schema_field(const char *fieldtype, const char *column)
+{
+	if (fieldtype == NULL)
+		return NULL;
+	if (strcmp(fieldtype, "integer") == 0)
+		return "bigint";
+	if (strcmp(fieldtype, "float") == 0)
+		return "double precision";
+	if (strcmp(fieldtype, "decimal") == 0)
+		return "numeric";
+	if (strcmp(fieldtype, "datetime") == 0)
+		return "timestamptz";
+	if (strcmp(fieldtype, "date") == 0)
+		return "date";
+	if (strcmp(fieldtype, "boolean") == 0)
+		return "boolean";
+	if (strcmp(fieldtype, "json") == 0 || strcmp(fieldtype, "array") == 0)
+		return "jsonb";
+	if (strcmp(fieldtype, "string") == 0 || strcmp(fieldtype, "unknown") == 0)
+		return pg_type_for_clickhouse("String", column);
+	return NULL;
 }

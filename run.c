@@ -105,14 +105,18 @@ run_prepare(PhsyncRunState *st)
 	MemoryContext cxt;
 	int			i;
 
+	cxt = xact_begin();
 	st->endpoint = *sync_endpoint(sync);
+	st->target = open_target(sync);
+	xact_commit(cxt);
+
 	st->policy.max_retries = phsync_max_retries;
 	st->policy.base_delay_ms = phsync_retry_base_delay;
 	st->policy.max_delay_ms = phsync_max_retry_delay;
-	st->policy.per_minute = phsync_max_requests_per_minute;
-	st->policy.per_hour = phsync_max_requests_per_hour;
-	st->page_size = phsync_page_size;
-	st->concurrency = phsync_max_concurrent_requests;
+	st->policy.per_minute = st->endpoint.per_minute;
+	st->policy.per_hour = st->endpoint.per_hour;
+	st->page_size = st->endpoint.page_size;
+	st->concurrency = st->endpoint.concurrency;
 	st->on_bad_row = phsync_on_bad_row;
 
 	q->preset = sync->preset;
@@ -120,10 +124,6 @@ run_prepare(PhsyncRunState *st)
 	q->limit = st->page_size;
 	if (sync->preset == PHSYNC_CUSTOM)
 		q->base = sync->query_file ? hogql_read_query_file(sync->query_file) : sync->query;
-
-	cxt = xact_begin();
-	st->target = open_target(sync);
-	xact_commit(cxt);
 
 	q->nkeys = st->target->nkeys;
 	q->keys = palloc(sizeof(char *) * Max(q->nkeys, 1));

@@ -32,6 +32,7 @@ char	   *phsync_cursor_column = NULL;
 char	   *phsync_initial_since = NULL;
 char	   *phsync_run_at = NULL;
 char	   *phsync_ca_file = NULL;
+char	   *phsync_proxy = NULL;
 int			phsync_lookback = 600;
 int			phsync_interval = 86400;
 int			phsync_page_size = 50000;
@@ -159,6 +160,17 @@ settings_project_id_ok(const char *s)
 }
 
 /* ---------- check and assign hooks ---------- */
+
+static bool
+check_proxy(char **newval, void **extra, GucSource source)
+{
+	if (*newval && strpbrk(*newval, " \t\r\n") != NULL)
+	{
+		GUC_check_errdetail("A proxy is a URL such as http://proxy.example.com:3128.");
+		return false;
+	}
+	return true;
+}
 
 static bool
 check_api_key(char **newval, void **extra, GucSource source)
@@ -437,6 +449,11 @@ settings_define(void)
 							"Past it, the request is given up and cancelled on PostHog's side.  The default is above PostHog's own limits: 30 s waiting for a query slot plus 60 s of execution.",
 							&phsync_request_timeout, 90000, 100, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomStringVariable("phsync.proxy",
+							   "Proxy the default sync reaches PostHog through (empty: none).",
+							   "For example http://proxy.example.com:3128.  Proxy variables of the server's environment are never used.",
+							   &phsync_proxy, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, check_proxy, NULL, NULL);
 	DefineCustomStringVariable("phsync.ca_file",
 							   "Extra CA bundle for TLS verification.",
 							   NULL, &phsync_ca_file, "",

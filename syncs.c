@@ -120,48 +120,28 @@ sync_check_owner(const char *name, const char *owner)
 }
 
 /*
- * The phsync.* settings' connection, as they are (even incomplete).
- */
-PhsyncEndpoint *
-sync_settings_endpoint(void)
-{
-	PhsyncEndpoint *e = palloc0(sizeof(PhsyncEndpoint));
-
-	e->host = pstrdup(phsync_host);
-	e->project_id = pstrdup(phsync_project_id ? phsync_project_id : "");
-	e->api_key = settings_api_key();
-	e->ca_file = pstrdup(phsync_ca_file ? phsync_ca_file : "");
-	e->proxy = "";
-	e->timeout_ms = phsync_request_timeout;
-	e->max_response_kb = phsync_max_response_size;
-	e->budget_key = "settings";
-	e->host_origin = "phsync.host";
-	e->key_origin = "phsync.api_key";
-	e->ca_origin = "phsync.ca_file";
-	return e;
-}
-
-/*
- * How to reach the sync's PostHog project: the phsync.* settings (also
- * with sync NULL: the settings' connection, with no query).  Raises when
- * the project or the key is not set.
+ * How to reach the sync's PostHog project: its server, with the user
+ * mapping of the sync's owner; or the phsync.* settings (also with sync
+ * NULL: the settings' connection, with no query).  Raises when something
+ * is missing.  Needs a transaction.
  */
 PhsyncEndpoint *
 sync_endpoint(const PhsyncSync *sync)
 {
 	PhsyncEndpoint *e;
 
-	if (phsync_project_id == NULL || phsync_project_id[0] == '\0')
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("phsync.project_id is not set"),
-				 errhint("Set phsync.project_id in postgresql.conf and reload the configuration.")));
-	if (settings_api_key()[0] == '\0')
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("phsync.api_key is not set"),
-				 errhint("Set phsync.api_key in postgresql.conf and reload the configuration.")));
-	e = sync_settings_endpoint();
+	if (sync && sync->server)
+	{
+		char	   *what = psprintf("sync %s", sync->name);
+
+		if (!OidIsValid(sync->owner))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("role \"%s\", the owner of sync %s, does not exist", sync->owner_name, sync->name)));
+		e = endpoint_server(sync->server, sync->owner, what);
+	}
+	else
+		e = endpoint_settings();
 	if (sync == NULL)
 		e->query_origin = NULL;
 	else if (sync->query_file)
@@ -202,7 +182,7 @@ sync_list(const char *only, bool enabled_only)
 
 	values[0] = only ? CStringGetTextDatum(only) : (Datum) 0;
 	if (phsync_spi_exec("SELECT name, target, preset, query, cursor_column, conflict, "
-						"pg_catalog.date_part('epoch', lookback), enabled, verify, owner "
+						"pg_catalog.date_part('epoch', lookback), enabled, verify, owner, server "
 						"FROM phsync.syncs WHERE $1 IS NULL OR name = $1 ORDER BY name",
 						1, types, values, nulls, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read phsync.syncs");
@@ -231,6 +211,7 @@ sync_list(const char *only, bool enabled_only)
 		s->verify = DatumGetBool(SPI_getbinval(tup, desc, 9, &isnull));
 		s->owner_name = SPI_getvalue(tup, desc, 10);
 		s->owner = get_role_oid(s->owner_name, true);
+		s->server = SPI_getvalue(tup, desc, 11);
 		if (s->enabled || !enabled_only || only != NULL)
 			result = lappend(result, s);
 		MemoryContextSwitchTo(old);
@@ -397,6 +378,13 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 	else if (old == NULL)
 		d->verify = preset && preset->verify;
 
+	/* the PostHog project: a server ('' for the settings) */
+	if (args->server)
+		d->server = args->server[0] ? pstrdup(args->server) : NULL;
+	if (d->server)
+		(void) endpoint_server(d->server, get_role_oid(d->owner, false),
+							   psprintf("sync %s", d->name));
+
 	/* the target: one definition of acceptable, the worker's too */
 	memset(&spec, 0, sizeof(spec));
 	spec.name = args->target ? args->target : d->target;
@@ -427,7 +415,7 @@ sync_fetch_def(const char *name)
 	bool		isnull;
 
 	catalog_exec("SELECT name, target, preset, query, cursor_column, conflict, "
-				 "lookback::pg_catalog.text, enabled, verify, owner FROM phsync.syncs "
+				 "lookback::pg_catalog.text, enabled, verify, owner, server FROM phsync.syncs "
 				 "WHERE name = $1 FOR UPDATE",
 				 1, types, values, NULL, false);
 	if (SPI_processed == 0)
@@ -445,6 +433,7 @@ sync_fetch_def(const char *name)
 	d->enabled = DatumGetBool(SPI_getbinval(tup, desc, 8, &isnull));
 	d->verify = DatumGetBool(SPI_getbinval(tup, desc, 9, &isnull));
 	d->owner = SPI_getvalue(tup, desc, 10);
+	d->server = SPI_getvalue(tup, desc, 11);
 	return d;
 }
 
@@ -454,11 +443,11 @@ sync_fetch_def(const char *name)
 static Datum
 sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
 {
-	Oid			types[10] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-	TEXTOID, BOOLOID, BOOLOID, TEXTOID};
-	Datum		values[10];
-	char		nulls[10] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', ' ', ' ',
-	d->lookback ? ' ' : 'n', ' ', ' ', ' '};
+	Oid			types[11] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	TEXTOID, BOOLOID, BOOLOID, TEXTOID, TEXTOID};
+	Datum		values[11];
+	char		nulls[11] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', ' ', ' ',
+	d->lookback ? ' ' : 'n', ' ', ' ', ' ', d->server ? ' ' : 'n'};
 
 	values[0] = CStringGetTextDatum(d->name);
 	values[1] = CStringGetTextDatum(d->target);
@@ -470,15 +459,16 @@ sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
 	values[7] = BoolGetDatum(d->enabled);
 	values[8] = BoolGetDatum(d->verify);
 	values[9] = CStringGetTextDatum(d->owner);
+	values[10] = d->server ? CStringGetTextDatum(d->server) : (Datum) 0;
 	catalog_exec(insert ?
 				 "INSERT INTO phsync.syncs (name, target, preset, query, cursor_column, conflict, "
-				 "lookback, enabled, verify, owner) "
-				 "VALUES ($1, $2, $3, $4, $5, $6, $7::pg_catalog.interval, $8, $9, $10::pg_catalog.name) "
-				 "RETURNING *" :
+				 "lookback, enabled, verify, owner, server) "
+				 "VALUES ($1, $2, $3, $4, $5, $6, $7::pg_catalog.interval, $8, $9, $10::pg_catalog.name, "
+				 "$11::pg_catalog.name) RETURNING *" :
 				 "UPDATE phsync.syncs SET target = $2, preset = $3, query = $4, cursor_column = $5, "
-				 "conflict = $6, lookback = $7::pg_catalog.interval, enabled = $8, verify = $9 "
-				 "WHERE name = $1 RETURNING *",
-				 10, types, values, nulls, false);
+				 "conflict = $6, lookback = $7::pg_catalog.interval, enabled = $8, verify = $9, "
+				 "server = $11::pg_catalog.name WHERE name = $1 RETURNING *",
+				 11, types, values, nulls, false);
 	if (SPI_processed != 1)
 		elog(ERROR, "could not write sync \"%s\" into phsync.syncs", d->name);
 	return PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], tupdesc));

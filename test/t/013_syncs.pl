@@ -57,7 +57,7 @@ like(psql_err("SELECT phsync_add_sync('p', 'pg_catalog.pg_authid', query => 'SEL
 	qr/ERROR:  target pg_catalog.pg_authid is a system or phsync table/, 'a system catalog is refused as a target');
 $node->safe_psql('postgres', q{
 	CREATE ROLE sync_admin LOGIN;
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean) TO sync_admin;
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text) TO sync_admin;
 	GRANT SELECT ON keyed TO sync_admin;});
 like(psql_err("SET SESSION AUTHORIZATION sync_admin; SELECT phsync_add_sync('p', 'keyed', preset => 'persons')"), qr/ERROR:  permission denied for table public.keyed\nDETAIL:  The sync writes into it as sync_admin, who needs SELECT, INSERT and UPDATE on it\./,
 	'a role allowed to add syncs may only target tables it may write itself');

@@ -295,6 +295,10 @@ check_target(Doctor *d, PhsyncSync *sync, const char *prefix)
 	else if (target == NULL)
 		row(d, "target", "error", psprintf("%s%s", prefix, problem.message),
 			problem.hint ? problem.hint : problem.detail);
+	else if (sync->cursor == NULL)
+		row(d, "target", "ok",
+			psprintf("%s%s has a unique key (the %s preset is read whole on every run)",
+					 prefix, target->display, preset_name(sync->preset)), NULL);
 	else if (!target->cursor_indexed)
 		row(d, "target", "warning",
 			psprintf("%s%s has a unique key, but no index that starts with \"%s\"",

@@ -263,8 +263,8 @@ split_slice(Fetch *f)
 			best_left = left;
 		}
 	}
-	if (best == NULL)
-		return NULL;
+	if (best == NULL || f->q.cursor == NULL)
+		return NULL;			/* without a cursor there is nothing to split by */
 	mid = slice_position(best) + best_left / 2;
 	half = new_slice(f, mid, best->to);
 	best->to = mid;
@@ -368,7 +368,8 @@ ask_for_less(Fetch *f, Slice *s)
 	int64		half = Max((s->to - pos) / 2, MIN_SPAN_USECS);
 
 	st->limit = Max(st->limit / 2, Min(100, st->page_size));
-	if (pos + half < s->to)
+	/* without a cursor, only the page can be smaller */
+	if (f->q.cursor && pos + half < s->to)
 	{
 		(void) new_slice(f, pos + half, s->to);
 		s->to = pos + half;
@@ -419,7 +420,8 @@ judge(Fetch *f, Request *r)
 			TimestampTz before = slice_position(s);
 
 			hogql_keyset_from_row(&s->next, &f->q, r->cols, scan_last_row(scan));
-			s->page_span = Max(hogql_keyset_cursor(&s->next) - before, 1);
+			if (f->q.cursor)
+				s->page_span = Max(hogql_keyset_cursor(&s->next) - before, 1);
 			MemoryContextSwitchTo(old);
 			s->more = true;
 			/* split while this page was asked for: past its end is done */
@@ -564,7 +566,7 @@ row_cursor(Fetch *f, Request *r, const char *encoded)
 	PhsyncRow  *row = row_alloc(r->cols->ncolumns);
 	int			i;
 
-	if (!row_decode(encoded, row))
+	if (f->q.cursor == NULL || !row_decode(encoded, row))
 		return 0;
 	for (i = 0; i < r->cols->ncolumns; i++)
 		if (strcmp(r->cols->names[i], f->q.cursor) == 0 && row->values[i] != NULL &&
@@ -603,6 +605,8 @@ load_chunk(Fetch *f, Request *r)
 		MemoryContext old = MemoryContextSwitchTo(st->cxt);
 
 		st->loader = loader_create(st->target, r->cols, st->sync->update, st->on_bad_row);
+		if (st->track_keys)
+			loader_track_keys(st->loader);
 		MemoryContextSwitchTo(old);
 	}
 	else if (!loader_matches(st->loader, r->cols))

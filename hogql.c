@@ -28,20 +28,29 @@
  * The built-in events query also bounds `timestamp`, ClickHouse's sort
  * key, on both sides of the slice of created_at it reads, so that each
  * request reads what is near its slice, not all the history after it.
- * Below: events that arrive late, up to TIMESTAMP_SLACK_USECS after they
- * happened (PostHog's batch exports make the same trade, 7 days).  Above:
- * PostHog's capture replaces a timestamp more than 23 hours after the
- * moment it receives an event with that moment, which is before the
- * event's created_at: a day is enough.
+ * Below: events that arrive late, up to 7 days after they happened
+ * (PostHog's batch exports make the same trade).  Above: PostHog's capture
+ * replaces a timestamp more than 23 hours after the moment it receives an
+ * event with that moment, which is before the event's created_at: a day is
+ * enough.  The sessions preset bounds `$start_timestamp` the same way, with
+ * 3 days before (PostHog's own SESSION_BUFFER_DAYS for its pushdown).
  */
 bool
 hogql_bounds_timestamp(PhsyncQuery *q)
 {
-	return q->preset == PHSYNC_EVENTS && strcmp(q->cursor, "timestamp") != 0;
+	const PresetInfo *p = preset_info(q->preset);
+
+	return p && p->bound && q->cursor && strcmp(q->cursor, p->bound) != 0;
 }
 
-#define TIMESTAMP_SLACK_USECS (7 * USECS_PER_DAY)
-#define TIMESTAMP_AHEAD_USECS USECS_PER_DAY
+/* the keyset's i-th column: the cursor first, when there is one */
+static const char *
+keyset_column(PhsyncQuery *q, int i)
+{
+	if (q->cursor)
+		return i == 0 ? q->cursor : q->keys[i - 1];
+	return q->keys[i];
+}
 
 #define QUERY_FILE_MAX (1024 * 1024)
 
@@ -202,12 +211,23 @@ append_from_where(StringInfo buf, PhsyncQuery *q)
 	else
 		appendStringInfo(buf, "FROM %s\nWHERE ", preset_info(q->preset)->hogql_table);
 
+	/* without a cursor, every row, always */
+	if (q->cursor == NULL)
+	{
+		appendStringInfoString(buf, "true");
+		return;
+	}
 	append_ident(buf, q->cursor);
 	appendStringInfoString(buf, " >= toDateTime({since}) AND ");
 	append_ident(buf, q->cursor);
 	appendStringInfoString(buf, " < toDateTime({until})");
 	if (hogql_bounds_timestamp(q))
-		appendStringInfoString(buf, "\n  AND timestamp >= toDateTime({timestamp_since}) AND timestamp < toDateTime({timestamp_until})");
+	{
+		const char *bound = preset_info(q->preset)->bound;
+
+		appendStringInfo(buf, "\n  AND %s >= toDateTime({timestamp_since}) AND %s < toDateTime({timestamp_until})",
+						 bound, bound);
+	}
 	if (q->preset == PHSYNC_EVENTS && q->nevents > 0)
 		appendStringInfoString(buf, "\n  AND event IN {events}");
 	if (q->sliced)
@@ -242,6 +262,8 @@ hogql_build(PhsyncQuery *q, PhsyncKeyset *after)
 		{
 			if (i > 0)
 				appendStringInfoString(&buf, ", ");
+			if (preset->columns[i].hogql)
+				appendStringInfo(&buf, "%s AS ", preset->columns[i].hogql);
 			append_ident(&buf, preset->columns[i].name);
 		}
 		appendStringInfoChar(&buf, '\n');
@@ -266,7 +288,7 @@ hogql_build(PhsyncQuery *q, PhsyncKeyset *after)
 				snprintf(pname, sizeof(pname), "after_%d", i);
 				if (i > 0)
 					appendStringInfoString(&buf, " AND ");
-				append_ident(&buf, i == 0 ? q->cursor : q->keys[i - 1]);
+				append_ident(&buf, keyset_column(q, i));
 				appendStringInfoString(&buf, i < n ? " = " : " > ");
 				append_typed_placeholder(&buf, pname, after->chtypes[i], after->json[i]);
 			}
@@ -276,11 +298,11 @@ hogql_build(PhsyncQuery *q, PhsyncKeyset *after)
 	}
 
 	appendStringInfoString(&buf, "\nORDER BY ");
-	append_ident(&buf, q->cursor);
-	for (i = 0; i < q->nkeys; i++)
+	for (i = 0; i < (q->cursor ? 1 : 0) + q->nkeys; i++)
 	{
-		appendStringInfoString(&buf, ", ");
-		append_ident(&buf, q->keys[i]);
+		if (i > 0)
+			appendStringInfoString(&buf, ", ");
+		append_ident(&buf, keyset_column(q, i));
 	}
 	appendStringInfo(&buf, "\nLIMIT %d", q->limit);
 	return buf.data;
@@ -412,12 +434,13 @@ hogql_request_body(PhsyncQuery *q, const char *hogql, PhsyncKeyset *after,
 	{
 		TimestampTz from = q->sliced ? q->slice_from : q->since;
 		TimestampTz to = q->sliced ? q->slice_until : q->until;
+		const PresetInfo *p = preset_info(q->preset);
 
 		/* past the keyset position, created_at is at least its cursor */
 		if (after && after->valid)
 			from = Max(from, hogql_keyset_cursor(after));
-		add_timestamp(values, "timestamp_since", from - TIMESTAMP_SLACK_USECS);
-		add_timestamp(values, "timestamp_until", to + TIMESTAMP_AHEAD_USECS);
+		add_timestamp(values, "timestamp_since", from - p->bound_before_days * USECS_PER_DAY);
+		add_timestamp(values, "timestamp_until", to + p->bound_after_days * USECS_PER_DAY);
 	}
 	if (q->preset == PHSYNC_EVENTS && q->nevents > 0)
 	{
@@ -489,6 +512,7 @@ hogql_keyset_copy(PhsyncKeyset *dst, PhsyncKeyset *src)
 	if (!src->valid)
 		return;
 	dst->valid = true;
+	dst->has_cursor = src->has_cursor;
 	dst->nvalues = src->nvalues;
 	dst->json = palloc0(sizeof(char *) * dst->nvalues);
 	dst->chtypes = palloc0(sizeof(char *) * dst->nvalues);
@@ -537,12 +561,13 @@ hogql_keyset_from_row(PhsyncKeyset *keyset, PhsyncQuery *q, PhsyncColumns *cols,
 						row->nvalues, cols->ncolumns)));
 	memset(&next, 0, sizeof(next));
 	next.valid = true;
-	next.nvalues = 1 + q->nkeys;
+	next.has_cursor = q->cursor != NULL;
+	next.nvalues = (q->cursor ? 1 : 0) + q->nkeys;
 	next.json = palloc0(sizeof(char *) * next.nvalues);
 	next.chtypes = palloc0(sizeof(char *) * next.nvalues);
 	for (i = 0; i < next.nvalues; i++)
 	{
-		int			col = result_column(cols, i == 0 ? q->cursor : q->keys[i - 1]);
+		int			col = result_column(cols, keyset_column(q, i));
 
 		if (row->kinds[col] == PHSYNC_VALUE_NULL)
 			ereport(ERROR,
@@ -578,9 +603,14 @@ hogql_keyset_from_row(PhsyncKeyset *keyset, PhsyncQuery *q, PhsyncColumns *cols,
 TimestampTz
 hogql_keyset_cursor(PhsyncKeyset *keyset)
 {
-	json_object *j = json_tokener_parse(keyset->json[0]);
-	char	   *s = pstrdup(j && json_object_is_type(j, json_type_string) ?
-							json_object_get_string(j) : keyset->json[0]);
+	json_object *j;
+	char	   *s;
+
+	if (!keyset->has_cursor)
+		return DT_NOBEGIN;		/* no time order: every position is the start */
+	j = json_tokener_parse(keyset->json[0]);
+	s = pstrdup(j && json_object_is_type(j, json_type_string) ?
+				json_object_get_string(j) : keyset->json[0]);
 
 	if (j)
 		json_object_put(j);

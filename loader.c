@@ -67,6 +67,9 @@ struct PhsyncLoader
 	SPIPlanPtr	plain_plan;		/* the same without ON CONFLICT */
 	SPIPlanPtr	single_plan;	/* INSERT of one row (bad-row hunting) */
 	bool		optimistic;		/* the last batch met no conflict: try plain */
+	StringInfoData *seen;		/* tracking: per unique key column, every
+								 * key received, NUL-separated */
+	int64		nseen;
 	PhsyncRow  *row;			/* a decoded row, reused */
 	Datum		columns;		/* the result columns' names, for rejects */
 	MemoryContext cxt;
@@ -115,22 +118,21 @@ loader_create(PhsyncTarget *target, PhsyncColumns *cols, bool update,
 		loader->colmap[i] = c;
 		fmgr_info_cxt(target->cols[c].typinput, &loader->input[i], loader->cxt);
 	}
-	if (update)
+	/* the result column of each unique key column, when the result has it */
 	{
-		/* rows are matched (and deduplicated) on the whole unique key */
 		loader->keycols = palloc(sizeof(int) * target->nuniq);
 		for (j = 0; j < target->nuniq; j++)
 		{
 			for (i = 0; i < cols->ncolumns; i++)
 				if (loader->colmap[i] == target->uniq[j])
 					break;
-			if (i == cols->ncolumns)
+			if (i == cols->ncolumns && update)
 				ereport(ERROR,
 						(errcode(ERRCODE_UNDEFINED_COLUMN),
 						 errmsg("the query does not return column \"%s\" of the unique key of table %s",
 								target->cols[target->uniq[j]].name, target->display),
 						 errdetail("With conflict => 'update', rows are matched on the whole unique key.")));
-			loader->keycols[j] = i;
+			loader->keycols[j] = i < cols->ncolumns ? i : -1;
 		}
 	}
 	{
@@ -142,6 +144,89 @@ loader_create(PhsyncTarget *target, PhsyncColumns *cols, bool update,
 														  -1, false, TYPALIGN_INT));
 	}
 	return loader;
+}
+
+/*
+ * Keep the key of every row received from now on (a whole re-read: the
+ * rows the target has and these keys lack are gone from PostHog).
+ */
+void
+loader_track_keys(PhsyncLoader *loader)
+{
+	MemoryContext old = MemoryContextSwitchTo(loader->cxt);
+	int			j;
+
+	for (j = 0; j < loader->target->nuniq; j++)
+		if (loader->keycols[j] < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("the query does not return column \"%s\" of the unique key of table %s",
+							loader->target->cols[loader->target->uniq[j]].name, loader->target->display)));
+	loader->seen = palloc0(sizeof(StringInfoData) * Max(loader->target->nuniq, 1));
+	for (j = 0; j < loader->target->nuniq; j++)
+		initStringInfo(&loader->seen[j]);
+	MemoryContextSwitchTo(old);
+}
+
+static void
+track_keys(PhsyncLoader *loader, const char **rows, int count)
+{
+	int			r,
+				j;
+
+	for (r = 0; r < count; r++)
+	{
+		if (!row_decode(rows[r], loader->row))
+			continue;
+		for (j = 0; j < loader->target->nuniq; j++)
+		{
+			int			c = loader->keycols[j];
+
+			if (loader->row->values[c] == NULL)
+				break;
+		}
+		if (j < loader->target->nuniq)
+			continue;			/* a null key: the row cannot be in the target */
+		for (j = 0; j < loader->target->nuniq; j++)
+		{
+			int			c = loader->keycols[j];
+
+			appendBinaryStringInfo(&loader->seen[j], loader->row->values[c], (int) loader->row->lens[c]);
+			appendStringInfoChar(&loader->seen[j], '\0');
+		}
+		loader->nseen++;
+	}
+}
+
+/*
+ * The keys tracked (loader_track_keys()), one text[] per unique key
+ * column of the target, in its order; empty arrays without a loader.
+ */
+Datum *
+loader_seen_keys(PhsyncLoader *loader, PhsyncTarget *target)
+{
+	Datum	   *arrays = palloc(sizeof(Datum) * Max(target->nuniq, 1));
+	int			j;
+
+	for (j = 0; j < target->nuniq; j++)
+	{
+		Datum	   *elems = palloc(sizeof(Datum) * Max(loader ? loader->nseen : 0, 1));
+		int64		n = 0;
+
+		if (loader && loader->seen)
+		{
+			const char *p = loader->seen[j].data;
+			const char *end = p + loader->seen[j].len;
+
+			while (p < end)
+			{
+				elems[n++] = CStringGetTextDatum(p);
+				p += strlen(p) + 1;
+			}
+		}
+		arrays[j] = PointerGetDatum(construct_array(elems, (int) n, TEXTOID, -1, false, TYPALIGN_INT));
+	}
+	return arrays;
 }
 
 /*
@@ -747,6 +832,8 @@ loader_insert(PhsyncLoader *loader, const char **rows, int count, int64 run_id,
 
 	if (count == 0)
 		return;
+	if (loader->seen)
+		track_keys(loader, rows, count);
 
 	memset(&pv, 0, sizeof(pv));
 	pv.loader = loader;

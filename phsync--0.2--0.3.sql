@@ -24,6 +24,16 @@ REVOKE ALL ON FUNCTION @extschema@.phsync_doctor() FROM PUBLIC;
 ALTER TABLE phsync.syncs ADD COLUMN owner name NOT NULL DEFAULT CURRENT_USER;
 COMMENT ON COLUMN phsync.syncs.owner IS 'the role that added it: runs act on the target as this role (a superuser''s sync into another role''s table: as that table''s owner)';
 ALTER TABLE phsync.syncs ADD COLUMN server name;
+ALTER TABLE phsync.syncs ADD COLUMN events text[];
+COMMENT ON COLUMN phsync.syncs.events IS 'events preset: only these event names (NULL: every event)';
+-- more presets; those read whole have no cursor
+ALTER TABLE phsync.syncs DROP CONSTRAINT syncs_preset_check;
+ALTER TABLE phsync.syncs ADD CONSTRAINT syncs_preset_check
+	CHECK (preset IN ('events', 'persons', 'groups', 'sessions', 'cohorts',
+					  'feature_flags', 'experiments', 'surveys', 'cohort_people'));
+ALTER TABLE phsync.syncs ALTER COLUMN cursor_column DROP NOT NULL;
+COMMENT ON COLUMN phsync.syncs.preset IS 'built-in query: events, persons, groups, sessions, cohorts, feature_flags, experiments, surveys or cohort_people (NULL with a custom query)';
+COMMENT ON COLUMN phsync.syncs.cursor_column IS 'timestamp or date column whose max() is the watermark; NULL for a preset read whole on every run';
 COMMENT ON COLUMN phsync.syncs.server IS 'the phsync foreign server of its PostHog project (the key: the owner''s user mapping); NULL: the phsync.* settings';
 
 DROP FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean);
@@ -31,15 +41,16 @@ CREATE FUNCTION @extschema@.phsync_add_sync(
 	name text, target text,
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
-	enabled boolean DEFAULT true, verify boolean DEFAULT NULL, server text DEFAULT NULL)
+	enabled boolean DEFAULT true, verify boolean DEFAULT NULL, server text DEFAULT NULL,
+	events text[] DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_add_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text) IS
+COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]) IS
 	'adds a sync (a preset or a HogQL query into a target table); scheduled runs run every enabled sync';
-REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]) FROM PUBLIC;
 
 DROP FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean);
 CREATE FUNCTION @extschema@.phsync_alter_sync(
@@ -47,15 +58,15 @@ CREATE FUNCTION @extschema@.phsync_alter_sync(
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
 	enabled boolean DEFAULT NULL, verify boolean DEFAULT NULL,
-	reread_all boolean DEFAULT false, server text DEFAULT NULL)
+	reread_all boolean DEFAULT false, server text DEFAULT NULL, events text[] DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_alter_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text) IS
+COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[]) IS
 	'changes a sync; arguments left NULL keep their value (reread_all => true sets lookback to NULL: re-read everything)';
-REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[]) FROM PUBLIC;
 
 CREATE OR REPLACE FUNCTION @extschema@.phsync_drop_sync(name text)
 RETURNS void
@@ -63,11 +74,15 @@ AS 'MODULE_PATHNAME', 'phsync_drop_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-CREATE OR REPLACE FUNCTION @extschema@.phsync_create_table(preset text, table_name text)
+DROP FUNCTION @extschema@.phsync_create_table(text, text);
+CREATE FUNCTION @extschema@.phsync_create_table(preset text, table_name text, properties text[] DEFAULT NULL)
 RETURNS regclass
 AS 'MODULE_PATHNAME', 'phsync_create_table'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_create_table(text, text, text[]) IS
+	'creates a target table for a preset with its unique key and cursor index; properties => ARRAY[...] adds a generated column for each of those keys of its properties';
 
 DROP FUNCTION phsync.check_sync(text, text, text, text, text, text);
 DROP FUNCTION phsync.target_regclass(text);
@@ -94,6 +109,9 @@ COMMENT ON COLUMN phsync.cluster.registered_at IS 'when it took the run history 
 
 -- a run's low-water mark: slices commit out of order
 ALTER TABLE phsync.runs ADD COLUMN resume_from timestamptz;
+ALTER TABLE phsync.runs ADD COLUMN rows_deleted bigint NOT NULL DEFAULT 0;
+COMMENT ON COLUMN phsync.runs.rows_deleted IS 'rows deleted because PostHog no longer has them (cohort_people: memberships that ended)';
+COMMENT ON COLUMN phsync.runs.rows_updated IS 'existing rows rewritten because their values changed (conflict => ''update''), or flagged deleted because PostHog no longer has them';
 COMMENT ON COLUMN phsync.runs.resume_from IS 'every row of the window before this is loaded (slices commit out of order): a run that stops half-way is resumed from here';
 
 -- a run can be cancelled

@@ -67,7 +67,8 @@ CREATE TABLE phsync.runs (
 	sync			text NOT NULL DEFAULT 'default',
 	rows_updated	bigint NOT NULL DEFAULT 0,
 	verify_mismatches integer,
-	resume_from		timestamptz
+	resume_from		timestamptz,
+	rows_deleted	bigint NOT NULL DEFAULT 0
 );
 CREATE INDEX runs_trigger_started_at_idx ON phsync.runs (trigger, started_at);
 CREATE INDEX runs_sync_id_idx ON phsync.runs (sync, id);
@@ -89,7 +90,8 @@ COMMENT ON COLUMN phsync.runs.requests IS 'HTTP requests made to PostHog, retrie
 COMMENT ON COLUMN phsync.runs.retries IS 'requests that were retries after a transient failure';
 COMMENT ON COLUMN phsync.runs.rows_rejected IS 'rows the target refused, kept in phsync.rejects';
 COMMENT ON COLUMN phsync.runs.verify_mismatches IS 'verify runs: buckets whose PostHog and local counts differ (after any repair)';
-COMMENT ON COLUMN phsync.runs.rows_updated IS 'existing rows rewritten because their values changed (conflict => ''update'')';
+COMMENT ON COLUMN phsync.runs.rows_updated IS 'existing rows rewritten because their values changed (conflict => ''update''), or flagged deleted because PostHog no longer has them';
+COMMENT ON COLUMN phsync.runs.rows_deleted IS 'rows deleted because PostHog no longer has them (cohort_people: memberships that ended)';
 COMMENT ON COLUMN phsync.runs.resume_from IS 'every row of the window before this is loaded (slices commit out of order): a run that stops half-way is resumed from here';
 COMMENT ON COLUMN phsync.runs.sync IS 'the sync that ran: default (the phsync.* settings) or a name from phsync.syncs';
 
@@ -137,9 +139,10 @@ CREATE TABLE phsync.syncs (
 	name			text PRIMARY KEY
 					CHECK (name ~ '^[a-z_][a-z0-9_]{0,62}$' AND name OPERATOR(pg_catalog.<>) 'default'),
 	target			text NOT NULL,
-	preset			text CHECK (preset IN ('events', 'persons')),
+	preset			text CHECK (preset IN ('events', 'persons', 'groups', 'sessions', 'cohorts',
+										   'feature_flags', 'experiments', 'surveys', 'cohort_people')),
 	query			text,
-	cursor_column	text NOT NULL,
+	cursor_column	text,
 	conflict		text NOT NULL DEFAULT 'nothing' CHECK (conflict IN ('nothing', 'update')),
 	lookback		interval,
 	enabled			boolean NOT NULL DEFAULT true,
@@ -147,7 +150,8 @@ CREATE TABLE phsync.syncs (
 	created_at		timestamptz NOT NULL DEFAULT pg_catalog.now(),
 	CHECK ((preset IS NULL) OPERATOR(pg_catalog.<>) (query IS NULL)),
 	owner			name NOT NULL DEFAULT CURRENT_USER,
-	server			name
+	server			name,
+	events			text[]
 );
 
 COMMENT ON TABLE phsync.syncs IS 'syncs added with phsync_add_sync(); the sync named default comes from the phsync.* settings';
@@ -156,9 +160,10 @@ COMMENT ON COLUMN phsync.syncs.enabled IS 'whether scheduled runs and phsync_run
 COMMENT ON COLUMN phsync.syncs.created_at IS 'when it was added';
 COMMENT ON COLUMN phsync.syncs.owner IS 'the role that added it: runs act on the target as this role (a superuser''s sync into another role''s table: as that table''s owner)';
 COMMENT ON COLUMN phsync.syncs.target IS 'target table, schema-qualified';
-COMMENT ON COLUMN phsync.syncs.preset IS 'built-in query: events or persons (NULL with a custom query)';
+COMMENT ON COLUMN phsync.syncs.preset IS 'built-in query: events, persons, groups, sessions, cohorts, feature_flags, experiments, surveys or cohort_people (NULL with a custom query)';
 COMMENT ON COLUMN phsync.syncs.query IS 'custom HogQL query (NULL with a preset)';
-COMMENT ON COLUMN phsync.syncs.cursor_column IS 'timestamp or date column whose max() is the watermark';
+COMMENT ON COLUMN phsync.syncs.cursor_column IS 'timestamp or date column whose max() is the watermark; NULL for a preset read whole on every run';
+COMMENT ON COLUMN phsync.syncs.events IS 'events preset: only these event names (NULL: every event)';
 COMMENT ON COLUMN phsync.syncs.conflict IS 'nothing: skip rows already there; update: rewrite them when their values changed';
 COMMENT ON COLUMN phsync.syncs.lookback IS 'how far before the watermark each run starts reading; NULL: re-read everything every run';
 COMMENT ON COLUMN phsync.syncs.verify IS 'scheduled runs also verify the previous day (phsync_verify) and record it in phsync.runs';
@@ -195,13 +200,14 @@ CREATE FUNCTION @extschema@.phsync_add_sync(
 	name text, target text,
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
-	enabled boolean DEFAULT true, verify boolean DEFAULT NULL, server text DEFAULT NULL)
+	enabled boolean DEFAULT true, verify boolean DEFAULT NULL, server text DEFAULT NULL,
+	events text[] DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_add_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text) IS
+COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]) IS
 	'adds a sync (a preset or a HogQL query into a target table); scheduled runs run every enabled sync';
 
 CREATE FUNCTION @extschema@.phsync_alter_sync(
@@ -209,13 +215,13 @@ CREATE FUNCTION @extschema@.phsync_alter_sync(
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
 	enabled boolean DEFAULT NULL, verify boolean DEFAULT NULL,
-	reread_all boolean DEFAULT false, server text DEFAULT NULL)
+	reread_all boolean DEFAULT false, server text DEFAULT NULL, events text[] DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_alter_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text) IS
+COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[]) IS
 	'changes a sync; arguments left NULL keep their value (reread_all => true sets lookback to NULL: re-read everything)';
 
 CREATE FUNCTION @extschema@.phsync_drop_sync(name text)
@@ -232,14 +238,14 @@ COMMENT ON FUNCTION @extschema@.phsync_drop_sync(text) IS
  * worker's role, when the worker creates the default sync's table).  The
  * presets' shapes are defined once, in the library (presets.c).
  */
-CREATE FUNCTION @extschema@.phsync_create_table(preset text, table_name text)
+CREATE FUNCTION @extschema@.phsync_create_table(preset text, table_name text, properties text[] DEFAULT NULL)
 RETURNS regclass
 AS 'MODULE_PATHNAME', 'phsync_create_table'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_create_table(text, text) IS
-	'creates a target table for a preset (events or persons) with its unique key and cursor index';
+COMMENT ON FUNCTION @extschema@.phsync_create_table(text, text, text[]) IS
+	'creates a target table for a preset with its unique key and cursor index; properties => ARRAY[...] adds a generated column for each of those keys of its properties';
 
 CREATE FUNCTION @extschema@.phsync_run_now(sync text DEFAULT NULL)
 RETURNS SETOF phsync.runs
@@ -351,8 +357,8 @@ COMMENT ON COLUMN phsync.status.last_verify_mismatches IS 'buckets that differed
 COMMENT ON COLUMN phsync.status.waiting_until IS 'the run in progress waits for PostHog''s throttle (HTTP 429) until then';
 COMMENT ON COLUMN phsync.status.target_problem IS 'why the target is not read (it does not exist, is not a table, the sync''s owner may not write it...); NULL when it is fine';
 
-REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.phsync_drop_sync(text) FROM PUBLIC;
 
 CREATE FUNCTION @extschema@.phsync_cancel(run_id bigint)

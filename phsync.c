@@ -90,6 +90,31 @@ require_arg(FunctionCallInfo fcinfo, int arg, const char *name)
 				 errmsg("%s must not be null", name)));
 }
 
+/* a text[] argument as a list of strings (NIL when NULL); no null elements */
+static List *
+text_array_arg(FunctionCallInfo fcinfo, int arg, const char *name)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n,
+				i;
+	List	   *result = NIL;
+
+	if (PG_ARGISNULL(arg))
+		return NIL;
+	deconstruct_array(PG_GETARG_ARRAYTYPE_P(arg), TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &nulls, &n);
+	for (i = 0; i < n; i++)
+	{
+		if (nulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("%s must not hold nulls", name)));
+		result = lappend(result, TextDatumGetCString(elems[i]));
+	}
+	return result;
+}
+
 static char *
 text_arg(FunctionCallInfo fcinfo, int arg)
 {
@@ -187,6 +212,22 @@ check_sync_owner(PhsyncSync *sync, const char *what)
 			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 			 errmsg("must be owner of sync %s to %s", sync->name, what),
 			 errdetail("Sync %s belongs to role \"%s\".", sync->name, sync->owner_name)));
+}
+
+/*
+ * A sync without a cursor (a preset read whole on every run) has nothing
+ * to backfill or verify by time.
+ */
+static void
+require_cursor(PhsyncSync *sync, const char *what)
+{
+	if (sync->cursor)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+			 errmsg("sync %s has no cursor to %s by", sync->name, what),
+			 errdetail("The %s preset is read whole on every run: after each run the table equals PostHog's.",
+					   preset_name(sync->preset))));
 }
 
 static void
@@ -462,6 +503,7 @@ phsync_verify(PG_FUNCTION_ARGS)
 	phsync_spi_connect();
 	sync = find_sync(request.sync);
 	phsync_spi_finish();
+	require_cursor(sync, "verify");
 	relid = RangeVarGetRelid(target_rangevar(sync->target), NoLock, true);
 	if (OidIsValid(relid) && pg_class_aclcheck(relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
 		ereport(ERROR,
@@ -551,6 +593,7 @@ phsync_backfill(PG_FUNCTION_ARGS)
 	q.tupdesc = tupdesc;
 	s = find_sync(sync);
 	check_sync_owner(s, "backfill it");
+	require_cursor(s, "backfill");
 	q.target = s->target;
 	as_phsync(queue_backfill, &q);
 	phsync_spi_finish();
@@ -728,6 +771,8 @@ sync_args(FunctionCallInfo fcinfo, PhsyncSyncArgs *args, int server_arg)
 	args->has_verify = !PG_ARGISNULL(8);
 	args->verify = args->has_verify && PG_GETARG_BOOL(8);
 	args->server = text_arg(fcinfo, server_arg);
+	args->has_events = !PG_ARGISNULL(server_arg + 1);
+	args->events = text_array_arg(fcinfo, server_arg + 1, "events");
 }
 
 static TupleDesc
@@ -795,7 +840,7 @@ phsync_drop_sync(PG_FUNCTION_ARGS)
 }
 
 /*
- * phsync_create_table(preset, table_name) RETURNS regclass
+ * phsync_create_table(preset, table_name, properties) RETURNS regclass
  *
  * Not SECURITY DEFINER: the table belongs to whoever creates it.
  */
@@ -814,7 +859,7 @@ phsync_create_table(PG_FUNCTION_ARGS)
 				 errmsg("unknown preset \"%s\"", preset ? preset : ""),
 				 errhint("The presets are %s.", preset_list())));
 	phsync_spi_connect();
-	target_create(p->preset, name, NULL);
+	target_create(p->preset, name, NULL, text_array_arg(fcinfo, 2, "properties"));
 	phsync_spi_finish();
 	relid = RangeVarGetRelid(target_rangevar(name), NoLock, false);
 	PG_RETURN_OID(relid);
@@ -948,28 +993,11 @@ phsync_tables(PG_FUNCTION_ARGS)
 Datum
 phsync_create_table_for_query(PG_FUNCTION_ARGS)
 {
-	List	   *keys = NIL;
+	List	   *keys;
 
 	require_arg(fcinfo, 0, "name");
 	require_arg(fcinfo, 1, "query");
-	if (!PG_ARGISNULL(2))
-	{
-		Datum	   *elems;
-		bool	   *nulls;
-		int			n,
-					i;
-
-		deconstruct_array(PG_GETARG_ARRAYTYPE_P(2), TEXTOID, -1, false, TYPALIGN_INT,
-						  &elems, &nulls, &n);
-		for (i = 0; i < n; i++)
-		{
-			if (nulls[i])
-				ereport(ERROR,
-						(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-						 errmsg("key columns must not be null")));
-			keys = lappend(keys, TextDatumGetCString(elems[i]));
-		}
-	}
+	keys = text_array_arg(fcinfo, 2, "key");
 	PG_RETURN_OID(query_create_table(text_arg(fcinfo, 0), text_arg(fcinfo, 4), text_arg(fcinfo, 1),
 									 jsonb_arg(fcinfo, 5), keys, text_arg(fcinfo, 3)));
 }

@@ -150,26 +150,50 @@ typedef enum PhsyncPreset
 {
 	PHSYNC_CUSTOM,				/* the user's HogQL */
 	PHSYNC_EVENTS,
-	PHSYNC_PERSONS
+	PHSYNC_PERSONS,
+	PHSYNC_GROUPS,
+	PHSYNC_SESSIONS,
+	PHSYNC_COHORTS,
+	PHSYNC_FEATURE_FLAGS,
+	PHSYNC_EXPERIMENTS,
+	PHSYNC_SURVEYS,
+	PHSYNC_COHORT_PEOPLE
 } PhsyncPreset;
+
+/* what a whole re-read does with target rows PostHog no longer has */
+typedef enum PhsyncAbsent
+{
+	PHSYNC_ABSENT_KEEP,			/* nothing */
+	PHSYNC_ABSENT_FLAG,			/* set their deleted column */
+	PHSYNC_ABSENT_DELETE		/* delete them (a membership that ended) */
+} PhsyncAbsent;
 
 typedef struct PresetColumn
 {
-	const char *name;
-	const char *type;			/* PostgreSQL type (and NOT NULL) */
+	const char *name;			/* the target's column */
+	const char *type;			/* PostgreSQL type (and NOT NULL, DEFAULT) */
+	const char *hogql;			/* what is selected AS name; NULL: the column name */
 } PresetColumn;
 
 typedef struct PresetInfo
 {
 	PhsyncPreset preset;
 	const char *name;			/* as users write it */
-	const char *hogql_table;	/* the PostHog table it reads */
+	const char *hogql_table;	/* the PostHog table (or subquery) it reads */
 	const PresetColumn *columns;	/* in the order selected; NULL name ends */
 	const char *const *key;		/* the target's primary key; NULL ends */
-	const char *cursor;			/* the default cursor column */
+	const char *cursor;			/* the default cursor column; NULL: none, every
+								 * run reads all, keyset on the key */
 	bool		update;			/* default conflict mode is update */
 	bool		reread_all;		/* default: no lookback, re-read everything */
 	bool		verify;			/* default: verify yesterday after scheduled runs */
+	const char *bound;			/* HogQL column bounded around each slice too
+								 * (events: timestamp), NULL: none */
+	int			bound_before_days;	/* the bound's slack before the slice */
+	int			bound_after_days;	/* and after it */
+	PhsyncAbsent absent;		/* rows a whole re-read does not find */
+	bool		event_filter;	/* takes events => ARRAY[...] */
+	const char *json_column;	/* properties => draws generated columns from it */
 } PresetInfo;
 
 extern const PresetInfo *preset_info(PhsyncPreset preset);
@@ -177,7 +201,7 @@ extern const PresetInfo *preset_lookup(const char *name);
 extern const char *preset_name(PhsyncPreset preset);
 extern const char *preset_list(void);
 extern bool preset_has_column(const PresetInfo *p, const char *name);
-extern List *preset_create_statements(const PresetInfo *p, const char *qualified);
+extern List *preset_create_statements(const PresetInfo *p, const char *qualified, List *properties);
 
 /* ---------- shmem.c ---------- */
 #define PHSYNC_MAX_MESSAGE 1024
@@ -361,7 +385,8 @@ extern const char *pg_type_for_schema_field(const char *fieldtype, const char *c
 typedef struct PhsyncKeyset
 {
 	bool		valid;
-	int			nvalues;		/* 1 + nkeys: cursor first */
+	bool		has_cursor;		/* json[0] is the cursor's (else keys only) */
+	int			nvalues;		/* 1 + nkeys: cursor first; nkeys without one */
 	char	  **json;			/* each value as JSON text, as PostHog sent it */
 	char	  **chtypes;		/* ClickHouse types, or NULL when unknown */
 } PhsyncKeyset;
@@ -370,7 +395,7 @@ typedef struct PhsyncQuery
 {
 	PhsyncPreset preset;
 	char	   *base;			/* custom query text (PHSYNC_CUSTOM) */
-	char	   *cursor;			/* cursor column name */
+	char	   *cursor;			/* cursor column name; NULL: none (read all, by key) */
 	int			nkeys;			/* key columns, cursor excluded */
 	char	  **keys;
 	char	  **events;			/* events preset: only these event names, or NULL */
@@ -517,6 +542,7 @@ typedef struct PhsyncCounters
 	int64		inserted;
 	int64		updated;
 	int64		rejected;
+	int64		deleted;		/* rows PostHog no longer has, deleted here */
 	int			throttled;		/* waits for PostHog's throttles */
 } PhsyncCounters;
 
@@ -567,7 +593,7 @@ typedef struct PhsyncTarget
 	char	   *display;		/* schema.table, quoted as needed */
 	int			ncols;
 	PhsyncColumn *cols;
-	int			cursor;			/* index into cols */
+	int			cursor;			/* index into cols; -1: none (a preset read whole) */
 	int			nkeys;			/* unique key columns, cursor excluded */
 	int		   *keys;			/* indexes into cols */
 	int			nuniq;			/* all the unique key's columns, in order */
@@ -601,7 +627,9 @@ extern RangeVar *target_rangevar(const char *name);
 extern PhsyncTarget *target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *problem);
 extern void target_raise(const PhsyncProblem *problem) pg_attribute_noreturn();
 extern int	target_column(PhsyncTarget *target, const char *name);
-extern void target_create(PhsyncPreset preset, const char *name, const char *cursor);
+extern int64 target_absent(PhsyncTarget *target, PhsyncAbsent mode, Datum *keys);
+extern void target_create(PhsyncPreset preset, const char *name, const char *cursor,
+						  List *properties);
 extern bool target_watermark(PhsyncTarget *target, TimestampTz *from,
 							 TimestampTz *to, TimestampTz *watermark);
 
@@ -622,6 +650,7 @@ typedef struct PhsyncSync
 	bool		enabled;
 	bool		verify;			/* scheduled runs verify the previous day */
 	char	   *server;			/* foreign server; NULL: the phsync.* settings */
+	List	   *events;			/* events preset: only these event names (NIL: all) */
 } PhsyncSync;
 
 /* phsync_add_sync()'s and phsync_alter_sync()'s arguments; NULL: not given */
@@ -640,6 +669,8 @@ typedef struct PhsyncSyncArgs
 	bool		verify;
 	bool		reread_all;
 	char	   *server;			/* '' : back to the settings */
+	bool		has_events;
+	List	   *events;			/* empty: every event */
 } PhsyncSyncArgs;
 
 /* a row of phsync.syncs, as text */
@@ -656,6 +687,7 @@ typedef struct PhsyncSyncDef
 	bool		enabled;
 	bool		verify;
 	char	   *server;			/* NULL: the settings */
+	List	   *events;			/* NIL: every event */
 } PhsyncSyncDef;
 
 extern bool sync_is_default(const PhsyncSync *sync);
@@ -675,6 +707,8 @@ typedef struct PhsyncLoader PhsyncLoader;
 
 extern Datum value_datum(PhsyncRow *row, int c, Oid typid, int32 typmod, FmgrInfo *input,
 					   Oid typioparam, const char *colname, bool *isnull);
+extern void loader_track_keys(PhsyncLoader *loader);
+extern Datum *loader_seen_keys(PhsyncLoader *loader, PhsyncTarget *target);
 extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncColumns *cols,
 								   bool update, PhsyncBadRow on_bad_row);
 extern bool loader_matches(PhsyncLoader *loader, PhsyncColumns *cols);
@@ -706,6 +740,7 @@ typedef struct PhsyncRunState
 	PhsyncCounters counters;
 	char	   *timezone;		/* the project's, as PostHog said */
 	bool		throttle_logged;	/* a throttle wait was logged at LOG */
+	bool		track_keys;		/* a whole re-read: keep every key received */
 	MemoryContext cxt;
 } PhsyncRunState;
 

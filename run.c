@@ -82,7 +82,7 @@ open_target(PhsyncSync *sync)
 					 errmsg("phsync.cursor_column \"%s\" is not a column of the built-in %s query",
 							sync->cursor, preset->name),
 					 errhint("Use created_at (the default) or timestamp.")));
-		target_create(sync->preset, sync->target, sync->cursor);
+		target_create(sync->preset, sync->target, sync->cursor, NIL);
 		ereport(LOG,
 				(errmsg("phsync created target table %s", sync->target)));
 		target = target_examine(&spec, &problem);
@@ -120,8 +120,20 @@ run_prepare(PhsyncRunState *st)
 	st->on_bad_row = phsync_on_bad_row;
 
 	q->preset = sync->preset;
-	q->cursor = pstrdup(sync->cursor);
+	q->cursor = sync->cursor ? pstrdup(sync->cursor) : NULL;
 	q->limit = st->page_size;
+	if (sync->events != NIL)
+	{
+		ListCell   *lc;
+
+		q->nevents = list_length(sync->events);
+		q->events = palloc(sizeof(char *) * q->nevents);
+		foreach(lc, sync->events)
+			q->events[foreach_current_index(lc)] = pstrdup(lfirst(lc));
+	}
+	/* a preset read whole notices what PostHog no longer has */
+	st->track_keys = q->cursor == NULL && preset_info(sync->preset) &&
+		preset_info(sync->preset)->absent != PHSYNC_ABSENT_KEEP;
 	if (sync->preset == PHSYNC_CUSTOM)
 		q->base = sync->query_file ? hogql_read_query_file(sync->query_file) : sync->query;
 
@@ -189,6 +201,30 @@ release(PhsyncRunState *st)
 }
 
 /*
+ * After a whole re-read of a preset: what the target has and PostHog no
+ * longer does is flagged deleted (definitions) or deleted (memberships).
+ */
+static void
+mark_absent(PhsyncRunState *st)
+{
+	PhsyncAbsent mode = preset_info(st->sync->preset)->absent;
+	MemoryContext cxt = xact_begin();
+	int64		n = target_absent(st->target, mode, loader_seen_keys(st->loader, st->target));
+
+	if (mode == PHSYNC_ABSENT_FLAG)
+		st->counters.updated += n;
+	else
+		st->counters.deleted += n;
+	runlog_progress(st->run_id, &st->counters);
+	xact_commit(cxt);
+	if (n > 0)
+		ereport(LOG,
+				(errmsg("phsync run %lld: %lld row(s) of %s are gone from PostHog: %s",
+						(long long) st->run_id, (long long) n, st->target->display,
+						mode == PHSYNC_ABSENT_FLAG ? "flagged deleted" : "deleted")));
+}
+
+/*
  * The body of a run; errors propagate to run_job().
  */
 static void
@@ -219,13 +255,16 @@ run_body(PhsyncRunState *st, PhsyncJob *job)
 
 	if (since < until)
 		fetch_window(st, since, until);
+	if (st->track_keys)
+		mark_absent(st);
 
 	ereport(LOG,
-			(errmsg("phsync run %lld (sync %s) into %s: %s to %s, %d pages, %lld rows received, %lld inserted, %lld updated, %lld rejected, %d retries, %d throttle waits, %.1f s",
+			(errmsg("phsync run %lld (sync %s) into %s: %s to %s, %d pages, %lld rows received, %lld inserted, %lld updated, %lld deleted, %lld rejected, %d retries, %d throttle waits, %.1f s",
 					(long long) st->run_id, st->sync->name, st->target->display,
 					phsync_format_timestamp(since), phsync_format_timestamp(until),
 					st->counters.pages, (long long) st->counters.received,
 					(long long) st->counters.inserted, (long long) st->counters.updated,
+					(long long) st->counters.deleted,
 					(long long) st->counters.rejected, st->counters.retries,
 					st->counters.throttled,
 					(double) (GetCurrentTimestamp() - started) / USECS_PER_SEC)));

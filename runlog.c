@@ -224,8 +224,8 @@ runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until)
 }
 
 #define COUNTERS_SET "pages = $2, requests = $3, retries = $4, rows_received = $5, " \
-	"rows_inserted = $6, rows_rejected = $7, rows_updated = $8"
-#define NCOUNTERS 8
+	"rows_inserted = $6, rows_rejected = $7, rows_updated = $8, rows_deleted = $9"
+#define NCOUNTERS 9
 
 static void
 counter_args(int64 run_id, PhsyncCounters *c, Oid *types, Datum *values)
@@ -246,6 +246,8 @@ counter_args(int64 run_id, PhsyncCounters *c, Oid *types, Datum *values)
 	values[6] = Int64GetDatum(c->rejected);
 	types[7] = INT8OID;
 	values[7] = Int64GetDatum(c->updated);
+	types[8] = INT8OID;
+	values[8] = Int64GetDatum(c->deleted);
 }
 
 /*
@@ -384,7 +386,7 @@ runlog_finish(int64 run_id, PhsyncRunStatus status, const char *error, PhsyncCou
 	types[NCOUNTERS + 1] = TEXTOID;
 	values[NCOUNTERS + 1] = error ? CStringGetTextDatum(error) : (Datum) 0;
 	nulls[NCOUNTERS + 1] = error ? ' ' : 'n';
-	runlog_exec("UPDATE phsync.runs SET " COUNTERS_SET ", status = $9, error = $10, "
+	runlog_exec("UPDATE phsync.runs SET " COUNTERS_SET ", status = $10, error = $11, "
 				"finished_at = clock_timestamp() WHERE id = $1",
 				NCOUNTERS + 2, types, values, nulls, 1);
 	xact_commit(cxt);

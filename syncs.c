@@ -23,6 +23,7 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/acl.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -151,6 +152,40 @@ sync_endpoint(const PhsyncSync *sync)
 	return e;
 }
 
+/* a text[] column as a list of strings (NIL for NULL or empty) */
+static List *
+text_array_list(HeapTuple tup, TupleDesc desc, int col)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n,
+				i;
+	List	   *result = NIL;
+
+	if (isnull)
+		return NIL;
+	deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &nulls, &n);
+	for (i = 0; i < n; i++)
+		if (!nulls[i])
+			result = lappend(result, TextDatumGetCString(elems[i]));
+	return result;
+}
+
+/* a list of strings as a text[] */
+static Datum
+text_list_array(List *list)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * Max(list_length(list), 1));
+	ListCell   *lc;
+
+	foreach(lc, list)
+		elems[foreach_current_index(lc)] = CStringGetTextDatum(lfirst(lc));
+	return PointerGetDatum(construct_array(elems, list_length(list), TEXTOID, -1, false, TYPALIGN_INT));
+}
+
 static char *
 text_or_null(HeapTuple tup, TupleDesc desc, int col)
 {
@@ -182,7 +217,7 @@ sync_list(const char *only, bool enabled_only)
 
 	values[0] = only ? CStringGetTextDatum(only) : (Datum) 0;
 	if (phsync_spi_exec("SELECT name, target, preset, query, cursor_column, conflict, "
-						"pg_catalog.date_part('epoch', lookback), enabled, verify, owner, server "
+						"pg_catalog.date_part('epoch', lookback), enabled, verify, owner, server, events "
 						"FROM phsync.syncs WHERE $1 IS NULL OR name = $1 ORDER BY name",
 						1, types, values, nulls, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read phsync.syncs");
@@ -212,6 +247,7 @@ sync_list(const char *only, bool enabled_only)
 		s->owner_name = SPI_getvalue(tup, desc, 10);
 		s->owner = get_role_oid(s->owner_name, true);
 		s->server = SPI_getvalue(tup, desc, 11);
+		s->events = text_array_list(tup, desc, 12);
 		if (s->enabled || !enabled_only || only != NULL)
 			result = lappend(result, s);
 		MemoryContextSwitchTo(old);
@@ -359,15 +395,35 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 
 	if (args->cursor)
 		d->cursor = pstrdup(args->cursor);
-	else if (old == NULL)
-		d->cursor = preset ? (char *) preset->cursor : "created_at";
+	else if (old == NULL || args->preset || args->query)
+		d->cursor = preset ? (char *) preset->cursor :
+			(old && old->cursor ? old->cursor : "created_at");
+	if (preset && preset->cursor == NULL && d->cursor)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the %s preset has no cursor", preset->name),
+				 errdetail("Every run reads all of PostHog's %s, in the order of the key.", preset->name)));
 
 	if (args->reread_all)
 		d->lookback = NULL;
 	else if (args->lookback)
 		d->lookback = args->lookback;
-	else if (old == NULL)
+	else if (old == NULL || args->preset)
 		d->lookback = (preset && preset->reread_all) ? NULL : DEFAULT_LOOKBACK;
+	if (preset && preset->cursor == NULL && d->lookback)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the %s preset takes no lookback", preset->name),
+				 errdetail("Every run reads all of PostHog's %s.", preset->name)));
+
+	/* events => ARRAY[...]: the events preset only; an empty array: all */
+	if (args->has_events)
+		d->events = args->events;
+	if (d->events != NIL && !(preset && preset->event_filter))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("only the events preset takes events => ARRAY[...]"),
+				 errhint("A custom query filters events in its own WHERE clause.")));
 
 	if (args->has_enabled)
 		d->enabled = args->enabled;
@@ -375,8 +431,13 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 		d->enabled = true;
 	if (args->has_verify)
 		d->verify = args->verify;
-	else if (old == NULL)
+	else if (old == NULL || args->preset)
 		d->verify = preset && preset->verify;
+	if (d->verify && d->cursor == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the %s preset cannot be verified", preset ? preset->name : "custom"),
+				 errdetail("Verification counts rows per time bucket of the cursor, and it has none; every run reads it whole.")));
 
 	/* the PostHog project: a server ('' for the settings) */
 	if (args->server)
@@ -415,7 +476,7 @@ sync_fetch_def(const char *name)
 	bool		isnull;
 
 	catalog_exec("SELECT name, target, preset, query, cursor_column, conflict, "
-				 "lookback::pg_catalog.text, enabled, verify, owner, server FROM phsync.syncs "
+				 "lookback::pg_catalog.text, enabled, verify, owner, server, events FROM phsync.syncs "
 				 "WHERE name = $1 FOR UPDATE",
 				 1, types, values, NULL, false);
 	if (SPI_processed == 0)
@@ -434,6 +495,7 @@ sync_fetch_def(const char *name)
 	d->verify = DatumGetBool(SPI_getbinval(tup, desc, 9, &isnull));
 	d->owner = SPI_getvalue(tup, desc, 10);
 	d->server = SPI_getvalue(tup, desc, 11);
+	d->events = text_array_list(tup, desc, 12);
 	return d;
 }
 
@@ -443,32 +505,33 @@ sync_fetch_def(const char *name)
 static Datum
 sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
 {
-	Oid			types[11] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-	TEXTOID, BOOLOID, BOOLOID, TEXTOID, TEXTOID};
-	Datum		values[11];
-	char		nulls[11] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', ' ', ' ',
-	d->lookback ? ' ' : 'n', ' ', ' ', ' ', d->server ? ' ' : 'n'};
+	Oid			types[12] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	TEXTOID, BOOLOID, BOOLOID, TEXTOID, TEXTOID, TEXTARRAYOID};
+	Datum		values[12];
+	char		nulls[12] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', d->cursor ? ' ' : 'n', ' ',
+	d->lookback ? ' ' : 'n', ' ', ' ', ' ', d->server ? ' ' : 'n', d->events ? ' ' : 'n'};
 
 	values[0] = CStringGetTextDatum(d->name);
 	values[1] = CStringGetTextDatum(d->target);
 	values[2] = d->preset ? CStringGetTextDatum(d->preset) : (Datum) 0;
 	values[3] = d->query ? CStringGetTextDatum(d->query) : (Datum) 0;
-	values[4] = CStringGetTextDatum(d->cursor);
+	values[4] = d->cursor ? CStringGetTextDatum(d->cursor) : (Datum) 0;
 	values[5] = CStringGetTextDatum(d->conflict);
 	values[6] = d->lookback ? CStringGetTextDatum(d->lookback) : (Datum) 0;
 	values[7] = BoolGetDatum(d->enabled);
 	values[8] = BoolGetDatum(d->verify);
 	values[9] = CStringGetTextDatum(d->owner);
 	values[10] = d->server ? CStringGetTextDatum(d->server) : (Datum) 0;
+	values[11] = d->events ? text_list_array(d->events) : (Datum) 0;
 	catalog_exec(insert ?
 				 "INSERT INTO phsync.syncs (name, target, preset, query, cursor_column, conflict, "
-				 "lookback, enabled, verify, owner, server) "
+				 "lookback, enabled, verify, owner, server, events) "
 				 "VALUES ($1, $2, $3, $4, $5, $6, $7::pg_catalog.interval, $8, $9, $10::pg_catalog.name, "
-				 "$11::pg_catalog.name) RETURNING *" :
+				 "$11::pg_catalog.name, $12) RETURNING *" :
 				 "UPDATE phsync.syncs SET target = $2, preset = $3, query = $4, cursor_column = $5, "
 				 "conflict = $6, lookback = $7::pg_catalog.interval, enabled = $8, verify = $9, "
-				 "server = $11::pg_catalog.name WHERE name = $1 RETURNING *",
-				 11, types, values, nulls, false);
+				 "server = $11::pg_catalog.name, events = $12 WHERE name = $1 RETURNING *",
+				 12, types, values, nulls, false);
 	if (SPI_processed != 1)
 		elog(ERROR, "could not write sync \"%s\" into phsync.syncs", d->name);
 	return PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], tupdesc));

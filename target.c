@@ -290,9 +290,19 @@ target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *p)
 			column_info(&target->cols[target->ncols++], att);
 	}
 
-	target->cursor = target_column(target, spec->cursor);
+	target->cursor = spec->cursor ? target_column(target, spec->cursor) : -1;
 	nkeys = find_unique_key(rel, &keyatts);
-	if (target->cursor < 0)
+	if (spec->cursor == NULL)
+	{
+		/* a preset without a cursor: every run reads all, by key */
+		if (nkeys == 0)
+			problem(p, ERRCODE_INVALID_TABLE_DEFINITION,
+					psprintf("target table %s has no primary key or unique constraint", target->display),
+					"phsync skips or updates rows it already has with ON CONFLICT, which needs a unique key.",
+					psprintf("phsync_create_table(%s, ...) creates a table with the preset's key.",
+							 quote_literal_cstr(preset ? preset->name : "")));
+	}
+	else if (target->cursor < 0)
 		problem(p, ERRCODE_UNDEFINED_COLUMN,
 				psprintf("cursor column \"%s\" does not exist in table %s", spec->cursor, target->display),
 				psprintf("The cursor column is named by %s.", spec->cursor_origin),
@@ -356,7 +366,8 @@ target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *p)
 		return NULL;
 	}
 
-	target->cursor_indexed = has_index_on(rel, target->cols[target->cursor].attnum);
+	target->cursor_indexed = target->cursor < 0 ||
+		has_index_on(rel, target->cols[target->cursor].attnum);
 	target->writer = OidIsValid(spec->owner) ? target_writer(spec->owner, rel) : InvalidOid;
 	relation_close(rel, NoLock);
 	return target;
@@ -368,7 +379,7 @@ target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *p)
  * the current user, who owns it.  Needs SPI connected.
  */
 void
-target_create(PhsyncPreset preset, const char *name, const char *cursor)
+target_create(PhsyncPreset preset, const char *name, const char *cursor, List *properties)
 {
 	const PresetInfo *p = preset_info(preset);
 	RangeVar   *rv = target_rangevar(name);
@@ -381,8 +392,8 @@ target_create(PhsyncPreset preset, const char *name, const char *cursor)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("a table for a custom query cannot be created from a preset")));
-	statements = preset_create_statements(p, qualified);
-	if (cursor && strcmp(cursor, p->cursor) != 0)
+	statements = preset_create_statements(p, qualified, properties);
+	if (cursor && (p->cursor == NULL || strcmp(cursor, p->cursor) != 0))
 		statements = lappend(statements,
 							 psprintf("CREATE INDEX ON %s (%s)", qualified, quote_identifier(cursor)));
 	foreach(lc, statements)
@@ -391,6 +402,59 @@ target_create(PhsyncPreset preset, const char *name, const char *cursor)
 			elog(ERROR, "could not create table %s", qualified);
 	}
 	CommandCounterIncrement();
+}
+
+/*
+ * After a whole re-read: the target's rows whose key is not among `keys`
+ * (a text[] per unique key column, in target->uniq's order) are gone from
+ * PostHog.  Flag them (deleted = true) or delete them; returns how many.
+ * As the role the sync acts as, under SECURITY_RESTRICTED_OPERATION (the
+ * target's triggers run).  Needs SPI connected, in a transaction.
+ */
+int64
+target_absent(PhsyncTarget *target, PhsyncAbsent mode, Datum *keys)
+{
+	StringInfoData sql;
+	StringInfoData match;
+	StringInfoData names;
+	Oid		   *types = palloc(sizeof(Oid) * Max(target->nuniq, 1));
+	PhsyncAsRole save;
+	int			ret;
+	int			j;
+
+	if (mode == PHSYNC_ABSENT_KEEP)
+		return 0;
+	initStringInfo(&match);
+	initStringInfo(&names);
+	for (j = 0; j < target->nuniq; j++)
+	{
+		PhsyncColumn *col = &target->cols[target->uniq[j]];
+
+		types[j] = TEXTARRAYOID;
+		appendStringInfo(&names, "%sk%d", j ? ", " : "", j);
+		appendStringInfo(&match, "%st.%s OPERATOR(pg_catalog.=) CAST(u.k%d AS %s)",
+						 j ? " AND " : "", quote_identifier(col->name), j,
+						 format_type_be(col->typid));
+	}
+	initStringInfo(&sql);
+	if (mode == PHSYNC_ABSENT_FLAG)
+		appendStringInfo(&sql, "UPDATE %s AS t SET deleted = true WHERE t.deleted IS NOT TRUE AND ",
+						 target->display);
+	else
+		appendStringInfo(&sql, "DELETE FROM %s AS t WHERE ", target->display);
+	appendStringInfoString(&sql, "NOT EXISTS (SELECT FROM ROWS FROM (");
+	for (j = 0; j < target->nuniq; j++)
+		appendStringInfo(&sql, "%spg_catalog.unnest($%d)", j ? ", " : "", j + 1);
+	appendStringInfo(&sql, ") AS u(%s) WHERE %s)", names.data, match.data);
+
+	Assert(phsync_spi_connected());
+	as_role_begin(target->writer, true, &save);
+	ret = phsync_spi_exec(sql.data, target->nuniq, types, keys, NULL, false, 0);
+	as_role_end(&save);
+	if (ret != SPI_OK_UPDATE && ret != SPI_OK_DELETE)
+		elog(ERROR, "could not mark rows gone from PostHog in %s: %s", target->display,
+			 SPI_result_code_string(ret));
+	return (int64) SPI_processed;
 }
 
 /*
@@ -437,6 +501,8 @@ target_watermark(PhsyncTarget *target, TimestampTz *from, TimestampTz *to,
 	bool		found;
 
 	Assert(OidIsValid(target->writer));
+	if (target->cursor < 0)
+		return false;			/* no cursor, no watermark */
 	as_role_begin(target->writer, true, &save);
 	found = relation_watermark(target->relid, target->cols[target->cursor].name,
 							   from, to, watermark);

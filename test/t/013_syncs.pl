@@ -30,7 +30,7 @@ $node->safe_psql('postgres', q{
 	CREATE TABLE loose (id uuid, created_at timestamptz, is_identified boolean, properties jsonb);
 	CREATE TABLE keyed (id uuid PRIMARY KEY, created_at timestamptz, is_identified boolean, properties jsonb);});
 like(psql_err("SELECT phsync_add_sync('p', 'keyed', preset => 'people')"),
-	qr/ERROR:  unknown preset "people"\nHINT:  The presets are events and persons; anything else needs query => a HogQL query\./,
+	qr/ERROR:  unknown preset "people"\nHINT:  The presets are events, persons, groups, sessions, cohorts, feature_flags, experiments, surveys and cohort_people; anything else needs query => a HogQL query\./,
 	'unknown preset refused');
 like(psql_err("SELECT phsync_add_sync('p', 'nowhere', preset => 'persons')"),
 	qr/ERROR:  target table nowhere does not exist\nHINT:  Create it first, with a primary key or unique constraint, for example: SELECT phsync_create_table\('persons', 'nowhere'\)\./,
@@ -57,7 +57,7 @@ like(psql_err("SELECT phsync_add_sync('p', 'pg_catalog.pg_authid', query => 'SEL
 	qr/ERROR:  target pg_catalog.pg_authid is a system or phsync table/, 'a system catalog is refused as a target');
 $node->safe_psql('postgres', q{
 	CREATE ROLE sync_admin LOGIN;
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text) TO sync_admin;
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]) TO sync_admin;
 	GRANT SELECT ON keyed TO sync_admin;});
 like(psql_err("SET SESSION AUTHORIZATION sync_admin; SELECT phsync_add_sync('p', 'keyed', preset => 'persons')"), qr/ERROR:  permission denied for table public.keyed\nDETAIL:  The sync writes into it as sync_admin, who needs SELECT, INSERT and UPDATE on it\./,
 	'a role allowed to add syncs may only target tables it may write itself');

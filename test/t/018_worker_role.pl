@@ -58,7 +58,7 @@ unlike(slurp_file($node->logfile), qr/WARNING:  phsync could not/, 'history prun
 $node->safe_psql('postgres', q{
 	CREATE ROLE mallory LOGIN;
 	CREATE SCHEMA AUTHORIZATION mallory;
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text),
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]),
 	                          phsync_run_now(text) TO mallory;
 	SET ROLE mallory;
 	SELECT phsync_create_table('events', 'mallory.bait');

@@ -95,7 +95,7 @@ $node->safe_psql('postgres', qq{
 	GRANT EXECUTE ON FUNCTION phsync_query(text, text, jsonb), phsync_query_json(text, text, jsonb),
 	                          phsync_describe(text, text, jsonb), phsync_tables(text),
 	                          phsync_create_table(text, text, text[], text, text, jsonb) TO carol, dave;
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text) TO carol;
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]) TO carol;
 	GRANT CREATE ON SCHEMA public TO carol;
 	SET log_statement = 'none';
 	CREATE USER MAPPING FOR carol SERVER posthog OPTIONS (api_key '$API_KEY');});
@@ -167,18 +167,34 @@ is_deeply(\%got, \%want, 'the table holds PostHog\'s hourly counts, hour by hour
 # ---------- the README's examples, as written ----------
 my $readme = slurp_file("$FindBin::Bin/../../README.md");
 my %example = $readme =~ /<!-- example: (\w+)[^>]*-->\n```sql\n(.*?)```\n<!-- \/example -->/gs;
-is(join(',', sort keys %example), 'discovery,query', 'the README has both examples');
+is(join(',', sort keys %example), 'daily,discovery,flatten,persons,query', 'the README\'s runnable examples');
+my @hogql = $readme =~ /<!-- hogql[^>]*-->\n```sql\n(.*?)```\n<!-- \/example -->/gs;
+is(scalar(@hogql), 2, 'and its HogQL blocks');
 my $readme_node = phsync_node('readme', $fake, $certs);
 $readme_node->safe_psql('postgres', qq{
 	CREATE EXTENSION phsync;
 	CREATE SERVER posthog_eu FOREIGN DATA WRAPPER phsync OPTIONS (host '$url', project_id '1', ca_file '$ca');
 	SET log_statement = 'none';
 	CREATE USER MAPPING FOR CURRENT_USER SERVER posthog_eu OPTIONS (api_key '$API_KEY');});
-for my $name (qw(query discovery))
+for my $name (qw(query discovery persons daily flatten))
 {
 	my ($ret, $out, $err) = $readme_node->psql('postgres', $example{$name});
 	is($ret, 0, "the README's $name example runs") or diag($err);
 }
-ok($readme_node->safe_psql('postgres', 'SELECT count(*) FROM hourly') > 0, 'and its hourly table fills');
+ok($readme_node->safe_psql('postgres', 'SELECT count(*) FROM hourly') > 0, 'its hourly table fills');
+is($readme_node->safe_psql('postgres', q{SELECT status FROM phsync_run_now('daily')}), 'succeeded', 'its daily aggregate runs');
+ok($readme_node->safe_psql('postgres', 'SELECT count(*) FROM daily_counts') > 0, 'and fills');
+
+# the HogQL blocks parse (PostHog's parser) and run (the fake), with a value
+# for each placeholder
+my $plain = start_fake();
+my %sample = (events => [ '$pageview', 'signed_up' ], after_1 => '00000000-0000-4000-8000-000000000000');
+for my $i (0 .. $#hogql)
+{
+	my $text = $hogql[$i] =~ s/^--[^\n]*\n//r;
+	my %values = map { $_ => $sample{$_} // '2026-11-01T00:00:00Z' } $text =~ /\{(\w+)\}/g;
+	my $res = fake_query($plain, $text, values => \%values);
+	is($res->{status}, 200, "README HogQL block $i is valid HogQL") or diag($res->{content});
+}
 
 done_testing();

@@ -273,13 +273,7 @@ check_target(Doctor *d, PhsyncSync *sync, const char *prefix)
 	PhsyncProblem problem;
 	PhsyncTarget *target;
 
-	memset(&spec, 0, sizeof(spec));
-	spec.name = sync->target;
-	spec.cursor = sync->cursor;
-	spec.cursor_origin = sync_cursor_origin(sync);
-	spec.preset = sync->preset;
-	spec.update = sync->update;
-	spec.owner = sync->owner;
+	sync_target_spec(sync, &spec);
 	if (!OidIsValid(sync->owner))
 	{
 		row(d, "target", "error",

@@ -366,6 +366,26 @@ add_timestamp(json_object *values, const char *name, TimestampTz ts)
 }
 
 /*
+ * A request around `query` (which it takes over): refresh=force_blocking
+ * (no stale cache), a name, and a client_query_id to cancel it by.
+ * Palloc'd text.
+ */
+static char *
+request_body(json_object *query, const char *name, const char *client_query_id)
+{
+	json_object *root = json_object_new_object();
+	char	   *result;
+
+	json_object_object_add(root, "query", query);
+	json_object_object_add(root, "refresh", json_object_new_string("force_blocking"));
+	json_object_object_add(root, "name", json_object_new_string(name));
+	json_object_object_add(root, "client_query_id", json_object_new_string(client_query_id));
+	result = pstrdup(json_object_to_json_string_ext(root, JSON_C_TO_STRING_PLAIN));
+	json_object_put(root);
+	return result;
+}
+
+/*
  * The JSON body of a query from SQL (phsync_query() and its kin): kind
  * HogQLQuery with the caller's HogQL and values (a JSON object's text, or
  * NULL), or DatabaseSchemaQuery (hogql NULL).  Palloc'd.
@@ -374,9 +394,7 @@ char *
 hogql_adhoc_body(const char *hogql, const char *values_json, const char *name,
 				 const char *client_query_id)
 {
-	json_object *root = json_object_new_object();
 	json_object *query = json_object_new_object();
-	char	   *result;
 
 	if (hogql)
 	{
@@ -386,7 +404,6 @@ hogql_adhoc_body(const char *hogql, const char *values_json, const char *name,
 		{
 			if (values)
 				json_object_put(values);
-			json_object_put(root);
 			json_object_put(query);
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -399,14 +416,7 @@ hogql_adhoc_body(const char *hogql, const char *values_json, const char *name,
 	}
 	else
 		json_object_object_add(query, "kind", json_object_new_string("DatabaseSchemaQuery"));
-	json_object_object_add(root, "query", query);
-	json_object_object_add(root, "refresh", json_object_new_string("force_blocking"));
-	json_object_object_add(root, "name", json_object_new_string(name));
-	json_object_object_add(root, "client_query_id", json_object_new_string(client_query_id));
-
-	result = pstrdup(json_object_to_json_string_ext(root, JSON_C_TO_STRING_PLAIN));
-	json_object_put(root);
-	return result;
+	return request_body(query, name, client_query_id);
 }
 
 /*
@@ -418,10 +428,8 @@ char *
 hogql_request_body(PhsyncQuery *q, const char *hogql, PhsyncKeyset *after,
 				   int64 bucket, const char *name, const char *client_query_id)
 {
-	json_object *root = json_object_new_object();
 	json_object *query = json_object_new_object();
 	json_object *values = json_object_new_object();
-	char	   *result;
 
 	json_object_object_add(query, "kind", json_object_new_string("HogQLQuery"));
 	json_object_object_add(query, "query", json_object_new_string(hogql));
@@ -470,14 +478,7 @@ hogql_request_body(PhsyncQuery *q, const char *hogql, PhsyncKeyset *after,
 		}
 	}
 	json_object_object_add(query, "values", values);
-	json_object_object_add(root, "query", query);
-	json_object_object_add(root, "refresh", json_object_new_string("force_blocking"));
-	json_object_object_add(root, "name", json_object_new_string(name));
-	json_object_object_add(root, "client_query_id", json_object_new_string(client_query_id));
-
-	result = pstrdup(json_object_to_json_string_ext(root, JSON_C_TO_STRING_PLAIN));
-	json_object_put(root);
-	return result;
+	return request_body(query, name, client_query_id);
 }
 
 void

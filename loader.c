@@ -520,30 +520,23 @@ convert_row(PageValues *pv, int r, int slot)
 }
 
 /*
- * Insert the converted batch with the plain INSERT, in a subtransaction:
- * false (and nothing inserted) when a row is already there, which the
- * batch's ON CONFLICT statement then skips or updates.  A plain INSERT
- * skips ON CONFLICT's speculative insertion (an index probe before each
- * row, a second WAL record after it); after a conflict the loader stays
- * with ON CONFLICT until a whole batch is new again, so a re-read
- * (lookback, verify's repair) costs one wasted attempt.
+ * Run fn(arg) in a subtransaction.  NULL when it succeeds; on an error,
+ * the subtransaction is rolled back, and the error returned when
+ * expected() accepts it (the caller frees it), raised again otherwise (so
+ * these nest: a row error in an inner one reaches the outer one).
  */
-static bool
-insert_plain(PhsyncLoader *loader, PageValues *pv)
+static ErrorData *
+in_subtransaction(void (*fn) (void *), void *arg, bool (*expected) (int sqlerrcode))
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
-	volatile bool conflict = false;
+	ErrorData  *volatile caught = NULL;
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
 	PG_TRY();
 	{
-		int			ret = phsync_spi_exec_plan(loader->plain_plan, pv->values, pv->nulls, false, 0);
-
-		if (ret != SPI_OK_INSERT)
-			elog(ERROR, "insert into %s failed: %s", loader->target->display,
-				 SPI_result_code_string(ret));
+		fn(arg);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcxt);
 		CurrentResourceOwner = oldowner;
@@ -558,14 +551,50 @@ insert_plain(PhsyncLoader *loader, PageValues *pv)
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcxt);
 		CurrentResourceOwner = oldowner;
-		if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION &&
-			edata->sqlerrcode != ERRCODE_EXCLUSION_VIOLATION)
+		if (!expected(edata->sqlerrcode))
 			ReThrowError(edata);
-		FreeErrorData(edata);
-		conflict = true;
+		caught = edata;
 	}
 	PG_END_TRY();
-	return !conflict;
+	return caught;
+}
+
+static bool
+is_conflict(int sqlerrcode)
+{
+	return sqlerrcode == ERRCODE_UNIQUE_VIOLATION || sqlerrcode == ERRCODE_EXCLUSION_VIOLATION;
+}
+
+/* one execution of the plain INSERT on the converted batch */
+static void
+exec_plain(void *arg)
+{
+	PageValues *pv = (PageValues *) arg;
+	int			ret = phsync_spi_exec_plan(pv->loader->plain_plan, pv->values, pv->nulls, false, 0);
+
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "insert into %s failed: %s", pv->loader->target->display,
+			 SPI_result_code_string(ret));
+}
+
+/*
+ * Insert the converted batch with the plain INSERT, in a subtransaction:
+ * false (and nothing inserted) when a row is already there, which the
+ * batch's ON CONFLICT statement then skips or updates.  A plain INSERT
+ * skips ON CONFLICT's speculative insertion (an index probe before each
+ * row, a second WAL record after it); after a conflict the loader stays
+ * with ON CONFLICT until a whole batch is new again, so a re-read
+ * (lookback, verify's repair) costs one wasted attempt.
+ */
+static bool
+insert_plain(PageValues *pv)
+{
+	ErrorData  *conflict = in_subtransaction(exec_plain, pv, is_conflict);
+
+	if (conflict == NULL)
+		return true;
+	FreeErrorData(conflict);
+	return false;
 }
 
 /*
@@ -610,7 +639,7 @@ insert_rows(void *arg)
 		{
 			if (loader->plain_plan == NULL)
 				loader->plain_plan = loader_plan(loader, nrows, true, true);
-			if (insert_plain(loader, pv))
+			if (insert_plain(pv))
 			{
 				pv->inserted += nrows;
 				MemoryContextSwitchTo(oldcxt);
@@ -700,40 +729,14 @@ is_row_error(int sqlerrcode)
 static char *
 try_in_subtransaction(void (*fn) (void *), void *arg)
 {
-	MemoryContext oldcxt = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	char	   *volatile failure = NULL;
+	ErrorData  *edata = in_subtransaction(fn, arg, is_row_error);
+	char	   *failure;
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcxt);
-	PG_TRY();
-	{
-		fn(arg);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		if (!is_row_error(edata->sqlerrcode))
-		{
-			FreeErrorData(edata);
-			PG_RE_THROW();
-		}
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-		failure = edata->detail ?
-			psprintf("%s: %s", edata->message, edata->detail) :
-			pstrdup(edata->message);
-		FreeErrorData(edata);
-	}
-	PG_END_TRY();
+	if (edata == NULL)
+		return NULL;
+	failure = edata->detail ? psprintf("%s: %s", edata->message, edata->detail) :
+		pstrdup(edata->message);
+	FreeErrorData(edata);
 	return failure;
 }
 

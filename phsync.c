@@ -653,13 +653,7 @@ phsync_sync_state(PG_FUNCTION_ARGS)
 		 * acts as, restricted), and only from a target the worker would
 		 * accept: a view or a function in its place is reported, not run.
 		 */
-		memset(&spec, 0, sizeof(spec));
-		spec.name = s->target;
-		spec.cursor = s->cursor;
-		spec.cursor_origin = sync_cursor_origin(s);
-		spec.preset = s->preset;
-		spec.update = s->update;
-		spec.owner = s->owner;
+		sync_target_spec(s, &spec);
 		target = OidIsValid(s->owner) ? target_examine(&spec, &problem) : NULL;
 		if (target && target_watermark(target, NULL, NULL, &watermark))
 		{

@@ -694,6 +694,7 @@ extern bool sync_is_default(const PhsyncSync *sync);
 extern PhsyncSync *sync_default(void);
 extern List *sync_list(const char *only, bool enabled_only);
 extern const char *sync_cursor_origin(const PhsyncSync *sync);
+extern void sync_target_spec(const PhsyncSync *sync, PhsyncTargetSpec *spec);
 extern Oid	sync_owner(const PhsyncSync *sync);
 extern void sync_check_owner(const char *name, const char *owner);
 extern PhsyncEndpoint *sync_endpoint(const PhsyncSync *sync);

@@ -62,12 +62,7 @@ open_target(PhsyncSync *sync)
 	PhsyncTarget *target;
 	PhsyncAsRole save;
 
-	memset(&spec, 0, sizeof(spec));
-	spec.name = sync->target;
-	spec.cursor = sync->cursor;
-	spec.cursor_origin = sync_cursor_origin(sync);
-	spec.preset = sync->preset;
-	spec.update = sync->update;
+	sync_target_spec(sync, &spec);
 	spec.owner = sync_owner(sync);
 	as_role_begin(spec.owner, true, &save);
 	target = target_examine(&spec, &problem);

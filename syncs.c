@@ -78,6 +78,21 @@ sync_default(void)
 }
 
 /*
+ * What the sync expects of its target, for target_examine().
+ */
+void
+sync_target_spec(const PhsyncSync *sync, PhsyncTargetSpec *spec)
+{
+	memset(spec, 0, sizeof(*spec));
+	spec->name = sync->target;
+	spec->cursor = sync->cursor;
+	spec->cursor_origin = sync_cursor_origin(sync);
+	spec->preset = sync->preset;
+	spec->update = sync->update;
+	spec->owner = sync->owner;
+}
+
+/*
  * Where the sync's cursor column is set, for messages.
  */
 const char *

@@ -96,6 +96,31 @@ like(run_now($node), qr/^succeeded/, 'again');
 like($node->safe_psql('postgres', q{SELECT error FROM phsync.rejects WHERE target = 'public.counts' ORDER BY id DESC LIMIT 1}),
 	qr/^new row for relation "counts" violates check constraint "counts_n_check"/, 'a CHECK violation: rejected');
 
+# Full batches of new rows go in with a plain INSERT: a refused row in one,
+# and rows already there (a re-read), still end as they should.
+set_conf($node, 'phsync.page_size' => '5000');
+$node->safe_psql('postgres', q{
+	SELECT phsync_create_table('events', 'big');
+	ALTER TABLE big ADD CONSTRAINT big_not_forbidden CHECK (event <> 'forbidden');
+	SELECT phsync_add_sync('big', 'big', preset => 'events');});
+fake_post($fake, '/generate', { count => 2500, seed => 61, created_from => iso_ago($node, '4 hours'), step_ms => 1000 });
+fake_post($fake, '/events', [ map { { event => 'forbidden', distinct_id => "f$_", created_at => iso_ago($node, (200 - $_ * 30) . ' minutes') } } 1 .. 3 ]);
+$node->safe_psql('postgres', 'TRUNCATE phsync.rejects');
+my $source = scalar @{ fake_get($fake, '/source') };
+is($node->safe_psql('postgres', q{SELECT status FROM phsync_run_now('big')}), 'succeeded', 'a large page with refused rows: the run succeeds');
+my $refused = $node->safe_psql('postgres', q{SELECT count(*) FROM phsync.rejects WHERE target = 'public.big'});
+is($node->safe_psql('postgres', q{SELECT count(*) FROM phsync.rejects WHERE target = 'public.big' AND error LIKE 'new row for relation "big" violates check constraint%'}),
+	3, 'the three rows the CHECK refuses are rejected');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM big'), $source - $refused, "every other row is in ($source received, $refused refused)");
+$node->safe_psql('postgres', q{DELETE FROM big WHERE event = 'good1' OR distinct_id IN (SELECT distinct_id FROM big ORDER BY created_at LIMIT 100)});
+my $gone = $source - $refused - $node->safe_psql('postgres', 'SELECT count(*) FROM big');
+$node->safe_psql('postgres', q{SELECT phsync_alter_sync('big', reread_all => true)});
+is($node->safe_psql('postgres', q{SELECT status || ' ' || rows_inserted FROM phsync_run_now('big')}), "succeeded $gone",
+	"a re-read of rows mostly there: exactly the $gone missing ones are inserted");
+is($node->safe_psql('postgres', 'SELECT count(*) FROM big'), $source - $refused, 'and the table is whole again');
+$node->safe_psql('postgres', q{SELECT phsync_drop_sync('big')});
+set_conf($node, 'phsync.page_size' => '100');
+
 # phsync.on_bad_row = fail: the run fails on the bad row, that page inserts nothing.
 set_conf($node, 'phsync.on_bad_row' => 'fail');
 $node->safe_psql('postgres', 'TRUNCATE counts');

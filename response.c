@@ -29,6 +29,10 @@
  */
 #include "postgres.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include "mb/pg_wchar.h"
 #include "utils/json.h"
 
@@ -292,7 +296,11 @@ block_free(RowBlock *b)
 }
 
 /*
- * Give the spare blocks back (a run is over).
+ * Give the spare blocks back (a run is over), and the pages malloc keeps
+ * free to the system: after one large page glibc serves blocks from its
+ * heap rather than by mmap, and keeps what was freed there, so without
+ * the trim a worker that loaded one big window stays megabytes bigger
+ * while it sleeps.
  */
 void
 scan_trim(void)
@@ -305,6 +313,9 @@ scan_trim(void)
 		free(b);
 	}
 	nspare = 0;
+#ifdef __GLIBC__
+	malloc_trim(0);
+#endif
 }
 
 /*

@@ -425,7 +425,8 @@ phsync.verify = off
         print(f"worker memory (RssAnon): idle {r1.idle / 2**20:.1f} MB, peak at N {r1.peak / 2**20:.1f} MB "
               f"(+{(r1.peak - r1.idle) / 2**20:.1f} MB)", end="")
         if r4:
-            print(f", peak at 4N {r4.peak / 2**20:.1f} MB (+{(r4.peak - r4.idle) / 2**20:.1f} MB), "
+            print(f", peak at 4N {r4.peak / 2**20:.1f} MB (+{(r4.peak - r4.idle) / 2**20:.1f} MB over "
+                  f"{r4.idle / 2**20:.1f} MB idle after the runs at N), "
                   f"4N/N {r4.peak / r1.peak:.2f} (target: +150 MB at most, 4N/N within 10%)")
         else:
             print()

@@ -136,6 +136,9 @@ any subset later; GET /config shows them).  Defaults are PostHog's:
                             {since}..{until}) is wider
   latency_base_ms 0,        a successful answer takes at least base +
   latency_per_row_us 0      per_row x rows (real time), holding its slot
+  gzip true                 answers gzipped when the client accepts it, as
+                            PostHog's query POSTs are (GZIP_POST_RESPONSE_ALLOW_LIST
+                            in posthog/settings/web.py); false: never
   cache_seconds 21600       (fake s) a request whose "refresh" is not
                             "force_blocking" (or force_async/true) gets the
                             answer of an identical earlier query (same query
@@ -267,6 +270,7 @@ DEFAULT_CONFIG = {
     "latency_base_ms": 0.0,
     "latency_per_row_us": 0.0,
     "cache_seconds": 21600.0,
+    "gzip": True,
 }
 # PostHog's ExecutionMode values for "refresh" (True/False are the legacy forms)
 REFRESH_MODES = {"async", "lazy_async", "blocking", "force_async", "force_blocking", "force_cache",
@@ -2694,7 +2698,7 @@ def make_handler(state, kind):
             pass
 
         def send_bytes(self, status, data, headers=None, truncate=None):
-            gz = "gzip" in (self.headers.get("Accept-Encoding") or "")
+            gz = state.config["gzip"] and "gzip" in (self.headers.get("Accept-Encoding") or "")
             if gz:
                 data = gzip.compress(data, compresslevel=1)
             self.send_response(status)

@@ -310,6 +310,16 @@ my $st = fake_get($fake, '/stats');
 ok($st->{requests} == 1 && $st->{busy_seconds} >= 0.29 && $st->{busy_union_seconds} >= 0.29 && $st->{max_concurrent} == 1, 'stats')
   or diag(explain $st);
 
+# ---------- answers gzipped, as PostHog's query POSTs are ----------
+$r = fake_query($fake, "SELECT 1", headers => { 'Accept-Encoding' => 'gzip' });
+is_deeply([ $r->{status}, $r->{headers}{'content-encoding'} ], [ 200, 'gzip' ], 'an answer is gzipped when the client accepts gzip');
+$r = fake_query($fake, "SELECT 1");
+ok(!defined $r->{headers}{'content-encoding'} && $r->{json}{results}[0][0] == 1, '... and plain when it does not');
+fake_config($fake, { gzip => JSON::PP::false });
+$r = fake_query($fake, "SELECT 1", headers => { 'Accept-Encoding' => 'gzip' });
+ok(!defined $r->{headers}{'content-encoding'} && $r->{json}{results}[0][0] == 1, 'gzip => false: plain whatever the client accepts');
+fake_config($fake, { gzip => JSON::PP::true });
+
 # ---------- settings from the command line ----------
 my $other = start_fake(config => { row_cap => 10000, timezone => 'Asia/Kolkata', throttle_per_minute => 0 });
 my $cfg = fake_get($other, '/config');

@@ -32,6 +32,17 @@ $node->safe_psql('postgres', q{
 like(psql_err("SELECT phsync_add_sync('p', 'keyed', preset => 'people')"),
 	qr/ERROR:  unknown preset "people"\nHINT:  The presets are events, persons, groups, sessions, cohorts, feature_flags, experiments, surveys and cohort_people; anything else needs query => a HogQL query\./,
 	'unknown preset refused');
+# the install script's CHECK on phsync.syncs.preset names the library's presets (presets.c), in its order
+{
+	my ($names) = psql_err("SELECT phsync_add_sync('p', 'keyed', preset => 'people')") =~ /The presets are (.*?); anything/;
+	my @lib = split /, | and /, $names;
+	my $def = $node->safe_psql('postgres', q{SELECT pg_get_constraintdef(oid) FROM pg_constraint
+		WHERE conrelid = 'phsync.syncs'::regclass AND pg_get_constraintdef(oid) LIKE '%preset%ANY%'});
+	my @sql = $def =~ /'(\w+)'::text/g;
+	is(join(' ', @sql), 'events persons groups sessions cohorts feature_flags experiments surveys cohort_people',
+		'the install script\'s CHECK on phsync.syncs.preset lists the presets') or diag($def);
+	is_deeply(\@sql, \@lib, '... the library\'s, in its order');
+}
 like(psql_err("SELECT phsync_add_sync('p', 'nowhere', preset => 'persons')"),
 	qr/ERROR:  target table nowhere does not exist\nHINT:  Create it first, with a primary key or unique constraint, for example: SELECT phsync_create_table\('persons', 'nowhere'\)\./,
 	'missing target refused, with the helper to create it');

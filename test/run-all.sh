@@ -60,4 +60,6 @@ fi
 if [ "$(id -u)" = 0 ] && [ -z "${PHSYNC_TAP_TESTS:-}" ]; then
 	"$here/test/package.sh"
 fi
+# the copy the tests ran in (a cluster per test) is kept only when they fail
+[ "$work" != "$here" ] && rm -rf "$work"
 echo "phsync: all tests passed"

@@ -4,6 +4,7 @@
 #
 #   ./test/bench/bench.sh                  # N = 1,000,000 (and 4N)
 #   ./test/bench/bench.sh --rows 200000    # a quicker look
+#   PHSYNC_BENCH_KEEP=1 ./test/bench/bench.sh ...   # keep the work directory
 #
 # Run as root on Debian 12 (installs what it needs).  Not part of the tests.
 set -euo pipefail
@@ -14,5 +15,7 @@ dpkg-query -W -f='${Status}' python3-psycopg2 2>/dev/null | grep -q "install ok 
 	{ apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-psycopg2 >/dev/null; }
 work=$(mktemp -d /tmp/phsync-bench.XXXXXX)
 chown postgres:postgres "$work"
+# a million events leave gigabytes of cluster and COPY file: kept only on request
+[ -n "${PHSYNC_BENCH_KEEP:-}" ] || trap 'rm -rf "$work"' EXIT
 runuser -u postgres -- env PATH="/usr/lib/postgresql/15/bin:$PATH" \
 	python3 "$here/test/bench/bench.py" --work "$work" --fake "$here/test/fake_posthog.py" "$@"

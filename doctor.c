@@ -235,17 +235,19 @@ ask_posthog(Doctor *d, const char *item, PhsyncEndpoint *endpoint, PhsyncQuery *
 }
 
 /*
- * The custom query's text, or NULL with *failure set (unreadable file).
+ * fn(arg), or NULL with *failure (and *hint, when asked for) set to the
+ * error it raised: for lookups that fail without side effects (a query
+ * file, a server, a user mapping), so the doctor reports and goes on.
  */
-static char *
-read_query_file_or_null(const char *path, char **failure)
+static void *
+call_or_null(void *(*fn) (void *), void *arg, char **failure, char **hint)
 {
 	MemoryContext cxt = CurrentMemoryContext;
-	char	   *volatile text = NULL;
+	void	   *volatile result = NULL;
 
 	PG_TRY();
 	{
-		text = hogql_read_query_file(path);
+		result = fn(arg);
 	}
 	PG_CATCH();
 	{
@@ -255,11 +257,25 @@ read_query_file_or_null(const char *path, char **failure)
 		edata = CopyErrorData();
 		FlushErrorState();
 		*failure = pstrdup(edata->message);
+		if (hint)
+			*hint = edata->hint ? pstrdup(edata->hint) : NULL;
 		FreeErrorData(edata);
-		text = NULL;
+		result = NULL;
 	}
 	PG_END_TRY();
-	return text;
+	return result;
+}
+
+static void *
+read_query_file(void *path)
+{
+	return hogql_read_query_file((const char *) path);
+}
+
+static void *
+endpoint_of(void *sync)
+{
+	return sync_endpoint((PhsyncSync *) sync);
 }
 
 /*
@@ -307,36 +323,6 @@ check_target(Doctor *d, PhsyncSync *sync, const char *prefix)
 }
 
 /*
- * The endpoint of a sync, or NULL with *failure and *hint set (a server
- * or a user mapping that is missing, say).
- */
-static PhsyncEndpoint *
-endpoint_or_null(PhsyncSync *sync, char **failure, char **hint)
-{
-	MemoryContext cxt = CurrentMemoryContext;
-	PhsyncEndpoint *volatile e = NULL;
-
-	PG_TRY();
-	{
-		e = sync_endpoint(sync);
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		*failure = pstrdup(edata->message);
-		*hint = edata->hint ? pstrdup(edata->hint) : NULL;
-		FreeErrorData(edata);
-		e = NULL;
-	}
-	PG_END_TRY();
-	return e;
-}
-
-/*
  * A sync's server: reachable with its owner's key?  One row per server
  * and owner (the first sync that uses them says it).
  */
@@ -351,7 +337,7 @@ check_server(Doctor *d, PhsyncSync *sync, PhsyncEndpoint **endpoint, List **seen
 	ListCell   *lc;
 	bool		ok;
 
-	*endpoint = endpoint_or_null(sync, &failure, &hint);
+	*endpoint = call_or_null(endpoint_of, sync, &failure, &hint);
 	if (*endpoint == NULL)
 	{
 		row(d, "server", "error", psprintf("%s%s", prefix, failure), hint);
@@ -416,7 +402,7 @@ check_target_and_query(Doctor *d, PhsyncSync *sync, bool authenticated, List **s
 	{
 		char	   *failure = NULL;
 
-		q.base = read_query_file_or_null(sync->query_file, &failure);
+		q.base = call_or_null(read_query_file, sync->query_file, &failure, NULL);
 		if (q.base == NULL)
 		{
 			row(d, "query", "error", failure, "Check phsync.query_file.");
@@ -429,7 +415,7 @@ check_target_and_query(Doctor *d, PhsyncSync *sync, bool authenticated, List **s
 		char	   *failure = NULL;
 		char	   *hint = NULL;
 
-		endpoint = endpoint_or_null(sync, &failure, &hint);
+		endpoint = call_or_null(endpoint_of, sync, &failure, &hint);
 		if (endpoint == NULL)
 		{
 			row(d, "query", "error", psprintf("%s%s", prefix, failure), hint);

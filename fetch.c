@@ -660,8 +660,7 @@ load_chunk(Fetch *f, Request *r)
 		s->committed = s->committed_any ? Max(s->committed, last) : last;
 		s->committed_any = true;
 	}
-	runlog_progress(st->run_id, &st->counters);
-	runlog_set_resume(st->run_id, low_water(f));
+	runlog_progress_resume(st->run_id, &st->counters, low_water(f));
 	xact_commit(cxt);
 	scan_release(scan);
 	http_resume(r->t);
@@ -733,10 +732,7 @@ tidy(Fetch *f)
 		}
 		if (s->exhausted && s->requests == NIL)
 		{
-			s->committed = s->to;
-			s->committed_any = true;
 			hogql_keyset_reset(&s->next);
-			list_free(s->requests);
 			f->slices = foreach_delete_current(f->slices, lc);
 			pfree(s);
 		}

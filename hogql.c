@@ -501,29 +501,6 @@ hogql_keyset_reset(PhsyncKeyset *keyset)
 	memset(keyset, 0, sizeof(*keyset));
 }
 
-/*
- * dst becomes a copy of src (allocated in the current memory context).
- */
-void
-hogql_keyset_copy(PhsyncKeyset *dst, PhsyncKeyset *src)
-{
-	int			i;
-
-	hogql_keyset_reset(dst);
-	if (!src->valid)
-		return;
-	dst->valid = true;
-	dst->has_cursor = src->has_cursor;
-	dst->nvalues = src->nvalues;
-	dst->json = palloc0(sizeof(char *) * dst->nvalues);
-	dst->chtypes = palloc0(sizeof(char *) * dst->nvalues);
-	for (i = 0; i < dst->nvalues; i++)
-	{
-		dst->json[i] = pstrdup(src->json[i]);
-		dst->chtypes[i] = src->chtypes[i] ? pstrdup(src->chtypes[i]) : NULL;
-	}
-}
-
 static int
 result_column(PhsyncColumns *cols, const char *name)
 {
@@ -537,6 +514,25 @@ result_column(PhsyncColumns *cols, const char *name)
 			 errmsg("the query's results have no column \"%s\"", name),
 			 errhint("A custom query must return the cursor column and every column of the target's unique key.")));
 	return -1;					/* keep compiler quiet */
+}
+
+/*
+ * A cursor value as PostHog sent it (JSON text: a string, or a number) as
+ * an instant.
+ */
+static TimestampTz
+cursor_instant(const char *json)
+{
+	json_object *j = json_tokener_parse(json);
+	char	   *s = pstrdup(j && json_object_is_type(j, json_type_string) ?
+							json_object_get_string(j) : json);
+
+	if (j)
+		json_object_put(j);
+	return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
+												   CStringGetDatum(s),
+												   ObjectIdGetDatum(InvalidOid),
+												   Int32GetDatum(-1)));
 }
 
 /*
@@ -593,32 +589,22 @@ hogql_keyset_from_row(PhsyncKeyset *keyset, PhsyncQuery *q, PhsyncColumns *cols,
 				 errdetail("The last row of two pages in a row has the same cursor and key: %s", buf.data),
 				 errhint("Check that the target's unique key really is unique in PostHog's results.")));
 	}
+	if (next.has_cursor)
+		next.cursor = cursor_instant(next.json[0]);
 	hogql_keyset_reset(keyset);
 	*keyset = next;
 }
 
 /*
  * The cursor value of a keyset position, as a timestamp (the cursor column
- * is a timestamp or a date).
+ * is a timestamp or a date), read once when the position was taken.
  */
 TimestampTz
 hogql_keyset_cursor(PhsyncKeyset *keyset)
 {
-	json_object *j;
-	char	   *s;
-
 	if (!keyset->has_cursor)
 		return DT_NOBEGIN;		/* no time order: every position is the start */
-	j = json_tokener_parse(keyset->json[0]);
-	s = pstrdup(j && json_object_is_type(j, json_type_string) ?
-				json_object_get_string(j) : keyset->json[0]);
-
-	if (j)
-		json_object_put(j);
-	return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
-												   CStringGetDatum(s),
-												   ObjectIdGetDatum(InvalidOid),
-												   Int32GetDatum(-1)));
+	return keyset->cursor;
 }
 
 /*

@@ -106,7 +106,7 @@ static void http_at_exit(int code, Datum arg);
  * The query endpoint of a host and project (the host was checked when it
  * was set: https://, or http:// to loopback).
  */
-char *
+static char *
 http_query_url(const PhsyncEndpoint *endpoint)
 {
 	size_t		len = strlen(endpoint->host);
@@ -502,7 +502,7 @@ stop_transfer(PhsyncTransfer *t, CURLcode why)
  * Give up on a transfer (cancelling it on PostHog's side if it had not
  * been answered) and free it.
  */
-void
+static void
 http_abandon(PhsyncTransfer *t)
 {
 	stop_transfer(t, CURLE_ABORTED_BY_CALLBACK);
@@ -691,21 +691,6 @@ PhsyncScan *
 http_scan(PhsyncTransfer *t)
 {
 	return t->status == 200 ? t->scan : NULL;
-}
-
-const char *
-http_client_query_id(PhsyncTransfer *t)
-{
-	return t->client_query_id;
-}
-
-/*
- * Seconds since the transfer started.
- */
-double
-http_seconds(PhsyncTransfer *t)
-{
-	return (double) (GetCurrentTimestamp() - t->started) / USECS_PER_SEC;
 }
 
 /*

@@ -454,8 +454,8 @@ value_datum(PhsyncRow *row, int c, Oid typid, int32 typmod, FmgrInfo *input,
 															  Int32GetDatum(-1)));
 			if (TIMESTAMP_NOT_FINITE(instant))
 				break;
-			return DateADTGetDatum((DateADT) ((instant - ((instant % USECS_PER_DAY) + USECS_PER_DAY) % USECS_PER_DAY) /
-											  USECS_PER_DAY));
+			/* the UTC date: the instant read as a timestamp (UTC) */
+			return DirectFunctionCall1(timestamp_date, TimestampGetDatum(instant));
 		default:
 			break;
 	}

@@ -889,6 +889,19 @@ jsonb_arg(FunctionCallInfo fcinfo, int arg)
 	return JsonbToCString(NULL, &j->root, VARSIZE(j));
 }
 
+/* the rows of one query, in the set the caller's context expects */
+static Datum
+query_set(FunctionCallInfo fcinfo, bool as_json)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	require_arg(fcinfo, 0, "query");
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+	query_rows(text_arg(fcinfo, 1), text_arg(fcinfo, 0), jsonb_arg(fcinfo, 2), as_json,
+			   rsinfo->setResult, rsinfo->setDesc);
+	return (Datum) 0;
+}
+
 /*
  * phsync_query(query, server, values) RETURNS SETOF record: one HogQL
  * query's rows, typed by the caller's column definition list.
@@ -896,13 +909,7 @@ jsonb_arg(FunctionCallInfo fcinfo, int arg)
 Datum
 phsync_query(PG_FUNCTION_ARGS)
 {
-	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-
-	require_arg(fcinfo, 0, "query");
-	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
-	query_rows(text_arg(fcinfo, 1), text_arg(fcinfo, 0), jsonb_arg(fcinfo, 2), false,
-			   rsinfo->setResult, rsinfo->setDesc);
-	return (Datum) 0;
+	return query_set(fcinfo, false);
 }
 
 /*
@@ -912,28 +919,7 @@ phsync_query(PG_FUNCTION_ARGS)
 Datum
 phsync_query_json(PG_FUNCTION_ARGS)
 {
-	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-
-	TupleDesc	tupdesc;
-	MemoryContext old;
-
-	require_arg(fcinfo, 0, "query");
-	if (rsinfo == NULL || !IsA(rsinfo, ReturnSetInfo) ||
-		!(rsinfo->allowedModes & SFRM_Materialize))
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("set-valued function called in context that cannot accept a set")));
-	/* a set of one jsonb column, in the query's memory */
-	old = MemoryContextSwitchTo(rsinfo->econtext->ecxt_per_query_memory);
-	tupdesc = CreateTemplateTupleDesc(1);
-	TupleDescInitEntry(tupdesc, (AttrNumber) 1, "phsync_query_json", JSONBOID, -1, 0);
-	rsinfo->returnMode = SFRM_Materialize;
-	rsinfo->setResult = tuplestore_begin_heap(true, false, work_mem);
-	rsinfo->setDesc = tupdesc;
-	MemoryContextSwitchTo(old);
-	query_rows(text_arg(fcinfo, 1), text_arg(fcinfo, 0), jsonb_arg(fcinfo, 2), true,
-			   rsinfo->setResult, rsinfo->setDesc);
-	return (Datum) 0;
+	return query_set(fcinfo, true);
 }
 
 /*

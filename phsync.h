@@ -112,6 +112,7 @@ extern int	settings_run_at_seconds(void);
 extern pg_tz *settings_timezone(void);
 extern bool settings_host_ok(const char *host, const char **detail);
 extern bool settings_project_id_ok(const char *project_id);
+extern bool settings_proxy_ok(const char *proxy, const char **detail);
 
 /* ---------- servers.c ---------- */
 /*
@@ -131,7 +132,6 @@ typedef struct PhsyncEndpoint
 	int			per_minute;		/* request budget (0: none) */
 	int			per_hour;
 	int			concurrency;	/* requests at once */
-	const char *server;			/* the foreign server, NULL: the settings */
 	const char *budget_key;		/* whose request budget it spends */
 	const char *host_origin;
 	const char *key_origin;
@@ -143,7 +143,6 @@ extern void server_validate_options(List *options, Oid catalog);
 extern PhsyncEndpoint *endpoint_from_settings(void);
 extern PhsyncEndpoint *endpoint_settings(void);
 extern PhsyncEndpoint *endpoint_server(const char *name, Oid role, const char *what);
-extern struct ForeignServer *server_lookup(const char *name, const char *what);
 
 /* ---------- presets.c ---------- */
 typedef enum PhsyncPreset
@@ -355,12 +354,10 @@ extern const char *scan_error(PhsyncScan *s);
 extern size_t scan_buffered(PhsyncScan *s);
 extern int64 scan_rows(PhsyncScan *s);
 extern int64 scan_pending(PhsyncScan *s);
-extern bool scan_results_done(PhsyncScan *s);
 extern const char *scan_member(PhsyncScan *s, const char *name);
 extern bool scan_next_row(PhsyncScan *s, const char **encoded);
 extern const char *scan_last_row(PhsyncScan *s);
 extern void scan_release(PhsyncScan *s);
-extern int	row_nvalues(const char *encoded);
 extern bool row_decode(const char *encoded, PhsyncRow *row);
 extern PhsyncRow *row_alloc(int capacity);
 extern char *row_value_json(PhsyncRow *row, int i);
@@ -389,6 +386,7 @@ typedef struct PhsyncKeyset
 	int			nvalues;		/* 1 + nkeys: cursor first; nkeys without one */
 	char	  **json;			/* each value as JSON text, as PostHog sent it */
 	char	  **chtypes;		/* ClickHouse types, or NULL when unknown */
+	TimestampTz cursor;			/* json[0] read as an instant (has_cursor) */
 } PhsyncKeyset;
 
 typedef struct PhsyncQuery
@@ -419,7 +417,6 @@ extern char *hogql_request_body(PhsyncQuery *q, const char *hogql,
 								const char *name, const char *client_query_id);
 extern TimestampTz hogql_keyset_cursor(PhsyncKeyset *keyset);
 extern void hogql_keyset_reset(PhsyncKeyset *keyset);
-extern void hogql_keyset_copy(PhsyncKeyset *dst, PhsyncKeyset *src);
 extern void hogql_keyset_from_row(PhsyncKeyset *keyset, PhsyncQuery *q, PhsyncColumns *cols,
 								  const char *encoded);
 extern char *phsync_format_timestamp(TimestampTz ts);
@@ -454,7 +451,6 @@ typedef struct PhsyncHttpError
 	const char *hint;
 } PhsyncHttpError;
 
-extern char *http_query_url(const PhsyncEndpoint *endpoint);
 extern PhsyncHttp *http_open(const PhsyncEndpoint *endpoint);
 extern void http_close(PhsyncHttp *http);
 extern void http_set_timeout(PhsyncHttp *http, long timeout_ms);
@@ -464,13 +460,10 @@ extern void http_poll(PhsyncHttp *http, long timeout_ms);
 extern bool http_done(PhsyncTransfer *t);
 extern PhsyncScan *http_scan(PhsyncTransfer *t);
 extern PhsyncScan *http_take_scan(PhsyncTransfer *t);
-extern const char *http_client_query_id(PhsyncTransfer *t);
-extern double http_seconds(PhsyncTransfer *t);
 extern bool http_answering(PhsyncTransfer *t);
 extern void http_resume(PhsyncTransfer *t);
 extern void http_result(PhsyncTransfer *t, PhsyncHttpResult *result);
 extern void http_finish(PhsyncTransfer *t);
-extern void http_abandon(PhsyncTransfer *t);
 extern PhsyncTransfer *http_request(PhsyncHttp *http, const char *body,
 									const char *client_query_id, PhsyncHttpResult *result);
 extern void http_explain(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result,
@@ -499,6 +492,7 @@ typedef enum PhsyncRetry
 } PhsyncRetry;
 
 extern void phsync_sleep(long ms);
+extern void retry_policy_for(const PhsyncEndpoint *e, PhsyncRetryPolicy *policy);
 extern PhsyncRetry retry_classify(PhsyncHttpResult *result);
 extern long retry_delay_ms(const PhsyncRetryPolicy *policy, int retry, PhsyncHttpResult *result);
 extern long retry_throttle_ms(PhsyncHttpResult *result);
@@ -560,7 +554,7 @@ extern void runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
 extern void runlog_set_mismatches(int64 run_id, int mismatches);
 extern void runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until);
 extern void runlog_progress(int64 run_id, PhsyncCounters *c);
-extern void runlog_set_resume(int64 run_id, TimestampTz resume_from);
+extern void runlog_progress_resume(int64 run_id, PhsyncCounters *c, TimestampTz resume_from);
 extern bool runlog_resume_point(const char *sync, bool backfill, TimestampTz from,
 								TimestampTz to, TimestampTz *resume_from);
 extern void runlog_reject(int64 run_id, const char *target, Datum columns,

@@ -74,11 +74,7 @@ ask(PhsyncEndpoint *e, const char *hogql, const char *values_json, const char *n
 	PhsyncRetryPolicy policy;
 	int			retry = 0;
 
-	policy.max_retries = phsync_max_retries;
-	policy.base_delay_ms = phsync_retry_base_delay;
-	policy.max_delay_ms = phsync_max_retry_delay;
-	policy.per_minute = e->per_minute;
-	policy.per_hour = e->per_hour;
+	retry_policy_for(e, &policy);
 
 	PG_TRY();
 	{

@@ -112,7 +112,6 @@ struct PhsyncScan
 	size_t		buffered;		/* bytes in blocks */
 	int64		nrows;			/* complete rows seen */
 	int64		ntaken;			/* rows the reader took */
-	bool		results_done;	/* the results array is closed */
 
 	/* the row being written: in a scratch buffer until complete */
 	char	   *row;
@@ -649,10 +648,7 @@ scan_feed(PhsyncScan *s, const char *p, size_t len)
 				else if (c == ',' && s->state == S_ROW_COMMA)
 					s->state = S_ROW_OR_END;
 				else if (c == ']')
-				{
-					s->results_done = true;
 					s->state = S_COMMA_OR_END;
-				}
 				else if (!is_ws(c))
 					fail(s, "a row of the results is not an array");
 				p++;
@@ -786,38 +782,20 @@ scan_feed(PhsyncScan *s, const char *p, size_t len)
 				}
 
 			case S_STRING_ESC:
-				switch (c)
+				if (c == 'u')
 				{
-					case '"':
-					case '\\':
-					case '/':
-						row_putc(s, c);
-						break;
-					case 'b':
-						row_putc(s, '\b');
-						break;
-					case 'f':
-						row_putc(s, '\f');
-						break;
-					case 'n':
-						row_putc(s, '\n');
-						break;
-					case 'r':
-						row_putc(s, '\r');
-						break;
-					case 't':
-						row_putc(s, '\t');
-						break;
-					case 'u':
-						s->ulen = 0;
-						s->ucode = 0;
-						s->state = S_STRING_U;
-						p++;
-						continue;
-					default:
-						fail(s, "a string of the results has a bad escape");
-						continue;
+					s->ulen = 0;
+					s->ucode = 0;
+					s->state = S_STRING_U;
+					p++;
+					continue;
 				}
+				if (simple_escape(c) == 0)
+				{
+					fail(s, "a string of the results has a bad escape");
+					continue;
+				}
+				row_putc(s, simple_escape(c));
 				if (s->uhigh)
 					bad_text(s);
 				s->state = S_STRING;
@@ -986,12 +964,6 @@ scan_pending(PhsyncScan *s)
 	return s->nrows - s->ntaken;
 }
 
-bool
-scan_results_done(PhsyncScan *s)
-{
-	return s->results_done;
-}
-
 /*
  * The raw JSON text of a kept member ("columns", "types", "timezone",
  * "detail", "hasMore", "tables"), NULL when it has not been seen.
@@ -1030,7 +1002,7 @@ row_length(const char *p)
 /*
  * The number of values of an encoded row.
  */
-int
+static int
 row_nvalues(const char *encoded)
 {
 	uint32		n;

@@ -127,6 +127,20 @@ retry_classify(PhsyncHttpResult *result)
 }
 
 /*
+ * The retry policy for requests to endpoint e: the phsync.* retry
+ * settings and e's request budget.
+ */
+void
+retry_policy_for(const PhsyncEndpoint *e, PhsyncRetryPolicy *policy)
+{
+	policy->max_retries = phsync_max_retries;
+	policy->base_delay_ms = phsync_retry_base_delay;
+	policy->max_delay_ms = phsync_max_retry_delay;
+	policy->per_minute = e->per_minute;
+	policy->per_hour = e->per_hour;
+}
+
+/*
  * How long to wait before retry number `retry` (1-based) of a transient
  * failure: Retry-After when PostHog gave one, else base * 2^(retry-1)
  * with "equal jitter" (half fixed, half random), never more than the

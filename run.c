@@ -105,11 +105,7 @@ run_prepare(PhsyncRunState *st)
 	st->target = open_target(sync);
 	xact_commit(cxt);
 
-	st->policy.max_retries = phsync_max_retries;
-	st->policy.base_delay_ms = phsync_retry_base_delay;
-	st->policy.max_delay_ms = phsync_max_retry_delay;
-	st->policy.per_minute = st->endpoint.per_minute;
-	st->policy.per_hour = st->endpoint.per_hour;
+	retry_policy_for(&st->endpoint, &st->policy);
 	st->page_size = st->endpoint.page_size;
 	st->concurrency = st->endpoint.concurrency;
 	st->on_bad_row = phsync_on_bad_row;

@@ -225,7 +225,7 @@ runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until)
 
 #define COUNTERS_SET "pages = $2, requests = $3, retries = $4, rows_received = $5, " \
 	"rows_inserted = $6, rows_rejected = $7, rows_updated = $8, rows_deleted = $9"
-#define NCOUNTERS 9
+#define NCOUNTERS 9				/* $1 (the run) and $2 .. $9 */
 
 static void
 counter_args(int64 run_id, PhsyncCounters *c, Oid *types, Datum *values)
@@ -266,17 +266,20 @@ runlog_progress(int64 run_id, PhsyncCounters *c)
 }
 
 /*
- * Store the run's low-water mark: every row of its window before it is
- * loaded (inside the transaction that loads rows).
+ * The same, with the run's low-water mark: every row of its window before
+ * it is loaded.  One UPDATE per chunk loaded.
  */
 void
-runlog_set_resume(int64 run_id, TimestampTz resume_from)
+runlog_progress_resume(int64 run_id, PhsyncCounters *c, TimestampTz resume_from)
 {
-	Oid			types[2] = {INT8OID, TIMESTAMPTZOID};
-	Datum		values[2] = {Int64GetDatum(run_id), TimestampTzGetDatum(resume_from)};
+	Oid			types[NCOUNTERS + 1];
+	Datum		values[NCOUNTERS + 1];
 
-	runlog_exec("UPDATE phsync.runs SET resume_from = $2 WHERE id = $1",
-				2, types, values, NULL, 1);
+	counter_args(run_id, c, types, values);
+	types[NCOUNTERS] = TIMESTAMPTZOID;
+	values[NCOUNTERS] = TimestampTzGetDatum(resume_from);
+	runlog_exec("UPDATE phsync.runs SET " COUNTERS_SET ", resume_from = $10 WHERE id = $1",
+				NCOUNTERS + 1, types, values, NULL, 1);
 }
 
 /*

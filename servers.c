@@ -183,11 +183,13 @@ server_validate_options(List *options, Oid catalog)
 		}
 		else if (strcmp(o->name, "proxy") == 0)
 		{
-			if (strpbrk(value, " \t\r\n") != NULL)
+			const char *detail;
+
+			if (!settings_proxy_ok(value, &detail))
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 						 errmsg("invalid value for option \"proxy\""),
-						 errdetail("A proxy is a URL such as http://proxy.example.com:3128.")));
+						 errdetail("%s", detail)));
 			if (catalog == ForeignServerRelationId && strchr(value, '@') != NULL)
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -232,7 +234,6 @@ endpoint_from_settings(void)
 	e->per_hour = phsync_max_requests_per_hour;
 	e->concurrency = phsync_max_concurrent_requests;
 	e->budget_key = "settings";
-	e->server = NULL;
 	e->host_origin = "phsync.host";
 	e->key_origin = "phsync.api_key";
 	e->ca_origin = "phsync.ca_file";
@@ -263,7 +264,7 @@ endpoint_settings(void)
  * The phsync server named `name`, or an error that says what is wrong
  * (whose is `what`: "sync x", "phsync_query()").
  */
-ForeignServer *
+static ForeignServer *
 server_lookup(const char *name, const char *what)
 {
 	ForeignServer *server = GetForeignServerByName(name, true);
@@ -350,8 +351,14 @@ endpoint_server(const char *name, Oid role, const char *what)
 				 errhint("CREATE USER MAPPING FOR %s SERVER %s OPTIONS (api_key '...');",
 						 rolename ? quote_identifier(rolename) : "...", quote_identifier(name))));
 
-	e->host = pstrdup(option_value(server->options, "host"));
-	e->project_id = pstrdup(option_value(server->options, "project_id"));
+	e->host = option_value(server->options, "host");
+	e->project_id = option_value(server->options, "project_id");
+	if (e->host == NULL || e->project_id == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_FDW_OPTION_NAME_NOT_FOUND),
+				 errmsg("server \"%s\" lacks option \"host\" or \"project_id\"", name)));
+	e->host = pstrdup(e->host);
+	e->project_id = pstrdup(e->project_id);
 	v = option_value(um->options, "api_key");
 	e->api_key = v ? pstrdup(v) : "";
 	v = option_value(server->options, "ca_file");
@@ -377,15 +384,10 @@ endpoint_server(const char *name, Oid role, const char *what)
 		else if (strcmp(o->name, "request_timeout") == 0)
 			e->timeout_ms = option_int(o, v);
 	}
-	e->server = pstrdup(name);
 	e->budget_key = psprintf("server %s", name);
 	e->host_origin = psprintf("the host option of server %s", name);
 	e->key_origin = psprintf("the api_key of the user mapping for %s on server %s",
 							 rolename ? rolename : "?", name);
 	e->ca_origin = psprintf("the ca_file option of server %s", name);
-	if (e->host == NULL || e->project_id == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_FDW_OPTION_NAME_NOT_FOUND),
-				 errmsg("server \"%s\" lacks option \"host\" or \"project_id\"", name)));
 	return e;
 }

@@ -159,14 +159,31 @@ settings_project_id_ok(const char *s)
 	return true;
 }
 
+/*
+ * Is s usable as a proxy URL (for phsync.proxy and a server's proxy
+ * option)?  *detail says why not.
+ */
+bool
+settings_proxy_ok(const char *s, const char **detail)
+{
+	if (strpbrk(s, " \t\r\n") != NULL)
+	{
+		*detail = "A proxy is a URL such as http://proxy.example.com:3128.";
+		return false;
+	}
+	return true;
+}
+
 /* ---------- check and assign hooks ---------- */
 
 static bool
 check_proxy(char **newval, void **extra, GucSource source)
 {
-	if (*newval && strpbrk(*newval, " \t\r\n") != NULL)
+	const char *detail;
+
+	if (*newval && !settings_proxy_ok(*newval, &detail))
 	{
-		GUC_check_errdetail("A proxy is a URL such as http://proxy.example.com:3128.");
+		GUC_check_errdetail("%s", detail);
 		return false;
 	}
 	return true;

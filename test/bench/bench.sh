@@ -4,6 +4,7 @@
 #
 #   ./test/bench/bench.sh                  # N = 1,000,000 (and 4N)
 #   ./test/bench/bench.sh --rows 200000    # a quicker look
+#   ... --repeat 5      # the run at N and COPY as 5 pairs (default 3), median reported
 #   PHSYNC_BENCH_KEEP=1 ./test/bench/bench.sh ...   # keep the work directory
 #
 # Run as root on Debian 12 (installs what it needs).  Not part of the tests.

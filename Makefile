@@ -19,8 +19,8 @@ PGFILEDESC = "phsync - sync PostHog data into PostgreSQL"
 EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(srcdir)/phsync.control)
 
 PKG_CONFIG ?= pkg-config
-SHLIB_LINK = $(shell $(PKG_CONFIG) --libs libcurl json-c)
-PG_CPPFLAGS = $(shell $(PKG_CONFIG) --cflags libcurl json-c) -DPHSYNC_VERSION='"$(EXTVERSION)"'
+SHLIB_LINK = $(shell $(PKG_CONFIG) --libs libcurl json-c libisal)
+PG_CPPFLAGS = $(shell $(PKG_CONFIG) --cflags libcurl json-c libisal) -DPHSYNC_VERSION='"$(EXTVERSION)"'
 # -Wextra minus unused-parameter: hook and fmgr signatures fix the arguments
 PG_CFLAGS = -Wall -Wextra -Wno-unused-parameter -Werror
 # PHSYNC_ASSERTS=1: Assert() checks on, even against a server built without

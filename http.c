@@ -21,11 +21,17 @@
  * /api/projects/<id>/query/<client_query_id>/, so that it does not hold
  * one of the project's few query slots until PostHog's own limit.
  *
+ * PostHog gzips its answers.  They are inflated here with ISA-L's igzip
+ * rather than by libcurl's zlib: the same stream, checked against the
+ * same CRC, at about 2.4 times the speed (zlib took a tenth of the
+ * worker's CPU; see README, Performance).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include <curl/curl.h>
+#include <isa-l/igzip_lib.h>
 
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
@@ -42,6 +48,8 @@
 #define PAUSE_BYTES (16 * 1024 * 1024)
 /* the limit for the DELETE that cancels a query on PostHog's side */
 #define CANCEL_TIMEOUT_MS 2000L
+/* inflated bytes are handed on in pieces of this size */
+#define INFLATE_CHUNK (128 * 1024)
 
 struct PhsyncTransfer
 {
@@ -59,6 +67,10 @@ struct PhsyncTransfer
 	double		retry_after;
 	long		status;			/* from the status line */
 	bool		too_large;
+	struct inflate_state *gzip; /* malloc'd: the body is gzipped */
+	unsigned char *inflated;	/* malloc'd, INFLATE_CHUNK bytes */
+	int			gzip_error;		/* ISA-L's code, when the stream is corrupt */
+	char		encoding[32];	/* a Content-Encoding not asked for */
 	bool		paused;
 	bool		done;			/* curl finished it (well or not) */
 	bool		timed_out;		/* no answer within the time limit */
@@ -244,6 +256,77 @@ discard_write(char *data, size_t size, size_t nmemb, void *userdata)
 	return size * nmemb;
 }
 
+/* bytes of the body as sent, inflated: false to abort the transfer */
+static bool
+transfer_body(PhsyncTransfer *t, const char *data, size_t len)
+{
+	/* counted after decompression: a gzip bomb is caught too */
+	t->received += len;
+	if (t->received > t->limit)
+	{
+		t->too_large = true;
+		return false;
+	}
+	if (t->rawlen < RAW_PREFIX_MAX)
+	{
+		size_t		n = Min(len, RAW_PREFIX_MAX - t->rawlen);
+
+		memcpy(t->raw + t->rawlen, data, n);
+		t->rawlen += n;
+		t->raw[t->rawlen] = '\0';
+	}
+	(void) scan_feed(t->scan, data, len);	/* a bad body is seen at the end */
+	return true;
+}
+
+/*
+ * Inflate a piece of a gzipped body: false to abort the transfer (a
+ * corrupt stream, or too large).  Members that follow each other are one
+ * body, as RFC 1952 says.
+ */
+static bool
+transfer_inflate(PhsyncTransfer *t, char *data, size_t len)
+{
+	struct inflate_state *z = t->gzip;
+
+	z->next_in = (uint8_t *) data;
+	z->avail_in = (uint32_t) len;
+	for (;;)
+	{
+		int			rc;
+
+		if (z->block_state == ISAL_BLOCK_FINISH)
+		{
+			if (z->avail_in == 0)
+				return true;
+			/* another member */
+			{
+				uint8_t    *in = z->next_in;
+				uint32_t	avail = z->avail_in;
+
+				isal_inflate_reset(z);
+				z->crc_flag = ISAL_GZIP;
+				z->next_in = in;
+				z->avail_in = avail;
+			}
+		}
+		z->next_out = t->inflated;
+		z->avail_out = INFLATE_CHUNK;
+		rc = isal_inflate(z);
+		if (rc < 0)
+		{
+			t->gzip_error = rc;
+			return false;
+		}
+		if (z->avail_out < INFLATE_CHUNK &&
+			!transfer_body(t, (char *) t->inflated, INFLATE_CHUNK - z->avail_out))
+			return false;
+		/* all taken and all given out: wait for more */
+		if (z->avail_in == 0 && z->avail_out > 0)
+			return true;
+	}
+}
+
 static size_t
 transfer_write(char *data, size_t size, size_t nmemb, void *userdata)
 {
@@ -257,25 +340,50 @@ transfer_write(char *data, size_t size, size_t nmemb, void *userdata)
 		t->paused = true;
 		return CURL_WRITEFUNC_PAUSE;
 	}
-
-	/* bytes after decompression: a gzip bomb is caught too */
-	t->received += len;
 	t->last_data = GetCurrentTimestamp();
-	if (t->received > t->limit)
-	{
-		t->too_large = true;
-		return 0;				/* makes curl abort with CURLE_WRITE_ERROR */
-	}
-	if (t->rawlen < RAW_PREFIX_MAX)
-	{
-		size_t		n = Min(len, RAW_PREFIX_MAX - t->rawlen);
+	/* false makes curl abort with CURLE_WRITE_ERROR */
+	if (t->encoding[0])
+		return 0;
+	if (t->gzip)
+		return transfer_inflate(t, data, len) ? len : 0;
+	return transfer_body(t, data, len) ? len : 0;
+}
 
-		memcpy(t->raw + t->rawlen, data, n);
-		t->rawlen += n;
-		t->raw[t->rawlen] = '\0';
+/*
+ * A Content-Encoding header: gzip (asked for) is inflated here, identity
+ * is the body itself, anything else is refused.  Called before the body.
+ */
+static void
+transfer_encoding(PhsyncTransfer *t, const char *value, size_t len)
+{
+	while (len > 0 && isspace((unsigned char) value[len - 1]))
+		len--;
+	while (len > 0 && isspace((unsigned char) *value))
+	{
+		value++;
+		len--;
 	}
-	(void) scan_feed(t->scan, data, len);	/* a bad body is seen at the end */
-	return len;
+	if ((len == 4 && pg_strncasecmp(value, "gzip", 4) == 0) ||
+		(len == 6 && pg_strncasecmp(value, "x-gzip", 6) == 0))
+	{
+		if (t->gzip == NULL)
+			t->gzip = malloc(sizeof(struct inflate_state));
+		if (t->inflated == NULL)
+			t->inflated = malloc(INFLATE_CHUNK);
+		if (t->gzip == NULL || t->inflated == NULL)
+		{
+			strlcpy(t->encoding, "gzip (out of memory)", sizeof(t->encoding));
+			return;
+		}
+		isal_inflate_init(t->gzip);
+		t->gzip->crc_flag = ISAL_GZIP;
+	}
+	else if (!(len == 8 && pg_strncasecmp(value, "identity", 8) == 0) && len > 0)
+	{
+		len = Min(len, sizeof(t->encoding) - 1);
+		memcpy(t->encoding, value, len);
+		t->encoding[len] = '\0';
+	}
 }
 
 /*
@@ -296,7 +404,16 @@ transfer_header(char *data, size_t size, size_t nitems, void *userdata)
 			t->status = strtol(sp + 1, NULL, 10);
 		if (t->answered == 0)
 			t->answered = GetCurrentTimestamp();
+		/* a new response (after a 100 Continue, say): its own encoding */
+		if (t->gzip)
+		{
+			free(t->gzip);
+			t->gzip = NULL;
+		}
+		t->encoding[0] = '\0';
 	}
+	else if (len > 17 && pg_strncasecmp(data, "Content-Encoding:", 17) == 0)
+		transfer_encoding(t, data + 17, len - 17);
 	else if (len > 12 && pg_strncasecmp(data, "Retry-After:", 12) == 0)
 	{
 		char		buf[32];
@@ -336,6 +453,10 @@ transfer_free(PhsyncTransfer *t)
 		curl_slist_free_all(t->headers);
 	if (t->body)
 		free(t->body);
+	if (t->gzip)
+		free(t->gzip);
+	if (t->inflated)
+		free(t->inflated);
 	scan_free(t->scan);
 	/* the request held the key: do not leave it in freed memory */
 	pfree(t);
@@ -382,6 +503,8 @@ http_start(PhsyncHttp *http, const char *body, const char *client_query_id)
 		auth = psprintf("Authorization: Bearer %s", e->api_key);
 		t->headers = curl_slist_append(t->headers, "Content-Type: application/json");
 		t->headers = curl_slist_append(t->headers, "Accept: application/json");
+		/* gzip only: inflated here, not by libcurl (see the top) */
+		t->headers = curl_slist_append(t->headers, "Accept-Encoding: gzip");
 		t->headers = curl_slist_append(t->headers, auth);
 		explicit_bzero(auth, strlen(auth));
 		pfree(auth);
@@ -395,7 +518,7 @@ http_start(PhsyncHttp *http, const char *body, const char *client_query_id)
 		SETOPT(t->curl, CURLOPT_POSTFIELDS, t->body);
 		SETOPT(t->curl, CURLOPT_HTTPHEADER, t->headers);
 		SETOPT(t->curl, CURLOPT_USERAGENT, "phsync/" PHSYNC_VERSION);
-		SETOPT(t->curl, CURLOPT_ACCEPT_ENCODING, "");
+		SETOPT(t->curl, CURLOPT_HTTP_CONTENT_DECODING, 0L);
 		/* large pages: read the socket in large pieces */
 		SETOPT(t->curl, CURLOPT_BUFFERSIZE, 256L * 1024);
 		set_transport_options(t->curl, t->errbuf, e, Min(http->timeout_ms, 30000L));
@@ -773,6 +896,21 @@ http_result(PhsyncTransfer *t, PhsyncHttpResult *result)
 								  t->http->endpoint->max_response_kb);
 		return;
 	}
+	if (t->encoding[0])
+	{
+		result->bad_encoding = result->bad_body = true;
+		result->detail = psprintf("It came with Content-Encoding \"%s\"; phsync asks for gzip only.",
+								  foreign_text(t->encoding, strlen(t->encoding)));
+		return;
+	}
+	if (t->gzip_error)
+	{
+		result->bad_encoding = result->bad_body = true;
+		result->detail = psprintf("Its gzip stream is corrupt (%s) after %zu bytes.",
+								  t->gzip_error == ISAL_INCORRECT_CHECKSUM ? "the checksum does not match" :
+								  "invalid compressed data", t->received);
+		return;
+	}
 	if (t->result != CURLE_OK)
 	{
 		result->detail = pstrdup(t->errbuf[0] ? t->errbuf : curl_easy_strerror(t->result));
@@ -781,6 +919,12 @@ http_result(PhsyncTransfer *t, PhsyncHttpResult *result)
 	if (t->status != 200)
 	{
 		result->detail = error_detail(t);
+		return;
+	}
+	if (t->gzip && t->gzip->block_state != ISAL_BLOCK_FINISH)
+	{
+		result->bad_encoding = result->bad_body = true;
+		result->detail = psprintf("Its gzip stream ended early, after %zu bytes.", t->received);
 		return;
 	}
 	if (!scan_complete(t->scan))
@@ -870,6 +1014,12 @@ http_explain(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result,
 		e->category = "response";
 		e->message = "PostHog response too large";
 		e->hint = "Lower phsync.page_size, or raise phsync.max_response_size.";
+	}
+	else if (result->bad_encoding)
+	{
+		e->sqlerrcode = ERRCODE_INVALID_TEXT_REPRESENTATION;
+		e->category = "response";
+		e->message = "PostHog sent a response that could not be decoded";
 	}
 	else if (rc != CURLE_OK)
 	{

@@ -302,6 +302,7 @@ extern int	phsync_spi_exec_plan(SPIPlanPtr plan, Datum *values, const char *null
 extern SPIPlanPtr phsync_spi_prepare(const char *sql, int nargs, Oid *types);
 extern MemoryContext xact_begin(void);
 extern void xact_commit(MemoryContext cxt);
+extern void xact_commit_async(void);
 extern ErrorData *xact_recover(MemoryContext cxt);
 
 typedef struct PhsyncAsRole
@@ -435,6 +436,7 @@ typedef struct PhsyncHttpResult
 	long		status;			/* HTTP status, 0 if no response */
 	int			curl_code;		/* CURLE_OK if the transfer completed */
 	bool		bad_body;		/* 200 but the body is not complete JSON */
+	bool		bad_encoding;	/* ... not complete gzip, or not gzip at all */
 	bool		too_large;		/* aborted at phsync.max_response_size */
 	double		retry_after;	/* seconds from Retry-After, -1 if absent */
 	double		seconds;		/* PostHog's time: to the first byte of the answer */

@@ -1784,6 +1784,9 @@ class Fault:
     raw_body: answer 200 with this text verbatim (malformed JSON, say)
     row_patch: {"index": i, "row": [...]} (or a list of them): replace row i
                of the real result
+    gzip_crc: answer the real result gzipped, with a wrong CRC in the trailer
+    content_encoding: answer the real result uncompressed, but labelled with
+               this Content-Encoding (one the client did not ask for, say)
     count: how many requests it applies to (default 1)
     """
 
@@ -1799,6 +1802,8 @@ class Fault:
         self.reset = spec.get("reset", False)
         self.raw_body = spec.get("raw_body")
         self.row_patch = spec.get("row_patch")
+        self.gzip_crc = spec.get("gzip_crc", False)
+        self.content_encoding = spec.get("content_encoding")
         self.count = spec.get("count", 1)
 
 
@@ -2697,14 +2702,22 @@ def make_handler(state, kind):
         def log_message(self, fmt, *args):
             pass
 
-        def send_bytes(self, status, data, headers=None, truncate=None):
-            gz = state.config["gzip"] and "gzip" in (self.headers.get("Accept-Encoding") or "")
+        def send_bytes(self, status, data, headers=None, truncate=None, fault=None):
+            gz = (state.config["gzip"] or (fault and fault.gzip_crc)) and \
+                "gzip" in (self.headers.get("Accept-Encoding") or "")
+            if fault and fault.content_encoding:
+                gz = False
             if gz:
                 data = gzip.compress(data, compresslevel=1)
+                if fault and fault.gzip_crc:
+                    # the trailer: CRC-32 (4 bytes), then the length
+                    data = data[:-8] + bytes(b ^ 0x5A for b in data[-8:-4]) + data[-4:]
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             if gz:
                 self.send_header("Content-Encoding", "gzip")
+            elif fault and fault.content_encoding:
+                self.send_header("Content-Encoding", fault.content_encoding)
             for k, v in (headers or {}).items():
                 self.send_header(k, str(v))
             self.send_header("Content-Length", str(len(data)))
@@ -2718,11 +2731,11 @@ def make_handler(state, kind):
                 return
             self.wfile.write(data)
 
-        def send_json(self, status, obj, headers=None, truncate=None):
+        def send_json(self, status, obj, headers=None, truncate=None, fault=None):
             # surrogatepass: a test can make us send invalid UTF-8, as a broken
             # upstream might
             data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
-            self.send_bytes(status, data, headers, truncate)
+            self.send_bytes(status, data, headers, truncate, fault)
 
         def read_body(self):
             n = int(self.headers.get("Content-Length") or 0)
@@ -2925,7 +2938,8 @@ def make_handler(state, kind):
                 for p in (patches if isinstance(patches, list) else [patches]):
                     if p["index"] < len(result["results"]):
                         result["results"][p["index"]] = p["row"]
-            return 200, lambda: self.send_json(200, result, truncate=fault.truncate if fault else None)
+            return 200, lambda: self.send_json(200, result, truncate=fault.truncate if fault else None,
+                                               fault=fault)
 
         # ----- control -----
         def control(self, method):

@@ -6,7 +6,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 . "$here/test/apt-ensure.sh"
 apt_ensure build-essential postgresql-15 postgresql-server-dev-15 \
-	libcurl4-openssl-dev libjson-c-dev pkg-config libipc-run-perl python3 openssl ca-certificates
+	libcurl4-openssl-dev libjson-c-dev libisal-dev pkg-config libipc-run-perl python3 openssl ca-certificates
 
 # The fake PostHog parses HogQL with PostHog's own parser (npm
 # @posthog/hogql-parser, pinned in test/hogql/package-lock.json): node and npm.

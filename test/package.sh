@@ -23,7 +23,7 @@ die() { echo "package.sh: $*" >&2; exit 1; }
 # 1. tools and build dependencies
 . "$here/test/apt-ensure.sh"
 apt_ensure build-essential debhelper dpkg-dev fakeroot git postgresql-server-dev-all \
-	"postgresql-server-dev-$pgver" libcurl4-openssl-dev libjson-c-dev
+	"postgresql-server-dev-$pgver" libcurl4-openssl-dev libjson-c-dev libisal-dev
 
 tmp=$(mktemp -d /tmp/phsync-package.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT

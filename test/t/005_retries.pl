@@ -54,6 +54,22 @@ like(run_now($node), qr/^succeeded\|/, 'reset, truncated and garbled responses a
 like(run_row(), qr/^succeeded\|\d+\|4\|12$/, 'four retries counted');
 is(source_equals_target($node, $fake), 0, 'target equals source');
 
+# The body's encoding (phsync inflates PostHog's gzip itself): a stream
+# whose CRC does not match, and an encoding phsync did not ask for, are
+# retried like a garbled body; when they persist the run says why.
+add_rows(9);
+fake_post($fake, '/faults', [ { gzip_crc => JSON::PP::true }, { content_encoding => 'br' } ]);
+like(run_now($node), qr/^succeeded\|/, 'a gzip checksum that does not match and an encoding not asked for are retried');
+like(run_row(), qr/^succeeded\|\d+\|2\|9$/, 'two retries counted');
+is(source_equals_target($node, $fake), 0, 'target equals source');
+fake_post($fake, '/faults', [ { gzip_crc => JSON::PP::true, count => 5 } ]);
+like(run_now($node), qr/ERROR:  PostHog sent a response that could not be decoded\nDETAIL:  Its gzip stream is corrupt \(the checksum does not match\) after \d+ bytes\./,
+	'a corrupt gzip stream that persists: the run fails and says so');
+fake_post($fake, '/faults', [ { content_encoding => 'br', count => 5 } ]);
+like(run_now($node), qr/ERROR:  PostHog sent a response that could not be decoded\nDETAIL:  It came with Content-Encoding "br"; phsync asks for gzip only\./,
+	'an encoding not asked for: the run fails and names it');
+like(run_now($node), qr/^succeeded\|/, 'once PostHog answers well again the next run succeeds');
+
 # Give-up: a 500 that does not clear.
 add_rows(7);
 fake_post($fake, '/faults', [ { status => 500, detail => 'Code: 241. Memory limit exceeded', count => 5 } ]);

@@ -153,6 +153,24 @@ xact_commit(MemoryContext cxt)
 }
 
 /*
+ * Commit the current transaction without waiting for its WAL to reach the
+ * disk (SET LOCAL synchronous_commit = off): for the loads within a run.
+ * Nothing is lost that matters: a crash can take back only the last
+ * moments of loaded rows, atomically, and the next run loads them again
+ * (the watermark is the table itself); the run's last commit (its run-log
+ * row) is synchronous, so when a run reports success everything it loaded
+ * is on disk.  The worker no longer writes and flushes WAL at every chunk:
+ * the WAL writer does, in the background, as for COPY's one transaction.
+ */
+void
+xact_commit_async(void)
+{
+	Assert(IsTransactionState());
+	(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+}
+
+/*
  * In a PG_CATCH block of the worker: copy the error out, clear it, abort
  * whatever transaction was open, and go back to cxt, where the copy is.
  * Interrupts are held meanwhile, so a cancel cannot strike mid-cleanup.

@@ -128,4 +128,22 @@ is($node->safe_psql('postgres', "SELECT count(*) FROM phsync.runs WHERE status =
 is($node->safe_psql('postgres', "SELECT count(*) FROM phsync.runs WHERE status = 'succeeded' AND rows_received < rows_inserted"), '0',
 	'counters are coherent');
 
+# A run that reported success is on disk.  Its loads commit without waiting
+# for the WAL flush, its last commit waits: with the WAL writer asleep for a
+# minute, an immediate stop right after the run loses none of its rows.
+$node->append_conf('postgresql.conf', "wal_writer_delay = '10s'");
+$node->reload;
+fake_post($fake, '/events', [ map { { uuid => sprintf('ffffffff-0000-4000-8000-%012d', $_), event => 'durable',
+	distinct_id => 'd', created_at => iso_ago($node, '90 seconds'), timestamp => iso_ago($node, '90 seconds'),
+	properties => { i => $_ } } } 1 .. 40 ]);
+like(run_now($node), qr/^succeeded\|/, 'a run loads 40 more rows');
+my $count = $node->safe_psql('postgres', 'SELECT count(*) FROM posthog_events');
+$node->stop('immediate');
+$node->start;
+is($node->safe_psql('postgres', 'SELECT count(*) FROM posthog_events'), $count,
+	'an immediate stop right after a successful run loses none of its rows');
+is($node->safe_psql('postgres', 'SELECT status FROM phsync.runs ORDER BY id DESC LIMIT 1'), 'succeeded',
+	'nor its run-log row');
+is(source_equals_target($node, $fake), 0, 'the target still equals the source');
+
 done_testing();

@@ -697,7 +697,8 @@ next_to_load(Fetch *f)
 			continue;
 		pending = scan_pending(scan);
 		if (pending == 0 ||
-			(pending < CHUNK_ROWS && !http_done(r->t) && scan_buffered(scan) < 8 * 1024 * 1024))
+			(pending < CHUNK_ROWS && !http_done(r->t) && !http_paused(r->t) &&
+			 scan_buffered(scan) < 8 * 1024 * 1024))
 			continue;
 		if (pending > best_rows)
 		{

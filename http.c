@@ -44,8 +44,15 @@
 
 /* how much of an error body to keep for the error message */
 #define RAW_PREFIX_MAX 1024
-/* a transfer pauses when its rows not taken yet reach this many bytes */
-#define PAUSE_BYTES (16 * 1024 * 1024)
+/*
+ * Rows received and not taken yet, for all the transfers of a client
+ * together: each open transfer may hold its share, at most PAUSE_MAX, at
+ * least PAUSE_MIN, before it pauses.  So the worker's memory does not
+ * depend on how many requests are open (phsync.max_concurrent_requests).
+ */
+#define BUFFER_BUDGET (32 * 1024 * 1024)
+#define PAUSE_MAX (16 * 1024 * 1024)
+#define PAUSE_MIN (1024 * 1024)
 /* the limit for the DELETE that cancels a query on PostHog's side */
 #define CANCEL_TIMEOUT_MS 2000L
 /* inflated bytes are handed on in pieces of this size */
@@ -327,6 +334,18 @@ transfer_inflate(PhsyncTransfer *t, char *data, size_t len)
 	}
 }
 
+/* the rows a transfer may hold before it pauses: its share of the budget */
+static size_t
+pause_bytes(PhsyncTransfer *t)
+{
+	PhsyncTransfer *o;
+	size_t		open = 0;
+
+	for (o = t->http->transfers; o; o = o->next)
+		open++;
+	return Max(Min(BUFFER_BUDGET / Max(open, 1), PAUSE_MAX), PAUSE_MIN);
+}
+
 static size_t
 transfer_write(char *data, size_t size, size_t nmemb, void *userdata)
 {
@@ -334,7 +353,7 @@ transfer_write(char *data, size_t size, size_t nmemb, void *userdata)
 	size_t		len = size * nmemb;
 
 	/* the reader is behind: keep these bytes for later (curl does) */
-	if (t->status == 200 && scan_buffered(t->scan) >= PAUSE_BYTES &&
+	if (t->status == 200 && scan_buffered(t->scan) >= pause_bytes(t) &&
 		scan_member(t->scan, "columns") != NULL)
 	{
 		t->paused = true;
@@ -794,7 +813,7 @@ http_poll(PhsyncHttp *http, long timeout_ms)
 void
 http_resume(PhsyncTransfer *t)
 {
-	if (!t->paused || t->done || scan_buffered(t->scan) >= PAUSE_BYTES / 2)
+	if (!t->paused || t->done || scan_buffered(t->scan) >= pause_bytes(t) / 2)
 		return;
 	t->paused = false;
 	t->last_data = GetCurrentTimestamp();
@@ -805,6 +824,13 @@ bool
 http_done(PhsyncTransfer *t)
 {
 	return t->done;
+}
+
+/* is t waiting for its rows to be taken? */
+bool
+http_paused(PhsyncTransfer *t)
+{
+	return t->paused;
 }
 
 /*

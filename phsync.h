@@ -460,6 +460,7 @@ extern PhsyncTransfer *http_start(PhsyncHttp *http, const char *body,
 								  const char *client_query_id);
 extern void http_poll(PhsyncHttp *http, long timeout_ms);
 extern bool http_done(PhsyncTransfer *t);
+extern bool http_paused(PhsyncTransfer *t);
 extern PhsyncScan *http_scan(PhsyncTransfer *t);
 extern PhsyncScan *http_take_scan(PhsyncTransfer *t);
 extern bool http_answering(PhsyncTransfer *t);

@@ -284,6 +284,9 @@ shared_buffers = 512MB
 max_wal_size = 8GB
 checkpoint_timeout = 30min
 wal_init_zero = off
+# autovacuum would vacuum and analyze one table while the other is being
+# measured, on the same two cores
+autovacuum = off
 shared_preload_libraries = 'phsync'
 phsync.host = '{fake.api}'
 phsync.project_id = '1'

@@ -654,8 +654,8 @@ load_chunk(Fetch *f, Request *r)
 
 	report(st, "loading", st->counters.pages);
 	cxt = xact_begin();
-	/* the run's last commit is synchronous: see xact_commit_async() */
-	xact_commit_async();
+	/* the run's last commit is synchronous: see xact_set_async_commit() */
+	xact_set_async_commit();
 	loader_insert(st->loader, rows, n, st->run_id, &st->counters);
 	if (last != 0)
 	{

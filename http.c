@@ -74,7 +74,8 @@ struct PhsyncTransfer
 	double		retry_after;
 	long		status;			/* from the status line */
 	bool		too_large;
-	struct inflate_state *gzip; /* malloc'd: the body is gzipped */
+	bool		gzipped;		/* the body is gzipped: inflated by transfer_inflate() */
+	struct inflate_state *gzip; /* malloc'd */
 	unsigned char *inflated;	/* malloc'd, INFLATE_CHUNK bytes */
 	int			gzip_error;		/* ISA-L's code, when the stream is corrupt */
 	char		encoding[32];	/* a Content-Encoding not asked for */
@@ -304,18 +305,16 @@ transfer_inflate(PhsyncTransfer *t, char *data, size_t len)
 
 		if (z->block_state == ISAL_BLOCK_FINISH)
 		{
-			if (z->avail_in == 0)
+			uint8_t    *in = z->next_in;
+			uint32_t	avail = z->avail_in;
+
+			if (avail == 0)
 				return true;
 			/* another member */
-			{
-				uint8_t    *in = z->next_in;
-				uint32_t	avail = z->avail_in;
-
-				isal_inflate_reset(z);
-				z->crc_flag = ISAL_GZIP;
-				z->next_in = in;
-				z->avail_in = avail;
-			}
+			isal_inflate_reset(z);
+			z->crc_flag = ISAL_GZIP;
+			z->next_in = in;
+			z->avail_in = avail;
 		}
 		z->next_out = t->inflated;
 		z->avail_out = INFLATE_CHUNK;
@@ -363,7 +362,7 @@ transfer_write(char *data, size_t size, size_t nmemb, void *userdata)
 	/* false makes curl abort with CURLE_WRITE_ERROR */
 	if (t->encoding[0])
 		return 0;
-	if (t->gzip)
+	if (t->gzipped)
 		return transfer_inflate(t, data, len) ? len : 0;
 	return transfer_body(t, data, len) ? len : 0;
 }
@@ -385,15 +384,7 @@ transfer_encoding(PhsyncTransfer *t, const char *value, size_t len)
 	if ((len == 4 && pg_strncasecmp(value, "gzip", 4) == 0) ||
 		(len == 6 && pg_strncasecmp(value, "x-gzip", 6) == 0))
 	{
-		if (t->gzip == NULL)
-			t->gzip = malloc(sizeof(struct inflate_state));
-		if (t->inflated == NULL)
-			t->inflated = malloc(INFLATE_CHUNK);
-		if (t->gzip == NULL || t->inflated == NULL)
-		{
-			strlcpy(t->encoding, "gzip (out of memory)", sizeof(t->encoding));
-			return;
-		}
+		t->gzipped = true;
 		isal_inflate_init(t->gzip);
 		t->gzip->crc_flag = ISAL_GZIP;
 	}
@@ -424,11 +415,7 @@ transfer_header(char *data, size_t size, size_t nitems, void *userdata)
 		if (t->answered == 0)
 			t->answered = GetCurrentTimestamp();
 		/* a new response (after a 100 Continue, say): its own encoding */
-		if (t->gzip)
-		{
-			free(t->gzip);
-			t->gzip = NULL;
-		}
+		t->gzipped = false;
 		t->encoding[0] = '\0';
 	}
 	else if (len > 17 && pg_strncasecmp(data, "Content-Encoding:", 17) == 0)
@@ -508,7 +495,9 @@ http_start(PhsyncHttp *http, const char *body, const char *client_query_id)
 	t->started = t->last_data = GetCurrentTimestamp();
 	t->scan = scan_create();
 	t->body = strdup(body);
-	if (t->scan == NULL || t->body == NULL)
+	t->gzip = malloc(sizeof(struct inflate_state));
+	t->inflated = malloc(INFLATE_CHUNK);
+	if (t->scan == NULL || t->body == NULL || t->gzip == NULL || t->inflated == NULL)
 	{
 		transfer_free(t);
 		ereport(ERROR,
@@ -947,7 +936,7 @@ http_result(PhsyncTransfer *t, PhsyncHttpResult *result)
 		result->detail = error_detail(t);
 		return;
 	}
-	if (t->gzip && t->gzip->block_state != ISAL_BLOCK_FINISH)
+	if (t->gzipped && t->gzip->block_state != ISAL_BLOCK_FINISH)
 	{
 		result->bad_encoding = result->bad_body = true;
 		result->detail = psprintf("Its gzip stream ended early, after %zu bytes.", t->received);

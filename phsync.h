@@ -302,7 +302,7 @@ extern int	phsync_spi_exec_plan(SPIPlanPtr plan, Datum *values, const char *null
 extern SPIPlanPtr phsync_spi_prepare(const char *sql, int nargs, Oid *types);
 extern MemoryContext xact_begin(void);
 extern void xact_commit(MemoryContext cxt);
-extern void xact_commit_async(void);
+extern void xact_set_async_commit(void);
 extern ErrorData *xact_recover(MemoryContext cxt);
 
 typedef struct PhsyncAsRole

@@ -153,8 +153,8 @@ xact_commit(MemoryContext cxt)
 }
 
 /*
- * Commit the current transaction without waiting for its WAL to reach the
- * disk (SET LOCAL synchronous_commit = off): for the loads within a run.
+ * Make the current transaction commit without waiting for its WAL to reach
+ * the disk (SET LOCAL synchronous_commit = off): for the loads within a run.
  * Nothing is lost that matters: a crash can take back only the last
  * moments of loaded rows, atomically, and the next run loads them again
  * (the watermark is the table itself); the run's last commit (its run-log
@@ -163,7 +163,7 @@ xact_commit(MemoryContext cxt)
  * the WAL writer does, in the background, as for COPY's one transaction.
  */
 void
-xact_commit_async(void)
+xact_set_async_commit(void)
 {
 	Assert(IsTransactionState());
 	(void) set_config_option("synchronous_commit", "off", PGC_USERSET, PGC_S_SESSION,

@@ -2702,7 +2702,8 @@ def make_handler(state, kind):
         def log_message(self, fmt, *args):
             pass
 
-        def send_bytes(self, status, data, headers=None, truncate=None, fault=None):
+        def send_bytes(self, status, data, headers=None, fault=None):
+            truncate = fault.truncate if fault else None
             gz = (state.config["gzip"] or (fault and fault.gzip_crc)) and \
                 "gzip" in (self.headers.get("Accept-Encoding") or "")
             if fault and fault.content_encoding:
@@ -2731,11 +2732,11 @@ def make_handler(state, kind):
                 return
             self.wfile.write(data)
 
-        def send_json(self, status, obj, headers=None, truncate=None, fault=None):
+        def send_json(self, status, obj, headers=None, fault=None):
             # surrogatepass: a test can make us send invalid UTF-8, as a broken
             # upstream might
             data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
-            self.send_bytes(status, data, headers, truncate, fault)
+            self.send_bytes(status, data, headers, fault)
 
         def read_body(self):
             n = int(self.headers.get("Content-Length") or 0)
@@ -2938,8 +2939,7 @@ def make_handler(state, kind):
                 for p in (patches if isinstance(patches, list) else [patches]):
                     if p["index"] < len(result["results"]):
                         result["results"][p["index"]] = p["row"]
-            return 200, lambda: self.send_json(200, result, truncate=fault.truncate if fault else None,
-                                               fault=fault)
+            return 200, lambda: self.send_json(200, result, fault=fault)
 
         # ----- control -----
         def control(self, method):

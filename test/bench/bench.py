@@ -142,13 +142,24 @@ def worker_pid(cur):
     return cur.fetchone()[0]
 
 
+def profile(pid, path):
+    """perf record of a process into path until stopped (None: no profile)."""
+    return subprocess.Popen(["perf", "record", "-g", "-q", "-p", str(pid), "-o", path],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if path else None
+
+
+def stop_profile(prof):
+    if prof:
+        prof.send_signal(2)
+        prof.wait()
+
+
 class Run:
     """One measured phsync run (phsync_run_now() or a backfill)."""
 
     def __init__(self, cur, fake, sql, sample=True, perf=None):
         pid = worker_pid(cur)
-        prof = subprocess.Popen(["perf", "record", "-g", "-q", "-p", str(pid), "-o", perf],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) if perf else None
+        prof = profile(pid, perf)
         self.idle = rss_anon(pid)
         sampler = Sampler(pid)
         if sample:
@@ -164,9 +175,7 @@ class Run:
         # the fake's own CPU (rendering, gzip, TLS) shares this machine's
         # cores with the worker; a real PostHog's does not
         self.fake_cpu = proc_cpu(fake.proc.pid) - fcpu0
-        if prof:
-            prof.send_signal(2)
-            prof.wait()
+        stop_profile(prof)
         sampler.stop = True
         if sample:
             sampler.join()
@@ -349,17 +358,13 @@ phsync.verify = off
                 cur.execute("CREATE TABLE naive_events (LIKE posthog_events INCLUDING ALL)")
             cur.execute("CHECKPOINT")
             print(f"== pair {i + 1} of {args.repeat}: COPY of the same rows", flush=True)
-            prof = subprocess.Popen(["perf", "record", "-g", "-q", "-p", str(bpid), "-o", args.perf + ".copy"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) \
-                if args.perf and i == 0 else None
+            prof = profile(bpid, args.perf + ".copy" if args.perf and i == 0 else None)
             cpu0 = proc_cpu(bpid)
             t0 = time.perf_counter()
             cur.execute(f"COPY copy_events FROM '{copy_file}'")
             copy_s = time.perf_counter() - t0
             copy_cpu = proc_cpu(bpid) - cpu0
-            if prof:
-                prof.send_signal(2)
-                prof.wait()
+            stop_profile(prof)
             print(f"   {copy_s:.1f} s, backend CPU {copy_cpu:.1f} s; CPU per row, COPY / phsync: "
                   f"{copy_cpu / r.cpu:.2f}", flush=True)
             pairs.append((r, copy_s, copy_cpu))
@@ -444,14 +449,13 @@ phsync.verify = off
               f"{args.latency_per_row_us:.0f} us/row, 3 slots, 240/min and 2,400/h, "
               f"{'uncompressed' if args.no_gzip else 'gzipped'}; phsync defaults")
         print(f"{'':<38}{'rows':>9}{'wall s':>8}{'rows/s':>9}{'PostHog s':>10}{'CPU s':>7}{'wall/max':>9}")
-        runs = [(f"phsync_run_now() at N, pair {i + 1}", p[0]) for i, p in enumerate(pairs)] \
-            if len(pairs) > 1 else [("phsync_run_now() at N", r1)]
+        runs = [(f"phsync_run_now() at N, pair {i + 1}", p[0]) for i, p in enumerate(pairs)]
         for name, r in runs + ([("phsync_run_now() at 4N", r4)] if r4 else []):
             print(f"{name:<38}{r.row[3]:>9}{r.wall:>8.1f}{r.row[3] / r.wall:>9.0f}{r.server:>10.1f}"
                   f"{r.cpu:>7.1f}{r.overlap:>9.2f}")
         print(f"{'naive per-row script':<38}{naive_done:>9}{naive_wall:>8.1f}{naive_done / naive_wall:>9.0f}")
         for i, (_, cs, cc) in enumerate(pairs):
-            name = f"COPY from a local file, pair {i + 1}" if len(pairs) > 1 else "COPY from a local file"
+            name = f"COPY from a local file, pair {i + 1}"
             print(f"{name:<38}{n:>9}{cs:>8.1f}{n / cs:>9.0f}{'':>10}{cc:>7.1f}")
         print()
         med_wall = sorted(p[0].wall for p in pairs)[len(pairs) // 2]
@@ -459,7 +463,7 @@ phsync.verify = off
         cpu_ratio = copy_cpu / r1.cpu
         each = ", ".join(f"{w:.2f}" for w in walls)
         print(f"wall / max(PostHog busy, worker CPU): {walls[len(walls) // 2]:.2f} at N"
-              + (f" (median of {len(walls)}: {each})" if len(walls) > 1 else "")
+              + f" (median of {len(walls)}: {each})"
               + (f", {r4.overlap:.2f} at 4N" if r4 else "") + " (target <= 1.3)")
         print(f"the fake's own CPU during the run: {r1.fake_cpu:.1f} s at N"
               + (f", {r4.fake_cpu:.1f} s at 4N" if r4 else "")
@@ -467,11 +471,10 @@ phsync.verify = off
               + (f", {(r4.cpu + r4.fake_cpu) / os.cpu_count():.1f} s at 4N" if r4 else ""))
         print(f"speed-up over the naive script: {speedup:.1f}x (target >= 3)")
         ratios = ", ".join(f"{c / r.cpu:.2f}" for r, _, c in pairs)
-        print(f"CPU per row, COPY / phsync: {cpu_ratio:.2f}"
-              + (f" (median of {len(pairs)} pairs: {ratios})" if len(pairs) > 1 else "") + " (target >= 0.8)")
+        print(f"CPU per row, COPY / phsync: {cpu_ratio:.2f} (median of {len(pairs)} pairs: {ratios})"
+              " (target >= 0.8)")
         print(f"worker memory (RssAnon): idle {peak.idle / 2**20:.1f} MB, peak at N {peak.peak / 2**20:.1f} MB "
-              f"(+{(peak.peak - peak.idle) / 2**20:.1f} MB"
-              + (f", the most of {len(pairs)} runs)" if len(pairs) > 1 else ")"), end="")
+              f"(+{(peak.peak - peak.idle) / 2**20:.1f} MB, the most of {len(pairs)} runs)", end="")
         if r4:
             print(f", peak at 4N {r4.peak / 2**20:.1f} MB (+{(r4.peak - r4.idle) / 2**20:.1f} MB over "
                   f"{r4.idle / 2**20:.1f} MB idle after the runs at N), "

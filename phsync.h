@@ -52,6 +52,8 @@
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 
+#include "compat.h"
+
 /*
  * PostgreSQL's fmgrprotos.h declares a SQL function called json_object,
  * which clashes with json-c's type of that name.  Give json-c's struct
@@ -471,7 +473,7 @@ extern PhsyncTransfer *http_request(PhsyncHttp *http, const char *body,
 									const char *client_query_id, PhsyncHttpResult *result);
 extern void http_explain(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result,
 						 PhsyncHttpError *e);
-extern void http_raise(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result) pg_attribute_noreturn();
+extern pg_noreturn void http_raise(const PhsyncEndpoint *endpoint, PhsyncHttpResult *result);
 extern int	http_probe(const PhsyncEndpoint *endpoint, const char *url, long timeout_ms,
 					   char **detail);
 
@@ -569,7 +571,14 @@ extern bool runlog_cancel_queued(int64 run_id);
 extern int	runlog_fail_orphans(void);
 extern int64 runlog_prune(int days);
 extern bool runlog_last_scheduled(TimestampTz *last, TimestampTz *owned_since);
-extern bool runlog_claim_cluster(void);
+typedef enum PhsyncClaim
+{
+	PHSYNC_CLAIM_OURS,			/* this cluster's history already */
+	PHSYNC_CLAIM_NEW,			/* a new install, or a restore: history from elsewhere */
+	PHSYNC_CLAIM_UPGRADED		/* pg_upgrade moved the database here */
+} PhsyncClaim;
+
+extern PhsyncClaim runlog_claim_cluster(void);
 
 /* ---------- target.c ---------- */
 typedef struct PhsyncColumn
@@ -622,7 +631,7 @@ typedef struct PhsyncTargetSpec
 
 extern RangeVar *target_rangevar(const char *name);
 extern PhsyncTarget *target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *problem);
-extern void target_raise(const PhsyncProblem *problem) pg_attribute_noreturn();
+extern pg_noreturn void target_raise(const PhsyncProblem *problem);
 extern int	target_column(PhsyncTarget *target, const char *name);
 extern int64 target_absent(PhsyncTarget *target, PhsyncAbsent mode, Datum *keys);
 extern void target_create(PhsyncPreset preset, const char *name, const char *cursor,

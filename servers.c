@@ -183,8 +183,6 @@ server_validate_options(List *options, Oid catalog)
 		}
 		else if (strcmp(o->name, "proxy") == 0)
 		{
-			const char *detail;
-
 			if (!settings_proxy_ok(value, &detail))
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -333,7 +331,7 @@ endpoint_server(const char *name, Oid role, const char *what)
 	char	   *v;
 	int			i;
 
-	if (pg_foreign_server_aclcheck(server->serverid, role, ACL_USAGE) != ACLCHECK_OK)
+	if (phsync_server_aclcheck(server->serverid, role, ACL_USAGE) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("role \"%s\" may not use server \"%s\"", rolename ? rolename : "?", name),

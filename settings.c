@@ -189,21 +189,29 @@ check_proxy(char **newval, void **extra, GucSource source)
 	return true;
 }
 
+/*
+ * The key goes into *extra, the mask into *newval.  Both are PostgreSQL's
+ * to free from now on, so they come from phsync_guc_malloc() (compat.h),
+ * as does the old *newval it frees.
+ */
 static bool
 check_api_key(char **newval, void **extra, GucSource source)
 {
-	char	   *key = malloc(strlen(*newval) + 1);
-	char	   *mask = malloc(sizeof(API_KEY_MASK));
+	char	   *key = phsync_guc_malloc(strlen(*newval) + 1);
+	char	   *mask = phsync_guc_malloc(sizeof(API_KEY_MASK));
 
 	if (key == NULL || mask == NULL)
 	{
-		free(key);
-		free(mask);
+		if (key)
+			phsync_guc_free(key);
+		if (mask)
+			phsync_guc_free(mask);
 		return false;
 	}
 	strcpy(key, *newval);
 	strcpy(mask, API_KEY_MASK);
-	free(*newval);
+	explicit_bzero(*newval, strlen(*newval));
+	phsync_guc_free(*newval);
 	*newval = mask;
 	*extra = key;
 	return true;
@@ -253,7 +261,7 @@ check_run_at(char **newval, void **extra, GucSource source)
 		GUC_check_errdetail("phsync.run_at must be a time of day (in phsync.timezone), as HH:MM or HH:MM:SS.");
 		return false;
 	}
-	secs = malloc(sizeof(int));
+	secs = phsync_guc_malloc(sizeof(int));
 	if (secs == NULL)
 		return false;
 	*secs = v;
@@ -270,14 +278,14 @@ assign_run_at(const char *newval, void *extra)
 static bool
 check_timezone(char **newval, void **extra, GucSource source)
 {
-	pg_tz	  **tz = malloc(sizeof(pg_tz *));
+	pg_tz	  **tz = phsync_guc_malloc(sizeof(pg_tz *));
 
 	if (tz == NULL)
 		return false;
 	*tz = pg_tzset(*newval);
 	if (*tz == NULL || !pg_tz_acceptable(*tz))
 	{
-		free(tz);
+		phsync_guc_free(tz);
 		GUC_check_errdetail("phsync.timezone must be a time zone name such as UTC or Europe/Paris.");
 		return false;
 	}

@@ -56,7 +56,7 @@
 RangeVar *
 target_rangevar(const char *name)
 {
-	RangeVar   *rv = makeRangeVarFromNameList(stringToQualifiedNameList(name));
+	RangeVar   *rv = makeRangeVarFromNameList(phsync_qualified_name_list(name));
 
 	if (rv->schemaname == NULL)
 		rv->schemaname = "public";

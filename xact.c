@@ -148,7 +148,7 @@ xact_commit(MemoryContext cxt)
 	phsync_spi_finish();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(cxt);
-	if (IsBackgroundWorker)
+	if (phsync_am_background_worker())
 		pgstat_report_stat(false);
 }
 

@@ -1,10 +1,16 @@
 -- The objects CREATE EXTENSION phsync makes.
+-- (CONTEXT lines differ between majors: 18 names the script and line)
+\set SHOW_CONTEXT never
 CREATE EXTENSION phsync;
 
+-- (from 17 on, the row types of its tables and views are members too)
 SELECT pg_describe_object(classid, objid, objsubid) AS object
 FROM pg_depend
 WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
   AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'phsync')
+  AND NOT (classid = 'pg_type'::regclass AND EXISTS (
+	SELECT FROM pg_type t LEFT JOIN pg_type e ON e.oid = t.typelem
+	WHERE t.oid = objid AND (t.typrelid <> 0 OR e.typrelid <> 0)))
 ORDER BY 1;
 
 \d phsync.runs

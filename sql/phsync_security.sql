@@ -1,11 +1,16 @@
 -- The API key is for superusers only; the functions are not for PUBLIC;
 -- the extension lives in phsync.database only.
+-- (CONTEXT lines differ between majors: 18 names the script and line)
+\set SHOW_CONTEXT never
 SHOW phsync.api_key;
 
 CREATE ROLE phsync_reader LOGIN;
 SET ROLE phsync_reader;
+-- refused with 42501 (insufficient_privilege); the wording changed in 16
+\set VERBOSITY sqlstate
 SHOW phsync.api_key;
 SELECT current_setting('phsync.api_key');
+\set VERBOSITY default
 SELECT count(*) FROM pg_settings WHERE name = 'phsync.api_key';
 SELECT phsync_run_now();
 SELECT * FROM phsync_doctor();

@@ -1,5 +1,5 @@
 -- Settings: defaults, units, and invalid values refused when set.
-SELECT name, setting, unit, context, boot_val
+SELECT name, setting, unit, context, boot_val, min_val, max_val
 FROM pg_settings WHERE name LIKE 'phsync.%' AND name NOT IN ('phsync.host', 'phsync.run_at', 'phsync.interval')
 ORDER BY name;
 
@@ -9,8 +9,11 @@ SHOW phsync.request_timeout;
 -- invalid values are rejected with PostgreSQL's usual messages
 ALTER SYSTEM SET phsync.page_size = 0;
 ALTER SYSTEM SET phsync.page_size = 50001;
+-- (the range is in pg_settings above; 17 added units to this message)
+\set VERBOSITY sqlstate
 ALTER SYSTEM SET phsync.interval = '30s';
 ALTER SYSTEM SET phsync.lookback = '-1';
+\set VERBOSITY default
 ALTER SYSTEM SET phsync.lookback = '10 parsecs';
 ALTER SYSTEM SET phsync.run_at = '25:00';
 ALTER SYSTEM SET phsync.run_at = 'noon';

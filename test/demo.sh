@@ -8,8 +8,9 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 [ "$(id -u)" = 0 ] || { echo "run test/demo.sh as root (it installs packages)" >&2; exit 1; }
+# PG_CONFIG: the PostgreSQL to use (as for run-all.sh; default Debian's 15)
 "$here/test/install-deps.sh"
-export PATH="/usr/lib/postgresql/15/bin:$PATH"
+export PATH="$("${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}" --bindir):$PATH"
 
 demo=$(mktemp -d /tmp/phsync-demo.XXXXXX)
 chown postgres:postgres "$demo"

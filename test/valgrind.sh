@@ -13,8 +13,8 @@
 # written by XLogFlush and by the relcache init file) are counted apart.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-# PHSYNC_PG_BIN: another PostgreSQL 15 tree (as for run-all.sh)
-bin=${PHSYNC_PG_BIN:-/usr/lib/postgresql/15/bin}
+# PG_CONFIG: the PostgreSQL to run (as for run-all.sh; default Debian's 15)
+bin=$("${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}" --bindir)
 pgxs_src=$(dirname "$(dirname "$("$bin/pg_config" --pgxs)")")
 [ $# -gt 0 ] || { echo "usage: $0 test/t/NNN_name.pl ..." >&2; exit 2; }
 . "$here/test/apt-ensure.sh"

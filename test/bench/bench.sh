@@ -11,12 +11,14 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+# PG_CONFIG: the PostgreSQL to measure (as for run-all.sh; default Debian's 15)
 "$here/test/install-deps.sh"
+pgbin=$("${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}" --bindir)
 dpkg-query -W -f='${Status}' python3-psycopg2 2>/dev/null | grep -q "install ok installed" || \
 	{ apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-psycopg2 >/dev/null; }
 work=$(mktemp -d /tmp/phsync-bench.XXXXXX)
 chown postgres:postgres "$work"
 # a million events leave gigabytes of cluster and COPY file: kept only on request
 [ -n "${PHSYNC_BENCH_KEEP:-}" ] || trap 'rm -rf "$work"' EXIT
-runuser -u postgres -- env PATH="/usr/lib/postgresql/15/bin:$PATH" \
+runuser -u postgres -- env PATH="$pgbin:$PATH" \
 	python3 "$here/test/bench/bench.py" --work "$work" --fake "$here/test/fake_posthog.py" "$@"

@@ -49,7 +49,6 @@ PG_FUNCTION_INFO_V1(phsync_backfill);
 PG_FUNCTION_INFO_V1(phsync_verify);
 PG_FUNCTION_INFO_V1(phsync_sync_state);
 PG_FUNCTION_INFO_V1(phsync_next_run);
-PG_FUNCTION_INFO_V1(phsync_worker_state);
 PG_FUNCTION_INFO_V1(phsync_doctor);
 PG_FUNCTION_INFO_V1(phsync_add_sync);
 PG_FUNCTION_INFO_V1(phsync_alter_sync);
@@ -67,7 +66,8 @@ void		_PG_init(void);
 
 /*
  * Module load: settings always; the worker and shared memory only when
- * loaded through shared_preload_libraries.
+ * loaded through shared_preload_libraries, and the worker not in the
+ * servers pg_upgrade starts.
  */
 void
 _PG_init(void)
@@ -76,7 +76,9 @@ _PG_init(void)
 	if (!process_shared_preload_libraries_in_progress)
 		return;
 	shmem_install_hooks();
-	worker_register();
+	/* pg_upgrade's servers (-b) must not sync: no worker then */
+	if (!IsBinaryUpgrade)
+		worker_register();
 }
 
 /* ---------- arguments ---------- */
@@ -438,8 +440,7 @@ phsync_run_now(PG_FUNCTION_ARGS)
 
 	memset(&request, 0, sizeof(request));
 	request.kind = PHSYNC_REQUEST_RUN;
-	/* version 0.1 declared it without the argument */
-	if (PG_NARGS() > 0 && !PG_ARGISNULL(0))
+	if (!PG_ARGISNULL(0))
 		strlcpy(request.sync, text_to_cstring(PG_GETARG_TEXT_PP(0)), NAMEDATALEN);
 	submit_request(&request, &answer);
 	return_rows(fcinfo, "SELECT * FROM phsync.runs WHERE id BETWEEN $1 AND $2 "
@@ -698,20 +699,6 @@ Datum
 phsync_next_run(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_TIMESTAMPTZ(schedule_slot_after(PG_GETARG_TIMESTAMPTZ(0)));
-}
-
-/*
- * phsync_worker_state(): a function of version 0.1, which the library keeps
- * only so that the 0.1 install script can be run before updating.
- */
-Datum
-phsync_worker_state(PG_FUNCTION_ARGS)
-{
-	ereport(ERROR,
-			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-			 errmsg("extension phsync needs to be updated"),
-			 errhint("ALTER EXTENSION phsync UPDATE;")));
-	PG_RETURN_NULL();
 }
 
 static void

@@ -451,27 +451,40 @@ runlog_fail_orphans(void)
 
 /*
  * Make this cluster the owner of the database's run history (inside the
- * caller's transaction).  True when it was not already: a new install, or
- * a database restored from a dump whose history (scheduled runs, queued
- * backfills) happened elsewhere.
+ * caller's transaction), and say how it came to be here:
+ *	- OURS: it already was (a restart, a standby promoted, a base backup:
+ *	  the same system identifier);
+ *	- NEW: phsync.cluster is empty: a new install, or a database restored
+ *	  from a dump (the table's rows are not dumped), whose history
+ *	  (scheduled runs, queued backfills) happened elsewhere;
+ *	- UPGRADED: it names another cluster: the data files themselves were
+ *	  moved, which only pg_upgrade does (a physical copy keeps the
+ *	  identifier), so the history is this database's own and stays so.
  */
-bool
+PhsyncClaim
 runlog_claim_cluster(void)
 {
-	bool		claimed;
-
-	runlog_exec("SELECT 1 FROM phsync.cluster WHERE system_identifier = "
-				"(SELECT system_identifier FROM pg_catalog.pg_control_system())",
-				0, NULL, NULL, NULL, -1);
-	claimed = SPI_processed == 0;
-	if (claimed)
+	runlog_exec("SELECT system_identifier OPERATOR(pg_catalog.=) "
+				"(SELECT system_identifier FROM pg_catalog.pg_control_system()) "
+				"FROM phsync.cluster", 0, NULL, NULL, NULL, -1);
+	if (SPI_processed > 0)
 	{
-		runlog_exec("DELETE FROM phsync.cluster", 0, NULL, NULL, NULL, -1);
-		runlog_exec("INSERT INTO phsync.cluster (system_identifier) "
-					"SELECT system_identifier FROM pg_catalog.pg_control_system()",
+		bool		isnull;
+
+		if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)))
+			return PHSYNC_CLAIM_OURS;
+		/* (as DELETE and INSERT: the worker's role has those rights) */
+		runlog_exec("WITH old AS (DELETE FROM phsync.cluster RETURNING registered_at) "
+					"INSERT INTO phsync.cluster (system_identifier, registered_at) "
+					"SELECT system_identifier, (SELECT pg_catalog.min(registered_at) FROM old) "
+					"FROM pg_catalog.pg_control_system()",
 					0, NULL, NULL, NULL, 1);
+		return PHSYNC_CLAIM_UPGRADED;
 	}
-	return claimed;
+	runlog_exec("INSERT INTO phsync.cluster (system_identifier) "
+				"SELECT system_identifier FROM pg_catalog.pg_control_system()",
+				0, NULL, NULL, NULL, 1);
+	return PHSYNC_CLAIM_NEW;
 }
 
 /*

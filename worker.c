@@ -303,7 +303,7 @@ claim(void *arg)
 {
 	MemoryContext cxt = xact_begin();
 
-	*(bool *) arg = runlog_claim_cluster();
+	*(PhsyncClaim *) arg = runlog_claim_cluster();
 	xact_commit(cxt);
 }
 
@@ -317,20 +317,25 @@ static void
 take_over_history(void)
 {
 	int			n = runlog_fail_orphans();
-	bool		claimed = false;
+	PhsyncClaim claimed = PHSYNC_CLAIM_OURS;
 
 	if (n > 0)
 		ereport(LOG,
 				(errmsg("phsync marked %d interrupted run(s) as failed", n)));
-	if (housekeeping(claim, &claimed, "record which cluster owns the run history",
-					 "The worker's role needs SELECT, INSERT and DELETE on phsync.cluster; without it a restored database may catch up on a scheduled run.") &&
-		claimed)
+	if (!housekeeping(claim, &claimed, "record which cluster owns the run history",
+					  "The worker's role needs SELECT, INSERT and DELETE on phsync.cluster; without it a restored database may catch up on a scheduled run."))
+		claimed = PHSYNC_CLAIM_OURS;
+	if (claimed == PHSYNC_CLAIM_NEW)
 	{
 		last_schedule_attempt = GetCurrentTimestamp();
 		ereport(LOG,
 				(errmsg("phsync worker took over database \"%s\"; the next scheduled run is the next slot",
 						phsync_database)));
 	}
+	else if (claimed == PHSYNC_CLAIM_UPGRADED)
+		ereport(LOG,
+				(errmsg("phsync worker took over database \"%s\" after pg_upgrade; its run history and queued runs are kept",
+						phsync_database)));
 	prune_history();
 	took_over = true;
 }

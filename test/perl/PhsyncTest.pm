@@ -201,13 +201,18 @@ sub fake_query
 
 # A node with phsync preloaded and pointed at the fake.  Extra settings are
 # appended as given (name => value, quoted here); allows_streaming => 1 makes
-# a primary a standby can be made from.
+# a primary a standby can be made from; install_path => dir runs another
+# PostgreSQL installation (dir/bin/postgres, for pg_upgrade); initdb_extra
+# => [...] passes options to initdb; start => 0 leaves it stopped.
 sub phsync_node
 {
 	my ($name, $fake, $certs, %settings) = @_;
-	my $node = PostgreSQL::Test::Cluster->new($name);
+	my $install = delete $settings{install_path};
+	my $node = PostgreSQL::Test::Cluster->new($name, $install ? (install_path => $install) : ());
 	my $streaming = delete $settings{allows_streaming};
-	$node->init($streaming ? (allows_streaming => 1) : ());
+	my $start = delete $settings{start} // 1;
+	my $extra = delete $settings{initdb_extra};
+	$node->init($streaming ? (allows_streaming => 1) : (), $extra ? (extra => $extra) : ());
 	my %conf = (
 		shared_preload_libraries => 'phsync',
 		'phsync.host' => $fake ? $fake->{url} : 'https://127.0.0.1:9',
@@ -231,7 +236,7 @@ sub phsync_node
 	$conf{'phsync.ca_file'} = $certs->{ca} if $certs && !exists $settings{'phsync.ca_file'};
 	$node->append_conf('postgresql.conf',
 		join('', map { my $v = $conf{$_}; $v =~ s/'/''/g; "$_ = '$v'\n" } sort keys %conf));
-	$node->start;
+	$node->start if $start;
 	return $node;
 }
 

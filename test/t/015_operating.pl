@@ -1,7 +1,6 @@
 # Operating phsync: run_at in a time zone across daylight-saving changes,
-# the upgrade from 0.1 (same objects as a fresh install), and
-# pg_dump/pg_restore keeping sync definitions and history without starting
-# a run.
+# and pg_dump/pg_restore keeping sync definitions and history without
+# starting a run.
 use strict;
 use warnings;
 
@@ -62,58 +61,6 @@ poll_until(sub { $node->safe_psql('postgres', "SELECT next_run = phsync_next_run
 is($node->safe_psql('postgres', "SELECT to_char(next_run AT TIME ZONE 'Pacific/Auckland', 'HH24:MI') FROM phsync.status"),
 	'04:15', 'phsync.status shows the next run at run_at in phsync.timezone');
 set_conf($node, 'phsync.interval' => '3650d', 'phsync.timezone' => 'UTC', 'phsync.run_at' => '00:00');
-
-# ---------- upgrade from 0.1 ----------
-my $catalog = q{
-	WITH objs AS (
-		SELECT classid, objid FROM pg_depend
-		WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e'
-		  AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'phsync')),
-	rels AS (SELECT objid AS oid FROM objs WHERE classid = 'pg_class'::regclass)
-	SELECT line FROM (
-		SELECT 'object ' || pg_describe_object(classid, objid, 0) || ' -- '
-		       || coalesce(obj_description(objid, classid::regclass::name), '') AS line FROM objs
-		UNION ALL
-		SELECT 'function ' || p.oid::regprocedure || ' ' || pg_get_functiondef(p.oid)
-		       || ' acl ' || coalesce(p.proacl::text, 'default')
-		FROM pg_proc p JOIN objs ON objs.classid = 'pg_proc'::regclass AND objs.objid = p.oid
-		UNION ALL
-		SELECT 'column ' || a.attrelid::regclass || ' #' || a.attnum || ' ' || a.attname || ' '
-		       || format_type(a.atttypid, a.atttypmod) || ' notnull=' || a.attnotnull
-		       || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
-		       || ' -- ' || coalesce(col_description(a.attrelid, a.attnum), '')
-		FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-		WHERE a.attrelid IN (SELECT oid FROM rels) AND a.attnum > 0 AND NOT a.attisdropped
-		UNION ALL
-		SELECT 'constraint ' || conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid)
-		FROM pg_constraint WHERE conrelid IN (SELECT oid FROM rels)
-		UNION ALL
-		SELECT 'index ' || pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid IN (SELECT oid FROM rels)
-		UNION ALL
-		SELECT 'view ' || oid::regclass || ' ' || pg_get_viewdef(oid) FROM pg_class
-		WHERE oid IN (SELECT oid FROM rels) AND relkind = 'v'
-		UNION ALL
-		SELECT 'relation ' || oid::regclass || ' ' || relkind::text || ' acl ' || coalesce(relacl::text, 'default')
-		FROM pg_class WHERE oid IN (SELECT oid FROM rels)
-		UNION ALL
-		SELECT 'config ' || array_to_string(extconfig::regclass[], ',') || ' ' || array_to_string(extcondition, ',')
-		       || ' version ' || extversion FROM pg_extension WHERE extname = 'phsync') s
-	ORDER BY line};
-my $fresh = $node->safe_psql('postgres', $catalog);
-like($fresh, qr/version 0\.3/, 'a fresh install is version 0.3');
-$node->safe_psql('postgres', q{
-	DROP EXTENSION phsync CASCADE;
-	CREATE EXTENSION phsync VERSION '0.1';
-	INSERT INTO phsync.runs (trigger, status, target, rows_inserted) VALUES ('manual', 'succeeded', 'public.posthog_events', 42);});
-($ret, $out, $err) = $node->psql('postgres', 'SELECT * FROM phsync_run_now()');
-like($err, qr/ERROR:  extension "phsync" is at version 0\.1, but the library is version 0\.3\nHINT:  ALTER EXTENSION phsync UPDATE;/,
-	'with 0.1 installed, the 0.3 worker asks for the update');
-$node->safe_psql('postgres', 'ALTER EXTENSION phsync UPDATE');
-my $upgraded = $node->safe_psql('postgres', $catalog);
-is($upgraded, $fresh, 'ALTER EXTENSION phsync UPDATE from 0.1 yields exactly the objects of a fresh 0.3 install');
-is($node->safe_psql('postgres', "SELECT sync || ' ' || rows_inserted || ' ' || rows_updated FROM phsync.runs"), 'default 42 0',
-	'the 0.1 history is kept, as runs of the default sync');
-like(run_now($node), qr/^succeeded\|/, 'after the update the worker runs again');
 
 # ---------- pg_dump / pg_restore ----------
 $node->safe_psql('postgres', q{

@@ -4,10 +4,10 @@
 MODULE_big = phsync
 # in layer order, bottom up (see phsync.h; test/layers.sh checks it)
 OBJS = settings.o servers.o presets.o shmem.o xact.o \
-	schedule.o response.o hogql.o http.o retry.o \
+	schedule.o response.o convert.o hogql.o http.o retry.o \
 	runlog.o target.o syncs.o loader.o \
 	fetch.o verify.o query.o \
-	run.o doctor.o \
+	run.o doctor.o roles.o \
 	worker.o \
 	phsync.o
 

@@ -293,7 +293,7 @@ check_target(Doctor *d, PhsyncSync *sync, const char *prefix)
 	if (!OidIsValid(sync->owner))
 	{
 		row(d, "target", "error",
-			psprintf("%srole \"%s\", which owns the sync, does not exist", prefix, sync->owner_name),
+			psprintf("%sthe role that owned the sync was dropped (%s)", prefix, sync->owner_name),
 			NULL);
 		return NULL;
 	}

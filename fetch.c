@@ -73,7 +73,9 @@ typedef struct Request
 	PhsyncTransfer *t;
 	int			limit;			/* rows asked */
 	bool		executing;		/* PostHog has not begun to answer: it holds a slot */
-	bool		past_slice;		/* its rows reached the end of its (split) slice */
+	TimestampTz from;			/* the slice of the cursor it asked for */
+	TimestampTz to;
+	int			cursor_col;		/* the cursor's result column; -1 none, -2 not known yet */
 	bool		judged;			/* its transfer ended and was looked at */
 	PhsyncColumns *cols;		/* its columns, once known */
 } Request;
@@ -88,7 +90,7 @@ typedef struct Slice
 	bool		asked;			/* a request was made */
 	bool		more;			/* the last page was full: ask again */
 	bool		exhausted;		/* nothing more to ask */
-	int			retries;		/* of the request being retried */
+	PhsyncRetryState retry;		/* of the request being retried */
 	TimestampTz retry_at;		/* not before then */
 	int			pages;
 	int64		page_span;		/* how far its last full page moved it (0: unknown) */
@@ -169,6 +171,9 @@ start_request(Fetch *f, Slice *s)
 	q.slice_until = s->to;
 	r->slice = s;
 	r->limit = q.limit;
+	r->from = s->from;
+	r->to = s->to;
+	r->cursor_col = -2;
 	r->t = http_start(st->http,
 					  hogql_request_body(&q, hogql_build(&q, &s->next), &s->next, 0,
 										 st->name, client_id),
@@ -392,6 +397,7 @@ judge(Fetch *f, Request *r)
 	PhsyncRunState *st = f->st;
 	Slice	   *s = r->slice;
 	PhsyncHttpResult res;
+	PhsyncRetryStep step;
 	TimestampTz now = GetCurrentTimestamp();
 
 	r->judged = true;
@@ -414,7 +420,7 @@ judge(Fetch *f, Request *r)
 			st->timezone = MemoryContextStrdup(st->cxt, r->cols->timezone);
 		st->counters.pages++;
 		s->pages++;
-		s->retries = 0;
+		memset(&s->retry, 0, sizeof(s->retry));
 		if (nrows > 0 && page_full(st, r, nrows))
 		{
 			TimestampTz before = slice_position(s);
@@ -445,66 +451,47 @@ judge(Fetch *f, Request *r)
 
 	/* failed: the slice asks again from the same position, later */
 	s->more = true;
-	switch (retry_classify(&res))
+	retry_step(&st->policy, &s->retry, &res,
+			   RETRY_MAY_ASK_LESS | (st->concurrency > 1 ? RETRY_MAY_RUN_FEWER : 0), &step);
+	if (step.give_up)
 	{
-		case PHSYNC_RETRY_NO:
-			http_raise(&st->endpoint, &res);
-			break;
-		case PHSYNC_RETRY_THROTTLED:
-			{
-				long		ms = retry_throttle_ms(&res);
-				TimestampTz until = TimestampTzPlusMilliseconds(now, ms);
-
-				/* a wait, not a failure: the budget is closed meanwhile */
-				budget_close(st->endpoint.budget_key, until);
-				shmem_set_waiting(until);
-				s->retry_at = until;
-				ereport(st->throttle_logged ? DEBUG1 : LOG,
-						(errmsg("phsync run %lld: PostHog throttles requests; waiting %.0f s, until %s",
-								(long long) st->run_id, ms / 1000.0, timestamptz_to_str(until)),
-						 errdetail("%s", res.detail),
-						 st->throttle_logged ? 0 : errhint("Further waits of this run are logged at DEBUG1.")));
-				st->throttle_logged = true;
-				st->counters.throttled++;
-				return;
-			}
-		case PHSYNC_RETRY_BUSY:
-			if (st->concurrency > 1)
-			{
-				st->concurrency--;
-				ereport(LOG,
-						(errmsg("phsync run %lld: PostHog has too many queries of this project running; %d at once from now on",
-								(long long) st->run_id, st->concurrency)));
-				s->retry_at = TimestampTzPlusMilliseconds(now, retry_delay_ms(&st->policy, 1, &res));
-				return;
-			}
-			break;
-		case PHSYNC_RETRY_LESS:
-			ask_for_less(f, s);
-			break;
-		case PHSYNC_RETRY_BACKOFF:
-			break;
-	}
-
-	/* a retry that counts */
-	if (s->retries >= st->policy.max_retries)
-	{
-		ereport(LOG,
-				(errmsg("phsync run %lld: giving up on page %d after %d retries",
-						(long long) st->run_id, st->counters.pages + 1, s->retries)));
+		if (s->retry.retries > 0)
+			ereport(LOG,
+					(errmsg("phsync run %lld: giving up on page %d after %d retries",
+							(long long) st->run_id, st->counters.pages + 1, s->retry.retries)));
 		http_raise(&st->endpoint, &res);
 	}
-	s->retries++;
-	st->counters.retries++;
+	s->retry_at = TimestampTzPlusMilliseconds(now, step.wait_ms);
+	if (step.throttled)
 	{
-		long		ms = retry_delay_ms(&st->policy, s->retries, &res);
-
+		/* a wait, not a failure: the budget is closed meanwhile */
+		budget_close(st->endpoint.budget_key, s->retry_at);
+		shmem_set_waiting(s->retry_at);
+		ereport(st->throttle_logged ? DEBUG1 : LOG,
+				(errmsg("phsync run %lld: PostHog throttles requests; waiting %.0f s, until %s",
+						(long long) st->run_id, step.wait_ms / 1000.0, timestamptz_to_str(s->retry_at)),
+				 errdetail("%s", res.detail),
+				 st->throttle_logged ? 0 : errhint("Further waits of this run are logged at DEBUG1.")));
+		st->throttle_logged = true;
+		st->counters.throttled++;
+	}
+	if (step.fewer_at_once)
+	{
+		st->concurrency--;
+		ereport(LOG,
+				(errmsg("phsync run %lld: PostHog has too many queries of this project running; %d at once from now on",
+						(long long) st->run_id, st->concurrency)));
+	}
+	if (step.ask_for_less)
+		ask_for_less(f, s);
+	if (step.counted)
+	{
+		st->counters.retries++;
 		ereport(LOG,
 				(errmsg("phsync run %lld: %s, retrying in %.1f s (retry %d of %d)",
-						(long long) st->run_id, retry_describe(&res), ms / 1000.0,
-						s->retries, st->policy.max_retries),
+						(long long) st->run_id, retry_describe(&res), step.wait_ms / 1000.0,
+						s->retry.retries, st->policy.max_retries),
 				 errdetail("%s", res.detail)));
-		s->retry_at = TimestampTzPlusMilliseconds(now, ms);
 	}
 }
 
@@ -557,30 +544,60 @@ low_water(Fetch *f)
 	return mark;
 }
 
-/*
- * The cursor value of an encoded row, as a timestamp.
- */
-static TimestampTz
-row_cursor(Fetch *f, Request *r, const char *encoded)
+/* what a row's cursor says about it (check_row) */
+typedef enum RowCheck
 {
-	PhsyncRow  *row = row_alloc(r->cols->ncolumns);
-	int			i;
+	ROW_LOAD,					/* inside the slice: load it */
+	ROW_OTHER_HALF,				/* past a split made after asking: the other half's */
+	ROW_BAD						/* outside what was asked, or not a date-time */
+} RowCheck;
 
-	if (f->q.cursor == NULL || !row_decode(encoded, row))
-		return 0;
-	for (i = 0; i < r->cols->ncolumns; i++)
-		if (strcmp(r->cols->names[i], f->q.cursor) == 0 && row->values[i] != NULL &&
-			row->kinds[i] == PHSYNC_VALUE_STRING)
-			return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
-														   CStringGetDatum(row->values[i]),
-														   ObjectIdGetDatum(InvalidOid),
-														   Int32GetDatum(-1)));
-	return 0;
+/*
+ * Check the cursor of an encoded row against what request r asked for
+ * (every row, not only the last: a server that sends a row of 2999 first
+ * must not move the watermark there).  *cursor gets its instant; *why, for
+ * a bad row, the reason.
+ */
+static RowCheck
+check_row(Fetch *f, Request *r, const char *encoded, PhsyncRow *row,
+		  TimestampTz *cursor, char **why)
+{
+	Slice	   *s = r->slice;
+	const char *v;
+	bool		date_only;
+	bool		exact;
+	int64		slack;
+
+	if (r->cursor_col < 0 || !row_decode(encoded, row))
+		return ROW_LOAD;		/* no cursor; or malformed: the loader refuses it */
+	v = row->values[r->cursor_col];
+	if (v == NULL)
+		return ROW_LOAD;		/* null: the cursor column's NOT NULL refuses it */
+	if (row->kinds[r->cursor_col] != PHSYNC_VALUE_STRING ||
+		!convert_timestamp(v, row->lens[r->cursor_col], cursor, &date_only, &exact))
+	{
+		*why = psprintf("its cursor %s is not a date-time", row_value_json(row, r->cursor_col));
+		return ROW_BAD;
+	}
+	/* a Date is compared at midnight, in the project's time zone: a day's slack */
+	slack = date_only ? USECS_PER_DAY : 0;
+	if (*cursor < r->from - slack || *cursor >= r->to + slack)
+	{
+		*why = psprintf("its cursor %s is outside the slice asked for, from %s to %s",
+						row_value_json(row, r->cursor_col), phsync_format_timestamp(r->from),
+						phsync_format_timestamp(r->to));
+		return ROW_BAD;
+	}
+	if (*cursor >= s->to && !date_only)
+		return ROW_OTHER_HALF;
+	return ROW_LOAD;
 }
 
 /*
  * Take a chunk of rows of request r and load them in a transaction of
- * their own, with the run's counters and low-water mark.
+ * their own, with the run's counters and low-water mark.  A row whose
+ * cursor is outside what was asked goes to phsync.rejects instead; one
+ * past a split of its slice is left to the other half, which reads it.
  */
 static void
 load_chunk(Fetch *f, Request *r)
@@ -589,9 +606,16 @@ load_chunk(Fetch *f, Request *r)
 	Slice	   *s = r->slice;
 	PhsyncScan *scan = http_scan(r->t);
 	const char **rows = palloc(sizeof(char *) * CHUNK_ROWS);
+	const char **bad = palloc(sizeof(char *) * CHUNK_ROWS);
+	char	  **why = palloc(sizeof(char *) * CHUNK_ROWS);
 	int			n = 0;
+	int			nbad = 0;
+	int			i;
+	const char *encoded;
+	PhsyncRow  *row;
 	MemoryContext cxt;
-	TimestampTz last;
+	TimestampTz last = 0;
+	bool		any = false;
 
 	if (r->cols == NULL)
 	{
@@ -599,6 +623,13 @@ load_chunk(Fetch *f, Request *r)
 
 		r->cols = scan_columns(scan);
 		MemoryContextSwitchTo(old);
+	}
+	if (r->cursor_col == -2)
+	{
+		r->cursor_col = -1;
+		for (i = 0; f->q.cursor && i < r->cols->ncolumns; i++)
+			if (strcmp(r->cols->names[i], f->q.cursor) == 0)
+				r->cursor_col = i;
 	}
 	if (st->loader == NULL)
 	{
@@ -614,50 +645,48 @@ load_chunk(Fetch *f, Request *r)
 				(errcode(ERRCODE_DATA_EXCEPTION),
 				 errmsg("PostHog returned different columns on page %d", st->counters.pages)));
 
-	while (n < CHUNK_ROWS && scan_next_row(scan, &rows[n]))
-		n++;
-	if (n == 0)
-		return;
-	last = row_cursor(f, r, rows[n - 1]);
-	if (r->past_slice)
-		n = 0;
-	else if (last >= s->to && last != 0)
+	row = row_alloc(r->cols->ncolumns);
+	for (i = 0; i < CHUNK_ROWS && scan_next_row(scan, &encoded); i++)
 	{
-		/*
-		 * The slice was split while this page was asked for: rows from the
-		 * split point on belong to the other half, which reads them itself.
-		 * Rows are in cursor order: find the first one past the end.
-		 */
-		int			lo = 0,
-					hi = n - 1;
+		TimestampTz cursor = 0;
+		char	   *reason = NULL;
 
-		while (lo < hi)
+		switch (check_row(f, r, encoded, row, &cursor, &reason))
 		{
-			int			mid = (lo + hi) / 2;
-
-			if (row_cursor(f, r, rows[mid]) >= s->to)
-				hi = mid;
-			else
-				lo = mid + 1;
+			case ROW_LOAD:
+				rows[n++] = encoded;
+				if (r->cursor_col >= 0 && row->values[r->cursor_col])
+				{
+					last = any ? Max(last, cursor) : cursor;
+					any = true;
+				}
+				break;
+			case ROW_BAD:
+				bad[nbad] = encoded;
+				why[nbad++] = reason;
+				break;
+			case ROW_OTHER_HALF:
+				break;
 		}
-		n = lo;
-		r->past_slice = true;
-		last = n > 0 ? row_cursor(f, r, rows[n - 1]) : 0;
 	}
-	if (n == 0)
+	if (i == 0)
+		return;
+	if (n == 0 && nbad == 0)
 	{
 		scan_release(scan);
 		http_resume(r->t);
 		return;
 	}
-	st->counters.received += n;
+	st->counters.received += n + nbad;
 
 	report(st, "loading", st->counters.pages);
 	cxt = xact_begin();
 	/* the run's last commit is synchronous: see xact_set_async_commit() */
 	xact_set_async_commit();
 	loader_insert(st->loader, rows, n, st->run_id, &st->counters);
-	if (last != 0)
+	for (i = 0; i < nbad; i++)
+		loader_reject(st->loader, bad[i], why[i], st->run_id, &st->counters);
+	if (any)
 	{
 		s->committed = s->committed_any ? Max(s->committed, last) : last;
 		s->committed_any = true;
@@ -667,7 +696,7 @@ load_chunk(Fetch *f, Request *r)
 	scan_release(scan);
 	http_resume(r->t);
 	shmem_set_progress(st->counters.pages, st->counters.received);
-	elog(DEBUG1, "phsync run %lld: %d rows loaded", (long long) st->run_id, n);
+	elog(DEBUG1, "phsync run %lld: %d rows loaded, %d refused", (long long) st->run_id, n, nbad);
 }
 
 /*
@@ -772,8 +801,7 @@ fetch_window(PhsyncRunState *st, TimestampTz since, TimestampTz until)
 
 		MemoryContextReset(loop_cxt);
 		MemoryContextSwitchTo(loop_cxt);
-		CHECK_FOR_INTERRUPTS();
-		shmem_check_cancel();
+		phsync_check_interrupts();
 		f.wait_ms = 100;
 		(void) start_requests(&f);
 		http_poll(st->http, 0);
@@ -796,60 +824,47 @@ fetch_window(PhsyncRunState *st, TimestampTz since, TimestampTz until)
 	MemoryContextDelete(f.cxt);
 }
 
+/* the body of one of fetch_once()'s attempts */
+typedef struct OnceBody
+{
+	PhsyncRunState *st;
+	PhsyncQuery *q;
+	const char *hogql;
+	int64		bucket;
+} OnceBody;
+
+static char *
+once_body(void *arg, char **client_id)
+{
+	OnceBody   *b = (OnceBody *) arg;
+
+	*client_id = new_client_id(b->st);
+	report(b->st, "counting,", b->st->counters.pages + 1);
+	return hogql_request_body(b->q, b->hogql, NULL, b->bucket, b->st->name, *client_id);
+}
+
 /*
- * One request with a fixed HogQL text (verify's counts), with the retry
- * policy: returns its complete scan, which the caller frees with
- * scan_free().  (No slices, no pages: the answer is small.)
+ * One request with a fixed HogQL text (verify's counts), retried as every
+ * request is (request_with_retries()): returns its complete scan, which
+ * the caller frees with scan_free(); NULL when PostHog says it is too big
+ * and the caller may ask for less.  (No slices, no pages: the answer is small.)
  */
 PhsyncScan *
-fetch_once(PhsyncRunState *st, PhsyncQuery *q, const char *hogql, int64 bucket)
+fetch_once(PhsyncRunState *st, PhsyncQuery *q, const char *hogql, int64 bucket,
+		   bool may_ask_less)
 {
-	int			retry = 0;
+	OnceBody	b = {st, q, hogql, bucket};
+	PhsyncRequestSpec r = {0};
 
-	for (;;)
-	{
-		PhsyncHttpResult res;
-		PhsyncTransfer *t;
-		char	   *client_id = new_client_id(st);
-		long		wait;
-
-		CHECK_FOR_INTERRUPTS();
-		shmem_check_cancel();
-		if (!budget_take(st->endpoint.budget_key, st->policy.per_minute, st->policy.per_hour, &wait))
-		{
-			phsync_sleep(wait);
-			continue;
-		}
-		report(st, "counting,", st->counters.pages + 1);
-		st->counters.requests++;
-		t = http_request(st->http, hogql_request_body(q, hogql, NULL, bucket, st->name, client_id),
-						 client_id, &res);
-		if (res.ok)
-		{
-			/* keep the scan, drop the transfer */
-			PhsyncScan *scan = http_take_scan(t);
-
-			http_finish(t);
-			return scan;
-		}
-		http_finish(t);
-		switch (retry_classify(&res))
-		{
-			case PHSYNC_RETRY_NO:
-				http_raise(&st->endpoint, &res);
-				break;
-			case PHSYNC_RETRY_THROTTLED:
-				budget_close(st->endpoint.budget_key,
-							 TimestampTzPlusMilliseconds(GetCurrentTimestamp(), retry_throttle_ms(&res)));
-				st->counters.throttled++;
-				continue;
-			default:
-				break;
-		}
-		if (retry >= st->policy.max_retries)
-			http_raise(&st->endpoint, &res);
-		retry++;
-		st->counters.retries++;
-		phsync_sleep(retry_delay_ms(&st->policy, retry, &res));
-	}
+	r.http = st->http;
+	r.endpoint = &st->endpoint;
+	r.policy = &st->policy;
+	r.body = once_body;
+	r.arg = &b;
+	r.flags = may_ask_less ? RETRY_MAY_ASK_LESS : 0;
+	r.throttle_elevel = LOG;
+	r.requests = &st->counters.requests;
+	r.retries = &st->counters.retries;
+	r.throttled = &st->counters.throttled;
+	return request_with_retries(&r);
 }

@@ -517,22 +517,21 @@ result_column(PhsyncColumns *cols, const char *name)
 }
 
 /*
- * A cursor value as PostHog sent it (JSON text: a string, or a number) as
- * an instant.
+ * A cursor value of a row as an instant; when it is not a date-time (a row
+ * phsync refuses, see fetch.c), where the position was before: the
+ * position only moves on what it can read.
  */
 static TimestampTz
-cursor_instant(const char *json)
+cursor_instant(PhsyncRow *row, int col, PhsyncKeyset *before)
 {
-	json_object *j = json_tokener_parse(json);
-	char	   *s = pstrdup(j && json_object_is_type(j, json_type_string) ?
-							json_object_get_string(j) : json);
+	TimestampTz t;
+	bool		date_only;
+	bool		exact;
 
-	if (j)
-		json_object_put(j);
-	return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
-												   CStringGetDatum(s),
-												   ObjectIdGetDatum(InvalidOid),
-												   Int32GetDatum(-1)));
+	if (row->kinds[col] == PHSYNC_VALUE_STRING &&
+		convert_timestamp(row->values[col], row->lens[col], &t, &date_only, &exact))
+		return t;
+	return before->valid && before->has_cursor ? before->cursor : DT_NOBEGIN;
 }
 
 /*
@@ -590,7 +589,7 @@ hogql_keyset_from_row(PhsyncKeyset *keyset, PhsyncQuery *q, PhsyncColumns *cols,
 				 errhint("Check that the target's unique key really is unique in PostHog's results.")));
 	}
 	if (next.has_cursor)
-		next.cursor = cursor_instant(next.json[0]);
+		next.cursor = cursor_instant(row, result_column(cols, q->cursor), keyset);
 	hogql_keyset_reset(keyset);
 	*keyset = next;
 }

@@ -172,7 +172,7 @@ static int
 http_progress(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 			  curl_off_t ultotal, curl_off_t ulnow)
 {
-	return (ProcDiePending || QueryCancelPending || shmem_cancel_pending()) ? 1 : 0;
+	return phsync_interrupt_pending() ? 1 : 0;
 }
 
 /*
@@ -739,11 +739,10 @@ http_poll(PhsyncHttp *http, long timeout_ms)
 	PhsyncTransfer *t;
 	TimestampTz now;
 
-	if (ProcDiePending || QueryCancelPending || shmem_cancel_pending())
+	if (phsync_interrupt_pending())
 	{
 		abandon_all(http);
-		CHECK_FOR_INTERRUPTS();
-		shmem_check_cancel();
+		phsync_check_interrupts();
 	}
 
 	perform(http, &running);
@@ -788,11 +787,10 @@ http_poll(PhsyncHttp *http, long timeout_ms)
 		}
 	}
 
-	if (ProcDiePending || QueryCancelPending || shmem_cancel_pending())
+	if (phsync_interrupt_pending())
 	{
 		abandon_all(http);
-		CHECK_FOR_INTERRUPTS();
-		shmem_check_cancel();
+		phsync_check_interrupts();
 	}
 }
 
@@ -1002,8 +1000,7 @@ http_probe(const PhsyncEndpoint *endpoint, const char *url, long timeout_ms, cha
 		curl_easy_cleanup(curl);
 	}
 	PG_END_TRY();
-	CHECK_FOR_INTERRUPTS();
-	shmem_check_cancel();
+	phsync_check_interrupts();
 	*detail = pstrdup(errbuf[0] ? errbuf : curl_easy_strerror(rc));
 	return (int) rc;
 }

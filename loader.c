@@ -406,6 +406,8 @@ value_text(PhsyncRow *row, int c, Oid typid, const char *colname)
 					 errmsg("value for column \"%s\" holds a \\u escape of a lone Unicode surrogate", colname)));
 			break;
 		case PHSYNC_VALUE_STRING:
+		case PHSYNC_VALUE_JSON:
+			/* (an array or object is JSON text, checked as UTF-8 by the scanner) */
 			if (GetDatabaseEncoding() != PG_UTF8)
 				text = pg_any_to_server(text, (int) row->lens[c], PG_UTF8);
 			if (typid == JSONBOID || typid == JSONOID)
@@ -414,7 +416,6 @@ value_text(PhsyncRow *row, int c, Oid typid, const char *colname)
 		case PHSYNC_VALUE_TRUE:
 		case PHSYNC_VALUE_FALSE:
 		case PHSYNC_VALUE_NUMBER:
-		case PHSYNC_VALUE_JSON:
 		default:
 			break;
 	}
@@ -628,8 +629,7 @@ insert_rows(void *arg)
 					ret;
 		uint64		before;
 
-		CHECK_FOR_INTERRUPTS();
-		shmem_check_cancel();
+		phsync_check_interrupts();
 		MemoryContextSwitchTo(batchcxt);
 		for (r = 0; r < nrows; r++)
 			convert_row(pv, pv->rows[pv->first + done + r], r);
@@ -861,8 +861,7 @@ loader_insert(PhsyncLoader *loader, const char **rows, int count, int64 run_id,
 		{
 			char	   *failure;
 
-			CHECK_FOR_INTERRUPTS();
-			shmem_check_cancel();
+			phsync_check_interrupts();
 			pv.first = r;
 			pv.n = 1;
 			failure = try_in_subtransaction(insert_rows, &pv);
@@ -885,6 +884,26 @@ loader_insert(PhsyncLoader *loader, const char **rows, int count, int64 run_id,
 	counters->inserted += pv.inserted;
 	counters->updated += pv.updated;
 	counters->rejected += refused;
+}
+
+/*
+ * Keep a row in phsync.rejects that was refused before it reached the
+ * target (why: a full sentence's start, "its cursor ... is ..."), in the
+ * chunk's transaction; with phsync.on_bad_row = fail, fail the run
+ * instead.
+ */
+void
+loader_reject(PhsyncLoader *loader, const char *encoded, const char *why, int64 run_id,
+			  PhsyncCounters *counters)
+{
+	if (loader->on_bad_row == PHSYNC_BAD_ROW_FAIL)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("PostHog sent a row phsync does not load: %s", why),
+				 errdetail("The row: %s", row_json(encoded))));
+	runlog_reject(run_id, loader->target->display, loader->columns, row_json(encoded),
+				  psprintf("PostHog sent a row phsync does not load: %s", why));
+	counters->rejected++;
 }
 
 void

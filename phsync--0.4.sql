@@ -149,7 +149,7 @@ CREATE TABLE phsync.syncs (
 	verify			boolean NOT NULL DEFAULT false,
 	created_at		timestamptz NOT NULL DEFAULT pg_catalog.now(),
 	CHECK ((preset IS NULL) OPERATOR(pg_catalog.<>) (query IS NULL)),
-	owner			name NOT NULL DEFAULT CURRENT_USER,
+	owner			pg_catalog.regrole NOT NULL DEFAULT pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER)),
 	server			name,
 	events			text[]
 );
@@ -158,7 +158,7 @@ COMMENT ON TABLE phsync.syncs IS 'syncs added with phsync_add_sync(); the sync n
 COMMENT ON COLUMN phsync.syncs.name IS 'the sync''s name: lower-case letters, digits and underscores';
 COMMENT ON COLUMN phsync.syncs.enabled IS 'whether scheduled runs and phsync_run_now() run it';
 COMMENT ON COLUMN phsync.syncs.created_at IS 'when it was added';
-COMMENT ON COLUMN phsync.syncs.owner IS 'the role that added it: runs act on the target as this role (a superuser''s sync into another role''s table: as that table''s owner)';
+COMMENT ON COLUMN phsync.syncs.owner IS 'the role that added it, by OID: runs act on the target as this role (a superuser''s sync into another role''s table: as that table''s owner)';
 COMMENT ON COLUMN phsync.syncs.target IS 'target table, schema-qualified';
 COMMENT ON COLUMN phsync.syncs.preset IS 'built-in query: events, persons, groups, sessions, cohorts, feature_flags, experiments, surveys or cohort_people (NULL with a custom query)';
 COMMENT ON COLUMN phsync.syncs.query IS 'custom HogQL query (NULL with a preset)';
@@ -247,14 +247,15 @@ SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION @extschema@.phsync_create_table(text, text, text[]) IS
 	'creates a target table for a preset with its unique key and cursor index; properties => ARRAY[...] adds a generated column for each of those keys of its properties';
 
+/* not SECURITY DEFINER: the syncs it runs are the caller's own */
 CREATE FUNCTION @extschema@.phsync_run_now(sync text DEFAULT NULL)
 RETURNS SETOF phsync.runs
 AS 'MODULE_PATHNAME', 'phsync_run_now'
 LANGUAGE C VOLATILE
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+SET search_path = pg_catalog, pg_temp;
 
 COMMENT ON FUNCTION @extschema@.phsync_run_now(text) IS
-	'asks the phsync worker to run every enabled sync (or the one named) now, waits and returns their phsync.runs rows';
+	'asks the phsync worker to run every enabled sync of the caller (or the one named, which the caller must own) now, waits and returns their phsync.runs rows';
 
 REVOKE ALL ON FUNCTION @extschema@.phsync_run_now(text) FROM PUBLIC;
 

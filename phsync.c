@@ -76,6 +76,7 @@ _PG_init(void)
 	if (!process_shared_preload_libraries_in_progress)
 		return;
 	shmem_install_hooks();
+	roles_install_hook();
 	/* pg_upgrade's servers (-b) must not sync: no worker then */
 	if (!IsBinaryUpgrade)
 		worker_register();
@@ -203,17 +204,12 @@ find_sync(const char *name)
 
 /*
  * The current user must own sync (be a member of its owner) or be a
- * superuser: for what reaches further than phsync_run_now().
+ * superuser.
  */
 static void
 check_sync_owner(PhsyncSync *sync, const char *what)
 {
-	if (superuser() || (OidIsValid(sync->owner) && has_privs_of_role(GetUserId(), sync->owner)))
-		return;
-	ereport(ERROR,
-			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-			 errmsg("must be owner of sync %s to %s", sync->name, what),
-			 errdetail("Sync %s belongs to role \"%s\".", sync->name, sync->owner_name)));
+	sync_check_owner(sync->name, sync->owner, what);
 }
 
 /*
@@ -428,7 +424,8 @@ return_rows(FunctionCallInfo fcinfo, const char *sql, int64 arg1, int64 arg2)
 /*
  * phsync_run_now(sync text DEFAULT NULL) RETURNS SETOF phsync.runs
  *
- * Asks the worker to run every enabled sync, or the one named, waits for
+ * Asks the worker to run every enabled sync the caller owns (every one,
+ * for superusers), or the one named, which the caller must own; waits for
  * the runs to end and returns their rows.  If a run failed, raises its
  * error.
  */
@@ -440,8 +437,18 @@ phsync_run_now(PG_FUNCTION_ARGS)
 
 	memset(&request, 0, sizeof(request));
 	request.kind = PHSYNC_REQUEST_RUN;
+	request.requester = GetUserId();
 	if (!PG_ARGISNULL(0))
+	{
+		PhsyncSync *sync;
+
 		strlcpy(request.sync, text_to_cstring(PG_GETARG_TEXT_PP(0)), NAMEDATALEN);
+		/* another owner's sync (its key, its errors) is not the caller's to run */
+		phsync_spi_connect();
+		sync = find_sync(request.sync);
+		phsync_spi_finish();
+		check_sync_owner(sync, "to run it");
+	}
 	submit_request(&request, &answer);
 	return_rows(fcinfo, "SELECT * FROM phsync.runs WHERE id BETWEEN $1 AND $2 "
 				"AND trigger = 'manual' ORDER BY id",
@@ -512,7 +519,7 @@ phsync_verify(PG_FUNCTION_ARGS)
 				 errmsg("permission denied for table %s", sync->target),
 				 errdetail("A verification shows how many rows the target holds per bucket; it needs SELECT on it.")));
 	if (request.repair)
-		check_sync_owner(sync, "repair it");
+		check_sync_owner(sync, "to repair it");
 	submit_request(&request, &answer);
 	return_rows(fcinfo, "SELECT bucket, posthog_count, local_count, status "
 				"FROM phsync.verifications WHERE run_id = $1 AND $2 IS NOT NULL ORDER BY bucket",
@@ -593,7 +600,7 @@ phsync_backfill(PG_FUNCTION_ARGS)
 	q.to = to;
 	q.tupdesc = tupdesc;
 	s = find_sync(sync);
-	check_sync_owner(s, "backfill it");
+	check_sync_owner(s, "to backfill it");
 	require_cursor(s, "backfill");
 	q.target = s->target;
 	as_phsync(queue_backfill, &q);
@@ -664,7 +671,7 @@ phsync_sync_state(PG_FUNCTION_ARGS)
 		if (target == NULL)
 		{
 			values[9] = CStringGetTextDatum(OidIsValid(s->owner) ? problem.message :
-											psprintf("role \"%s\", which owns the sync, does not exist",
+											psprintf("the role that owned the sync was dropped (%s)",
 													 s->owner_name));
 			nulls[9] = false;
 		}
@@ -1019,7 +1026,7 @@ phsync_cancel(PG_FUNCTION_ARGS)
 		sync = superuser() ? NULL : find_sync(c.sync);
 		/* find_sync() raises for a sync dropped meanwhile: superusers only */
 		if (sync)
-			check_sync_owner(sync, "cancel its runs");
+			check_sync_owner(sync, "to cancel its runs");
 		if (c.queued)
 			as_phsync(cancel_queued, &c);
 		else

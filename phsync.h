@@ -18,6 +18,7 @@
  *	   schedule.c	when scheduled runs are due
  *	   response.c	reading responses as they arrive: rows, columns, types;
  *					PostHog's text made safe to store
+ *	   convert.c	PostHog's values as PostgreSQL's: date-time text
  *	   hogql.c		HogQL text and request bodies, keyset positions
  *	   http.c		the libcurl client: requests in flight, cancelled when given up
  *	   retry.c		what is retried and how; the request budget
@@ -30,9 +31,10 @@
  *	   fetch.c		a window, page by page: keyset, slices, asking for less
  *	   verify.c		PostHog's counts per bucket against the target's
  *	   query.c		PostHog from SQL in a session: phsync_query(), discovery
- *	5. one run, and the doctor
+ *	5. one run, the doctor, owners
  *	   run.c		one run of a sync (load or verify), its outcome
  *	   doctor.c		phsync_doctor()'s checks
+ *	   roles.c		sync owners through DROP ROLE, DROP OWNED, REASSIGN OWNED
  *	6. worker.c		the background worker's loop
  *	7. phsync.c		_PG_init and the SQL-callable functions
  *
@@ -62,6 +64,12 @@
  */
 #define json_object phsync_json_object
 #include <json.h>
+
+/*
+ * The first key of phsync's advisory locks (pg_advisory_xact_lock(class,
+ * n)): "phsy".  n = 1: adding a sync; n = 2: queuing a run.
+ */
+#define PHSYNC_LOCK_CLASS "1885893497"
 
 /* PHSYNC_VERSION comes from phsync.control, through the Makefile */
 #ifndef PHSYNC_VERSION
@@ -101,6 +109,7 @@ extern bool phsync_verify_yesterday;
 extern int	phsync_max_syncs;
 extern int	phsync_max_verify_buckets;
 extern int	phsync_max_backfill_range;	/* minutes */
+extern int	phsync_lock_timeout;	/* milliseconds */
 
 typedef enum PhsyncBadRow
 {
@@ -217,6 +226,7 @@ typedef enum PhsyncRequestKind
 typedef struct PhsyncRequest
 {
 	PhsyncRequestKind kind;
+	Oid			requester;		/* who asked: "every sync" means theirs */
 	char		sync[NAMEDATALEN];	/* "" for every enabled sync */
 	TimestampTz from;			/* verify: [from, to) in buckets */
 	TimestampTz to;
@@ -252,6 +262,9 @@ typedef struct PhsyncWorkerState
 	TimestampTz waiting_until;	/* it waits for PostHog's throttle until then */
 } PhsyncWorkerState;
 
+/* the roles that own syncs, as shared memory lists them (roles.c) */
+#define PHSYNC_MAX_OWNERS 1024
+
 /* a request budget: requests started per second over the last hour */
 #define PHSYNC_BUDGET_SECONDS 3600
 #define PHSYNC_BUDGETS 16
@@ -282,6 +295,10 @@ extern void shmem_set_next_due(TimestampTz due);
 extern void shmem_set_waiting(TimestampTz until);
 extern bool shmem_cancel_pending(void);
 extern void shmem_check_cancel(void);
+extern const char *shmem_cancel_reason(void);
+extern void shmem_worker_cancellable(bool cancellable);
+extern void phsync_check_interrupts(void);
+extern bool phsync_interrupt_pending(void);
 /* the sessions' side */
 extern void shmem_worker_state(PhsyncWorkerState *state);
 extern void shmem_wake_worker(void);
@@ -289,6 +306,10 @@ extern uint64 shmem_submit_request(const PhsyncRequest *request, int64 *busy_run
 extern bool shmem_read_answer(uint64 ticket, PhsyncAnswer *answer, bool *worker_absent);
 extern void shmem_withdraw_request(uint64 ticket);
 extern bool shmem_cancel_run(int64 run_id);
+extern void shmem_owners_changing(void);
+extern bool shmem_take_owners_changed(void);
+extern void shmem_publish_owners(const Oid *owners, int n, bool overflow);
+extern bool shmem_owns_syncs(Oid role);
 extern PhsyncBudget *shmem_budget_lock(const char *key);
 extern void shmem_budget_unlock(void);
 extern TimestampTz shmem_budget_closed_until(const char *key);
@@ -314,6 +335,7 @@ typedef struct PhsyncAsRole
 	int			nestlevel;
 } PhsyncAsRole;
 
+extern void xact_reset_session(void);
 extern void as_role_begin(Oid role, bool restricted, PhsyncAsRole *save);
 extern void as_role_end(PhsyncAsRole *save);
 
@@ -378,6 +400,10 @@ typedef struct PhsyncColumns
 extern PhsyncColumns *scan_columns(PhsyncScan *s);
 extern const char *pg_type_for_clickhouse(const char *chtype, const char *column);
 extern const char *pg_type_for_schema_field(const char *fieldtype, const char *column);
+
+/* ---------- convert.c ---------- */
+extern bool convert_timestamp(const char *s, size_t len, TimestampTz *result, bool *date_only,
+							  bool *exact);
 
 /* ---------- hogql.c ---------- */
 
@@ -496,9 +522,50 @@ typedef enum PhsyncRetry
 	PHSYNC_RETRY_BUSY			/* 429 without: too many concurrent queries */
 } PhsyncRetry;
 
+/* a request's retries so far (retry_step) */
+typedef struct PhsyncRetryState
+{
+	int			retries;		/* retries used */
+	bool		throttled;		/* its last failure was a throttle */
+} PhsyncRetryState;
+
+/* what to do about a failure (retry_step) */
+typedef struct PhsyncRetryStep
+{
+	bool		give_up;		/* raise its error */
+	long		wait_ms;		/* else ask again after this long */
+	bool		counted;		/* it used up a retry */
+	bool		throttled;		/* a throttle: close the budget for wait_ms */
+	bool		fewer_at_once;	/* too many queries at once: run fewer */
+	bool		ask_for_less;	/* too big: ask for less */
+} PhsyncRetryStep;
+
+/* what the caller of retry_step() can do */
+#define RETRY_MAY_RUN_FEWER 0x01	/* lower the requests it has in flight */
+#define RETRY_MAY_ASK_LESS	0x02	/* ask for a smaller part */
+
+/* one request whose answer is waited for (request_with_retries) */
+typedef struct PhsyncRequestSpec
+{
+	PhsyncHttp *http;
+	const PhsyncEndpoint *endpoint;
+	const PhsyncRetryPolicy *policy;
+	/* the body of one attempt, and its client_query_id */
+	char	   *(*body) (void *arg, char **client_query_id);
+	void	   *arg;
+	int			flags;			/* RETRY_MAY_ASK_LESS: NULL when too big */
+	int			throttle_elevel;	/* how a throttle's wait is reported */
+	int		   *requests;		/* counters to add to, or NULL */
+	int		   *retries;
+	int		   *throttled;
+} PhsyncRequestSpec;
+
 extern void phsync_sleep(long ms);
 extern void retry_policy_for(const PhsyncEndpoint *e, PhsyncRetryPolicy *policy);
 extern PhsyncRetry retry_classify(PhsyncHttpResult *result);
+extern void retry_step(const PhsyncRetryPolicy *policy, PhsyncRetryState *state,
+					   PhsyncHttpResult *result, int flags, PhsyncRetryStep *step);
+extern PhsyncScan *request_with_retries(const PhsyncRequestSpec *r);
 extern long retry_delay_ms(const PhsyncRetryPolicy *policy, int retry, PhsyncHttpResult *result);
 extern long retry_throttle_ms(PhsyncHttpResult *result);
 extern char *retry_describe(PhsyncHttpResult *result);
@@ -679,30 +746,15 @@ typedef struct PhsyncSyncArgs
 	List	   *events;			/* empty: every event */
 } PhsyncSyncArgs;
 
-/* a row of phsync.syncs, as text */
-typedef struct PhsyncSyncDef
-{
-	char	   *name;
-	char	   *owner;
-	char	   *target;
-	char	   *preset;			/* NULL with a query */
-	char	   *query;			/* NULL with a preset */
-	char	   *cursor;
-	char	   *conflict;
-	char	   *lookback;		/* NULL: re-read everything */
-	bool		enabled;
-	bool		verify;
-	char	   *server;			/* NULL: the settings */
-	List	   *events;			/* NIL: every event */
-} PhsyncSyncDef;
-
 extern bool sync_is_default(const PhsyncSync *sync);
 extern PhsyncSync *sync_default(void);
 extern List *sync_list(const char *only, bool enabled_only);
 extern const char *sync_cursor_origin(const PhsyncSync *sync);
 extern void sync_target_spec(const PhsyncSync *sync, PhsyncTargetSpec *spec);
 extern Oid	sync_owner(const PhsyncSync *sync);
-extern void sync_check_owner(const char *name, const char *owner);
+extern char *sync_owner_name(Oid owner);
+extern bool sync_owned_by_me(Oid owner);
+extern void sync_check_owner(const char *name, Oid owner, const char *what);
 extern PhsyncEndpoint *sync_endpoint(const PhsyncSync *sync);
 extern void sync_check_name(const char *name);
 extern Datum sync_add(const PhsyncSyncArgs *args, TupleDesc tupdesc);
@@ -720,6 +772,8 @@ extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncColumns *cols,
 								   bool update, PhsyncBadRow on_bad_row);
 extern bool loader_matches(PhsyncLoader *loader, PhsyncColumns *cols);
 extern void loader_insert(PhsyncLoader *loader, const char **rows, int nrows,
+						  int64 run_id, PhsyncCounters *counters);
+extern void loader_reject(PhsyncLoader *loader, const char *encoded, const char *why,
 						  int64 run_id, PhsyncCounters *counters);
 extern void loader_free(PhsyncLoader *loader);
 
@@ -753,7 +807,7 @@ typedef struct PhsyncRunState
 
 extern void fetch_window(PhsyncRunState *st, TimestampTz since, TimestampTz until);
 extern PhsyncScan *fetch_once(PhsyncRunState *st, PhsyncQuery *q, const char *hogql,
-							  int64 bucket);
+							  int64 bucket, bool may_ask_less);
 
 /* ---------- verify.c ---------- */
 extern void verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to,
@@ -798,6 +852,10 @@ extern void run_job(PhsyncJob *job, PhsyncOutcome *outcome);
 typedef void (*DoctorRow) (void *arg, const char *item, const char *status,
 						   const char *detail, const char *hint);
 extern void doctor_run(DoctorRow emit, void *arg);
+
+/* ---------- roles.c ---------- */
+extern void roles_install_hook(void);
+extern void roles_publish_owners(bool extension_here);
 
 /* ==================== 6. worker.c ==================== */
 extern void worker_register(void);

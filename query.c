@@ -62,9 +62,29 @@ caller_endpoint(const char *server, const char *fn)
 	return endpoint_settings();
 }
 
+/* the body of one of ask()'s attempts */
+typedef struct AskBody
+{
+	const char *hogql;
+	const char *values_json;
+	const char *name;
+} AskBody;
+
+static char *
+ask_body(void *arg, char **client_id)
+{
+	AskBody    *b = (AskBody *) arg;
+
+	*client_id = psprintf("phsync-query-%d-%016llx", MyProcPid,
+						  (unsigned long long) pg_prng_uint64(&pg_global_prng_state));
+	return hogql_adhoc_body(b->hogql, b->values_json, b->name, *client_id);
+}
+
 /*
- * Ask PostHog once (with retries): the complete answer's scan, which the
- * caller frees with scan_free().  hogql NULL: the database schema.
+ * Ask PostHog once, retried as every request is (request_with_retries(),
+ * a throttle's wait said as a NOTICE; a query too big is final): the
+ * complete answer's scan, which the caller frees with scan_free().  hogql
+ * NULL: the database schema.
  */
 static PhsyncScan *
 ask(PhsyncEndpoint *e, const char *hogql, const char *values_json, const char *name)
@@ -72,55 +92,19 @@ ask(PhsyncEndpoint *e, const char *hogql, const char *values_json, const char *n
 	PhsyncHttp *volatile http = http_open(e);
 	PhsyncScan *volatile scan = NULL;
 	PhsyncRetryPolicy policy;
-	int			retry = 0;
+	AskBody		b = {hogql, values_json, name};
+	PhsyncRequestSpec r = {0};
 
 	retry_policy_for(e, &policy);
-
+	r.http = http;
+	r.endpoint = e;
+	r.policy = &policy;
+	r.body = ask_body;
+	r.arg = &b;
+	r.throttle_elevel = NOTICE;
 	PG_TRY();
 	{
-		while (scan == NULL)
-		{
-			PhsyncHttpResult res;
-			PhsyncTransfer *t;
-			char	   *id = psprintf("phsync-query-%d-%016llx", MyProcPid,
-									  (unsigned long long) pg_prng_uint64(&pg_global_prng_state));
-			long		wait;
-
-			CHECK_FOR_INTERRUPTS();
-			if (!budget_take(e->budget_key, policy.per_minute, policy.per_hour, &wait))
-			{
-				phsync_sleep(wait);
-				continue;
-			}
-			t = http_request(http, hogql_adhoc_body(hogql, values_json, name, id), id, &res);
-			if (res.ok)
-			{
-				scan = http_take_scan(t);
-				http_finish(t);
-				break;
-			}
-			http_finish(t);
-			switch (retry_classify(&res))
-			{
-				case PHSYNC_RETRY_NO:
-				case PHSYNC_RETRY_LESS:
-					http_raise(e, &res);
-					break;
-				case PHSYNC_RETRY_THROTTLED:
-					budget_close(e->budget_key,
-								 TimestampTzPlusMilliseconds(GetCurrentTimestamp(), retry_throttle_ms(&res)));
-					ereport(NOTICE,
-							(errmsg("PostHog throttles requests; waiting %.0f s", retry_throttle_ms(&res) / 1000.0),
-							 errdetail("%s", res.detail)));
-					continue;
-				default:
-					break;
-			}
-			if (retry >= policy.max_retries)
-				http_raise(e, &res);
-			retry++;
-			phsync_sleep(retry_delay_ms(&policy, retry, &res));
-		}
+		scan = request_with_retries(&r);
 	}
 	PG_FINALLY();
 	{

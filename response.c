@@ -855,6 +855,17 @@ scan_feed(PhsyncScan *s, const char *p, size_t len)
 				{
 					if (--s->depth == 0)
 					{
+						const char *text = s->row + s->valstart + sizeof(uint32);
+						size_t		n = s->rowlen - s->valstart - sizeof(uint32);
+
+						/*
+						 * Kept as JSON text, but checked as a string is: bytes
+						 * that are not UTF-8, or a raw NUL (which would cut the
+						 * value short), make the row a bad row, not a value
+						 * stored that pg_dump cannot reload.
+						 */
+						if (pg_encoding_verifymbstr(PG_UTF8, text, (int) n) != (int) n)
+							bad_text(s);
 						value_end(s);
 						s->state = S_VAL_COMMA;
 					}

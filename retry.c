@@ -4,12 +4,14 @@
  *		What phsync does when a request fails, and how many requests it
  *		may start: the retry policy and the request budget.
  *
- * Failures (retry_classify):
+ * Failures (retry_classify), and what retry_step() makes of them:
  *	- 429 with Retry-After (PostHog's throttles: 240 a minute and 2,400 an
  *	  hour for API queries, or 120 an hour for HogQL outside that
  *	  programme): a wait, not a failure.  The budget is closed until then
  *	  for every request to the same PostHog key, and the wait does not use
- *	  up a retry.
+ *	  up a retry; but a request throttled again right after its wait uses
+ *	  one from then on, so that a server that throttles for ever fails the
+ *	  run after phsync.max_retries waits instead of holding it.
  *	- 429 without Retry-After: the project's concurrent queries (3) are all
  *	  taken.  The caller runs fewer requests at once, and retries after a
  *	  backoff (counted once it runs one at a time).
@@ -64,8 +66,7 @@ phsync_sleep(long ms)
 	{
 		long		left;
 
-		CHECK_FOR_INTERRUPTS();
-		shmem_check_cancel();
+		phsync_check_interrupts();
 		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), end);
 		if (left <= 0)
 			break;
@@ -127,6 +128,68 @@ retry_classify(PhsyncHttpResult *result)
 }
 
 /*
+ * What to do about a failed request, as the top of this file says: give
+ * up, or ask again after step->wait_ms, having closed the budget
+ * (throttled), run fewer requests at once (fewer_at_once, only when the
+ * caller may: RETRY_MAY_RUN_FEWER) or asked for less (ask_for_less: only
+ * with RETRY_MAY_ASK_LESS; without it a query too big is final).  state
+ * holds the request's history: retries used, and whether its last
+ * failure was a throttle.  The one rule for every request phsync makes.
+ */
+void
+retry_step(const PhsyncRetryPolicy *policy, PhsyncRetryState *state,
+		   PhsyncHttpResult *result, int flags, PhsyncRetryStep *step)
+{
+	PhsyncRetry kind = retry_classify(result);
+	bool		throttled_before = state->throttled;
+
+	memset(step, 0, sizeof(*step));
+	state->throttled = false;
+	switch (kind)
+	{
+		case PHSYNC_RETRY_NO:
+			step->give_up = true;
+			return;
+		case PHSYNC_RETRY_THROTTLED:
+			step->throttled = true;
+			step->wait_ms = retry_throttle_ms(result);
+			state->throttled = true;
+			/* the first throttle of a request is a wait; the next ones count */
+			if (!throttled_before)
+				return;
+			break;
+		case PHSYNC_RETRY_BUSY:
+			if (flags & RETRY_MAY_RUN_FEWER)
+			{
+				step->fewer_at_once = true;
+				step->wait_ms = retry_delay_ms(policy, 1, result);
+				return;
+			}
+			break;
+		case PHSYNC_RETRY_LESS:
+			if (!(flags & RETRY_MAY_ASK_LESS))
+			{
+				step->give_up = true;
+				return;
+			}
+			step->ask_for_less = true;
+			break;
+		case PHSYNC_RETRY_BACKOFF:
+			break;
+	}
+	/* a retry that counts */
+	if (state->retries >= policy->max_retries)
+	{
+		step->give_up = true;
+		return;
+	}
+	state->retries++;
+	step->counted = true;
+	if (!step->throttled)
+		step->wait_ms = retry_delay_ms(policy, state->retries, result);
+}
+
+/*
  * The retry policy for requests to endpoint e: the phsync.* retry
  * settings and e's request budget.
  */
@@ -183,6 +246,70 @@ retry_describe(PhsyncHttpResult *result)
 	if (result->status != 200)
 		return psprintf("PostHog answered HTTP %ld", result->status);
 	return pstrdup("PostHog's response was unreadable");
+}
+
+/* ---------- one request, waited for ---------- */
+
+/*
+ * One request whose answer is waited for (verify's counts, a query from
+ * SQL), under the budget and retry_step(): returns its complete scan,
+ * which the caller frees with scan_free(); NULL when PostHog says the
+ * query is too big and the caller may ask for less (RETRY_MAY_ASK_LESS).
+ * Every other failure is raised once it is final.  Each attempt gets its
+ * body (and client_query_id) from r->body.
+ */
+PhsyncScan *
+request_with_retries(const PhsyncRequestSpec *r)
+{
+	PhsyncRetryState state = {0};
+
+	for (;;)
+	{
+		PhsyncHttpResult res;
+		PhsyncRetryStep step;
+		PhsyncTransfer *t;
+		char	   *client_id;
+		char	   *body;
+		long		wait;
+
+		phsync_check_interrupts();
+		if (!budget_take(r->endpoint->budget_key, r->policy->per_minute, r->policy->per_hour, &wait))
+		{
+			phsync_sleep(wait);
+			continue;
+		}
+		body = r->body(r->arg, &client_id);
+		if (r->requests)
+			(*r->requests)++;
+		t = http_request(r->http, body, client_id, &res);
+		if (res.ok)
+		{
+			/* keep the scan, drop the transfer */
+			PhsyncScan *scan = http_take_scan(t);
+
+			http_finish(t);
+			return scan;
+		}
+		http_finish(t);
+		retry_step(r->policy, &state, &res, r->flags, &step);
+		if (step.give_up)
+			http_raise(r->endpoint, &res);
+		if (step.ask_for_less)
+			return NULL;
+		if (step.throttled)
+		{
+			budget_close(r->endpoint->budget_key,
+						 TimestampTzPlusMilliseconds(GetCurrentTimestamp(), step.wait_ms));
+			if (r->throttled)
+				(*r->throttled)++;
+			ereport(r->throttle_elevel,
+					(errmsg("PostHog throttles requests; waiting %.0f s", step.wait_ms / 1000.0),
+					 errdetail("%s", res.detail)));
+		}
+		if (step.counted && r->retries)
+			(*r->retries)++;
+		phsync_sleep(step.wait_ms);
+	}
 }
 
 /* ---------- the request budget ---------- */

@@ -273,6 +273,37 @@ error_text(ErrorData *edata)
 }
 
 /*
+ * In run_job()'s catch: log the run's error and return a copy of it.  A
+ * run stopped by its cancel's SIGINT (phsync_cancel(), or the session that
+ * asked for it giving up) ends inside PostgreSQL with "canceling statement
+ * due to user request": it says which run and why instead, as
+ * shmem_check_cancel() does, and is logged as a LOG, not an ERROR.
+ */
+static ErrorData *
+run_error(MemoryContext cxt, int64 run_id)
+{
+	const char *why = shmem_cancel_reason();
+	ErrorData  *edata;
+
+	if (why == NULL || geterrcode() != ERRCODE_QUERY_CANCELED)
+	{
+		EmitErrorReport();
+		return xact_recover(cxt);
+	}
+	edata = xact_recover(cxt);
+	if (edata->message && strncmp(edata->message, "canceling statement", 19) == 0)
+	{
+		edata->message = psprintf("phsync run %lld was cancelled", (long long) run_id);
+		edata->detail = pstrdup(why);
+	}
+	ereport(LOG,
+			(errcode(edata->sqlerrcode),
+			 errmsg_internal("%s", edata->message),
+			 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
+	return edata;
+}
+
+/*
  * Carry out one job: a run of one sync (scheduled, manual or a backfill)
  * or a verification.  Never raises an error (except FATAL on shutdown): a
  * failure is logged, recorded in phsync.runs and handed back in outcome,
@@ -287,6 +318,8 @@ run_job(PhsyncJob *job, PhsyncOutcome *outcome)
 
 	memset(outcome, 0, sizeof(*outcome));
 	memset(&st, 0, sizeof(st));
+	/* see shmem_worker_cancellable(); a stale cancel is not this run's */
+	shmem_worker_cancellable(true);
 	run_cxt = AllocSetContextCreate(TopMemoryContext, "phsync run",
 									ALLOCSET_DEFAULT_SIZES);
 	MemoryContextSwitchTo(run_cxt);
@@ -316,13 +349,13 @@ run_job(PhsyncJob *job, PhsyncOutcome *outcome)
 	PG_CATCH();
 	{
 		HOLD_INTERRUPTS();
-		EmitErrorReport();
-		outcome->error = xact_recover(outer);
+		outcome->error = run_error(outer, st.run_id);
 		release(&st);
 		RESUME_INTERRUPTS();
 		outcome->ok = false;
 	}
 	PG_END_TRY();
+	shmem_worker_cancellable(false);
 
 	/*
 	 * Record the failure outside the catch block: if even that fails (the
@@ -346,6 +379,8 @@ run_job(PhsyncJob *job, PhsyncOutcome *outcome)
 		PG_END_TRY();
 	}
 
+	/* what the target's code left in the session goes with the run */
+	xact_reset_session();
 	shmem_set_run(0, NULL);
 	MemoryContextSwitchTo(outer);
 	MemoryContextDelete(run_cxt);

@@ -17,6 +17,8 @@
  * size, request budget, requests at once).  The key is only ever in a
  * user mapping, whose options PostgreSQL shows only to that user, the
  * server's owner and superusers; a proxy with a password goes there too.
+ * The CA file and the proxy are chosen by superusers only: the database
+ * server reads the one and connects to the other.
  *
  *-------------------------------------------------------------------------
  */
@@ -183,6 +185,12 @@ server_validate_options(List *options, Oid catalog)
 		}
 		else if (strcmp(o->name, "proxy") == 0)
 		{
+			/* where the database server connects: as for phsync.proxy */
+			if (!superuser())
+				ereport(ERROR,
+						(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+						 errmsg("only superusers may set option \"proxy\""),
+						 errdetail("The database server itself connects to the proxy, which could be any address its network reaches.")));
 			if (!settings_proxy_ok(value, &detail))
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

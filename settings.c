@@ -53,6 +53,7 @@ bool		phsync_verify_yesterday = true;
 int			phsync_max_syncs = 100;
 int			phsync_max_verify_buckets = 1000;
 int			phsync_max_backfill_range = 5 * 366 * 24 * 60;
+int			phsync_lock_timeout = 60 * 1000;
 
 static const struct config_enum_entry on_bad_row_options[] = {
 	{"reject", PHSYNC_BAD_ROW_REJECT, false},
@@ -554,6 +555,12 @@ settings_define(void)
 							"Longest range one phsync_backfill() may cover.",
 							NULL, &phsync_max_backfill_range, 5 * 366 * 24 * 60, 1, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_MIN, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("phsync.lock_timeout",
+							"Longest wait of a run for a lock on a table; 0 waits for ever.",
+							"A target's owner who holds a lock on it (LOCK TABLE, a long ALTER TABLE) makes the run fail after this long instead of holding the worker, and every other sync, behind it.",
+							&phsync_lock_timeout, 60 * 1000, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("phsync");
 }

@@ -31,10 +31,15 @@
  *
  * Cancelling a run (phsync_cancel(), or the session that asked for it
  * giving up): the canceller stores the run's id in cancel_run (or sets
- * request_cancelled) and wakes the worker.  The worker polls
+ * request_cancelled), wakes the worker, and sends it SIGINT, as
+ * pg_cancel_backend() does, so that a run waiting inside PostgreSQL (for
+ * a lock, in a target's trigger) stops too.  The worker polls
  * shmem_cancel_pending() wherever it waits or loops, including libcurl's
  * progress callback, which must not take a lock or raise an error: those
- * two fields are atomics, read without the spinlock.
+ * two fields are atomics, read without the spinlock.  Between runs the
+ * worker holds cancel interrupts off (see shmem_worker_cancellable()): a
+ * SIGINT that arrives late, or pg_cancel_backend() of an idle worker,
+ * cancels nothing, as for an idle backend.
  *
  * Request budgets (retry.c): one per PostHog key, shared by the worker and
  * the sessions that query PostHog, under their own LWLock (keeping a
@@ -49,6 +54,9 @@
  */
 #include "postgres.h"
 
+#include <signal.h>
+
+#include "access/xact.h"
 #include "miscadmin.h"
 #include "port/atomics.h"
 #include "storage/ipc.h"
@@ -102,6 +110,13 @@ typedef struct PhsyncShared
 	/* request budgets, under budget_lock */
 	LWLock	   *budget_lock;
 	PhsyncBudget budgets[PHSYNC_BUDGETS];
+
+	/* the roles that own syncs, as the worker last read them (roles.c) */
+	bool		owners_known;
+	bool		owners_overflow;	/* more than PHSYNC_MAX_OWNERS */
+	int			nowners;
+	Oid			owners[PHSYNC_MAX_OWNERS];
+	pg_atomic_uint32 owners_changed;	/* phsync.syncs changed since */
 } PhsyncShared;
 
 static PhsyncShared *shared = NULL;
@@ -138,6 +153,7 @@ shmem_startup(void)
 		SpinLockInit(&shared->mutex);
 		pg_atomic_init_u32(&shared->request_cancelled, 0);
 		pg_atomic_init_u64(&shared->cancel_run, 0);
+		pg_atomic_init_u32(&shared->owners_changed, 1);
 		shared->budget_lock = &(GetNamedLWLockTranche("phsync"))->lock;
 	}
 	LWLockRelease(AddinShmemInitLock);
@@ -386,23 +402,94 @@ shmem_cancel_pending(void)
 }
 
 /*
+ * In the worker: whether a cancel interrupt (SIGINT, see the top of this
+ * file) is acted on.  Only during a run: at its start a SIGINT left over
+ * from an earlier cancel is dropped, unless it is for this run (its
+ * session gave up already).  Assigned rather than counted: an error
+ * resets PostgreSQL's holdoff count.
+ */
+void
+shmem_worker_cancellable(bool cancellable)
+{
+	if (cancellable)
+	{
+		if (!shmem_cancel_pending())
+			QueryCancelPending = false;
+		QueryCancelHoldoffCount = 0;
+	}
+	else
+		QueryCancelHoldoffCount = 1;
+}
+
+/*
+ * Why the run in progress was cancelled, as an error's detail; NULL when
+ * it was not (a cancel from pg_cancel_backend() says nothing here).
+ */
+const char *
+shmem_cancel_reason(void)
+{
+	if (!shmem_cancel_pending())
+		return NULL;
+	if (my_request && pg_atomic_read_u32(&shared->request_cancelled) != 0)
+		return "The session that asked for it stopped waiting (it was cancelled, or its statement timed out).";
+	return "phsync_cancel() was called for it.";
+}
+
+/*
  * Stop the run in progress with an error if it was cancelled (called where
  * the worker calls CHECK_FOR_INTERRUPTS()).
  */
 void
 shmem_check_cancel(void)
 {
-	if (!shmem_cancel_pending())
+	const char *why = shmem_cancel_reason();
+
+	if (why == NULL)
 		return;
 	ereport(ERROR,
 			(errcode(ERRCODE_QUERY_CANCELED),
 			 errmsg("phsync run %lld was cancelled", (long long) my_run_id),
-			 my_request && pg_atomic_read_u32(&shared->request_cancelled) != 0 ?
-			 errdetail("The session that asked for it stopped waiting (it was cancelled, or its statement timed out).") :
-			 errdetail("phsync_cancel() was called for it.")));
+			 errdetail("%s", why)));
+}
+
+/*
+ * The interrupt check of every loop and wait in a run: PostgreSQL's own
+ * (a cancel, a shutdown) and a cancelled run (phsync_cancel(), or the
+ * session that asked for the run gave up).
+ */
+void
+phsync_check_interrupts(void)
+{
+	CHECK_FOR_INTERRUPTS();
+	shmem_check_cancel();
+}
+
+/*
+ * Is one of those pending?  Safe in a libcurl callback: no lock, no error.
+ */
+bool
+phsync_interrupt_pending(void)
+{
+	return ProcDiePending || QueryCancelPending || shmem_cancel_pending();
 }
 
 /* ---------- the sessions' side ---------- */
+
+/*
+ * Stop what the worker is doing now: wake it, and send it SIGINT, which
+ * ends a wait inside PostgreSQL (a lock, a target's trigger) as
+ * pg_cancel_backend() would.  The worker acts on it only during a run
+ * that was cancelled (see the top of this file).
+ */
+static void
+interrupt_worker(Latch *latch, pid_t pid)
+{
+	if (latch)
+		SetLatch(latch);
+	if (pid != 0 && kill(pid, SIGINT) != 0 && errno != ESRCH)
+		ereport(WARNING,
+				(errmsg("could not send a cancel to the phsync worker (PID %d): %m", (int) pid)));
+}
 
 /*
  * Cancel run run_id if it is the one in progress; the worker stops it
@@ -413,15 +500,17 @@ shmem_cancel_run(int64 run_id)
 {
 	bool		running;
 	Latch	   *latch;
+	pid_t		pid;
 
 	SpinLockAcquire(&shared->mutex);
 	running = shared->run_id == run_id && run_id != 0;
 	if (running)
 		pg_atomic_write_u64(&shared->cancel_run, (uint64) run_id);
 	latch = shared->worker_latch;
+	pid = shared->worker_pid;
 	SpinLockRelease(&shared->mutex);
-	if (running && latch)
-		SetLatch(latch);
+	if (running)
+		interrupt_worker(latch, pid);
 	return running;
 }
 
@@ -494,6 +583,86 @@ shmem_budget_closed_until(const char *key)
 	until = b->closed_until;
 	shmem_budget_unlock();
 	return until;
+}
+
+/* ---------- the roles that own syncs (roles.c) ---------- */
+
+static bool owners_callback_registered = false;
+static bool owners_change_pending = false;
+
+/* a change of phsync.syncs committed: the worker reads the owners again */
+static void
+owners_changed_at_commit(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_COMMIT && owners_change_pending && shared != NULL)
+	{
+		pg_atomic_write_u32(&shared->owners_changed, 1);
+		shmem_wake_worker();
+	}
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT)
+		owners_change_pending = false;
+}
+
+/*
+ * phsync.syncs is being changed in this transaction: once it commits, the
+ * worker reads the owners of syncs again.
+ */
+void
+shmem_owners_changing(void)
+{
+	if (!owners_callback_registered)
+	{
+		RegisterXactCallback(owners_changed_at_commit, NULL);
+		owners_callback_registered = true;
+	}
+	owners_change_pending = true;
+}
+
+/*
+ * The worker: should it read the owners again?  (Clears the flag.)
+ */
+bool
+shmem_take_owners_changed(void)
+{
+	return pg_atomic_exchange_u32(&shared->owners_changed, 0) != 0;
+}
+
+/*
+ * The worker publishes the roles that own syncs.
+ */
+void
+shmem_publish_owners(const Oid *owners, int n, bool overflow)
+{
+	Assert(n <= PHSYNC_MAX_OWNERS);
+	SpinLockAcquire(&shared->mutex);
+	memcpy(shared->owners, owners, sizeof(Oid) * n);
+	shared->nowners = n;
+	shared->owners_overflow = overflow;
+	shared->owners_known = true;
+	SpinLockRelease(&shared->mutex);
+}
+
+/*
+ * Does role own a sync, as far as the worker knows?  When it cannot tell
+ * (too many owners to list), it says yes.
+ */
+bool
+shmem_owns_syncs(Oid role)
+{
+	bool		owns = false;
+	int			i;
+
+	if (shared == NULL)
+		return false;
+	SpinLockAcquire(&shared->mutex);
+	if (shared->owners_known)
+	{
+		owns = shared->owners_overflow;
+		for (i = 0; i < shared->nowners && !owns; i++)
+			owns = shared->owners[i] == role;
+	}
+	SpinLockRelease(&shared->mutex);
+	return owns;
 }
 
 /*
@@ -584,6 +753,7 @@ void
 shmem_withdraw_request(uint64 ticket)
 {
 	Latch	   *latch = NULL;
+	pid_t		pid = 0;
 
 	SpinLockAcquire(&shared->mutex);
 	if (shared->ticket == ticket)
@@ -599,6 +769,7 @@ shmem_withdraw_request(uint64 ticket)
 				shared->cancelled = true;
 				pg_atomic_write_u32(&shared->request_cancelled, 1);
 				latch = shared->worker_latch;
+				pid = shared->worker_pid;
 				break;
 			case REQUEST_NONE:
 				break;
@@ -606,5 +777,5 @@ shmem_withdraw_request(uint64 ticket)
 	}
 	SpinLockRelease(&shared->mutex);
 	if (latch)
-		SetLatch(latch);
+		interrupt_worker(latch, pid);
 }

@@ -7,8 +7,10 @@
  *		defaults it gets; and how to reach its PostHog project.
  *
  * A sync belongs to the role that added it (the default sync: phsync.role,
- * else the bootstrap superuser).  Runs act on its target as that role (see
- * target.c); only it, its members and superusers may change or drop it.
+ * else the bootstrap superuser), by OID (phsync.syncs.owner is a regrole):
+ * a sync never passes to a new role that takes a dropped one's name.  Runs
+ * act on its target as that role (see target.c); only it, its members and
+ * superusers may change or drop it.
  *
  * phsync.syncs is written only here, as the bootstrap superuser: the
  * functions that manage syncs are granted to roles that have no right on
@@ -25,11 +27,30 @@
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "phsync.h"
 
 #define DEFAULT_SYNC "default"
+
+/* a row of phsync.syncs, as text */
+typedef struct PhsyncSyncDef
+{
+	char	   *name;
+	Oid			owner;
+	char	   *target;
+	char	   *preset;			/* NULL with a query */
+	char	   *query;			/* NULL with a preset */
+	char	   *cursor;
+	char	   *conflict;
+	char	   *lookback;		/* NULL: re-read everything */
+	bool		enabled;
+	bool		verify;
+	char	   *server;			/* NULL: the settings */
+	List	   *events;			/* NIL: every event */
+} PhsyncSyncDef;
+
 /* the lookback of an added sync, unless it says otherwise */
 #define DEFAULT_LOOKBACK "10 minutes"
 
@@ -54,8 +75,8 @@ sync_default(void)
 	s->name = DEFAULT_SYNC;
 	if (phsync_role && phsync_role[0])
 	{
-		s->owner_name = pstrdup(phsync_role);
 		s->owner = get_role_oid(phsync_role, true);
+		s->owner_name = pstrdup(phsync_role);
 	}
 	else
 	{
@@ -103,6 +124,17 @@ sync_cursor_origin(const PhsyncSync *sync)
 }
 
 /*
+ * The name of role `owner` for messages, also when it is gone.
+ */
+char *
+sync_owner_name(Oid owner)
+{
+	char	   *name = OidIsValid(owner) ? GetUserNameFromId(owner, true) : NULL;
+
+	return name ? name : psprintf("a dropped role (OID %u)", owner);
+}
+
+/*
  * The sync's owner; an error if that role is gone.
  */
 Oid
@@ -111,28 +143,35 @@ sync_owner(const PhsyncSync *sync)
 	if (!OidIsValid(sync->owner))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("role \"%s\", which owns sync %s, does not exist", sync->owner_name, sync->name),
-				 errhint("A superuser can give the sync to another role: UPDATE phsync.syncs SET owner = ... WHERE name = '%s';",
+				 errmsg("the role that owned sync %s was dropped", sync->name),
+				 errhint("A superuser can give the sync to another role: UPDATE phsync.syncs SET owner = 'role' WHERE name = '%s';",
 						 sync->name)));
 	return sync->owner;
 }
 
 /*
- * May the current user change or drop the sync owned by `owner`?  Its
- * members and superusers may (as for tables).
+ * Does the current user own a sync owned by `owner`: is it a member of
+ * that role, or a superuser (as for tables)?
+ */
+bool
+sync_owned_by_me(Oid owner)
+{
+	return superuser() || (OidIsValid(owner) && has_privs_of_role(GetUserId(), owner));
+}
+
+/*
+ * May the current user change, drop, backfill or cancel the sync owned by
+ * `owner`?  (what: "to backfill it"; "" to change or drop it.)
  */
 void
-sync_check_owner(const char *name, const char *owner)
+sync_check_owner(const char *name, Oid owner, const char *what)
 {
-	Oid			roleid = get_role_oid(owner, true);
-
-	if (superuser())
+	if (sync_owned_by_me(owner))
 		return;
-	if (!OidIsValid(roleid) || !has_privs_of_role(GetUserId(), roleid))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("must be owner of sync %s", name),
-				 errdetail("Sync %s belongs to role \"%s\".", name, owner)));
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("must be owner of sync %s%s%s", name, what[0] ? " " : "", what),
+			 errdetail("Sync %s belongs to role \"%s\".", name, sync_owner_name(owner))));
 }
 
 /*
@@ -150,14 +189,21 @@ sync_endpoint(const PhsyncSync *sync)
 	{
 		char	   *what = psprintf("sync %s", sync->name);
 
-		if (!OidIsValid(sync->owner))
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_OBJECT),
-					 errmsg("role \"%s\", the owner of sync %s, does not exist", sync->owner_name, sync->name)));
-		e = endpoint_server(sync->server, sync->owner, what);
+		e = endpoint_server(sync->server, sync_owner(sync), what);
 	}
 	else
+	{
+		/* the settings' key is for superusers (and the settings' own sync) */
+		if (sync && !sync_is_default(sync) && !superuser_arg(sync_owner(sync)))
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("sync %s uses phsync.api_key, but its owner \"%s\" is not a superuser",
+							sync->name, sync->owner_name),
+					 errdetail("Only superusers may use the key in the settings."),
+					 errhint("Give it a server with a user mapping of its owner: SELECT phsync_alter_sync('%s', server => '...');",
+							 sync->name)));
 		e = endpoint_settings();
+	}
 	if (sync == NULL)
 		e->query_origin = NULL;
 	else if (sync->query_file)
@@ -232,7 +278,7 @@ sync_list(const char *only, bool enabled_only)
 
 	values[0] = only ? CStringGetTextDatum(only) : (Datum) 0;
 	if (phsync_spi_exec("SELECT name, target, preset, query, cursor_column, conflict, "
-						"pg_catalog.date_part('epoch', lookback), enabled, verify, owner, server, events "
+						"pg_catalog.date_part('epoch', lookback), enabled, verify, owner::pg_catalog.oid, server, events "
 						"FROM phsync.syncs WHERE $1 IS NULL OR name = $1 ORDER BY name",
 						1, types, values, nulls, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read phsync.syncs");
@@ -259,8 +305,14 @@ sync_list(const char *only, bool enabled_only)
 		s->lookback = isnull ? 0 : (int64) (DatumGetFloat8(d) * USECS_PER_SEC);
 		s->enabled = DatumGetBool(SPI_getbinval(tup, desc, 8, &isnull));
 		s->verify = DatumGetBool(SPI_getbinval(tup, desc, 9, &isnull));
-		s->owner_name = SPI_getvalue(tup, desc, 10);
-		s->owner = get_role_oid(s->owner_name, true);
+		s->owner = DatumGetObjectId(SPI_getbinval(tup, desc, 10, &isnull));
+		if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(s->owner)))
+		{
+			s->owner_name = sync_owner_name(s->owner);
+			s->owner = InvalidOid;	/* dropped meanwhile */
+		}
+		else
+			s->owner_name = GetUserNameFromId(s->owner, false);
 		s->server = SPI_getvalue(tup, desc, 11);
 		s->events = text_array_list(tup, desc, 12);
 		if (s->enabled || !enabled_only || only != NULL)
@@ -356,7 +408,7 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 	if (old)
 		*d = *old;
 	else
-		d->owner = GetUserNameFromId(GetUserId(), false);
+		d->owner = GetUserId();
 	d->name = pstrdup(args->name);
 	if (old == NULL)
 		sync_check_name(d->name);
@@ -458,8 +510,13 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 	if (args->server)
 		d->server = args->server[0] ? pstrdup(args->server) : NULL;
 	if (d->server)
-		(void) endpoint_server(d->server, get_role_oid(d->owner, false),
-							   psprintf("sync %s", d->name));
+		(void) endpoint_server(d->server, d->owner, psprintf("sync %s", d->name));
+	else if (!superuser())
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("only superusers may %s a sync without a server", old ? "change" : "add"),
+				 errdetail("Without a server, the sync would use phsync.api_key, which only superusers may use."),
+				 errhint("Create a user mapping with your own key on a phsync server, and pass server => 'its name'.")));
 
 	/* the target: one definition of acceptable, the worker's too */
 	memset(&spec, 0, sizeof(spec));
@@ -468,7 +525,7 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 	spec.cursor_origin = "the sync's cursor";
 	spec.preset = preset ? preset->preset : PHSYNC_CUSTOM;
 	spec.update = strcmp(d->conflict, "update") == 0;
-	spec.owner = get_role_oid(d->owner, false);
+	spec.owner = d->owner;
 	spec.suggest_preset = preset ? preset->name : NULL;
 	target = target_examine(&spec, &problem);
 	if (target == NULL)
@@ -491,7 +548,7 @@ sync_fetch_def(const char *name)
 	bool		isnull;
 
 	catalog_exec("SELECT name, target, preset, query, cursor_column, conflict, "
-				 "lookback::pg_catalog.text, enabled, verify, owner, server, events FROM phsync.syncs "
+				 "lookback::pg_catalog.text, enabled, verify, owner::pg_catalog.oid, server, events FROM phsync.syncs "
 				 "WHERE name = $1 FOR UPDATE",
 				 1, types, values, NULL, false);
 	if (SPI_processed == 0)
@@ -508,7 +565,7 @@ sync_fetch_def(const char *name)
 	d->lookback = text_or_null(tup, desc, 7);
 	d->enabled = DatumGetBool(SPI_getbinval(tup, desc, 8, &isnull));
 	d->verify = DatumGetBool(SPI_getbinval(tup, desc, 9, &isnull));
-	d->owner = SPI_getvalue(tup, desc, 10);
+	d->owner = DatumGetObjectId(SPI_getbinval(tup, desc, 10, &isnull));
 	d->server = SPI_getvalue(tup, desc, 11);
 	d->events = text_array_list(tup, desc, 12);
 	return d;
@@ -521,7 +578,7 @@ static Datum
 sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
 {
 	Oid			types[12] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-	TEXTOID, BOOLOID, BOOLOID, TEXTOID, TEXTOID, TEXTARRAYOID};
+	TEXTOID, BOOLOID, BOOLOID, OIDOID, TEXTOID, TEXTARRAYOID};
 	Datum		values[12];
 	char		nulls[12] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', d->cursor ? ' ' : 'n', ' ',
 	d->lookback ? ' ' : 'n', ' ', ' ', ' ', d->server ? ' ' : 'n', d->events ? ' ' : 'n'};
@@ -535,13 +592,13 @@ sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
 	values[6] = d->lookback ? CStringGetTextDatum(d->lookback) : (Datum) 0;
 	values[7] = BoolGetDatum(d->enabled);
 	values[8] = BoolGetDatum(d->verify);
-	values[9] = CStringGetTextDatum(d->owner);
+	values[9] = ObjectIdGetDatum(d->owner);
 	values[10] = d->server ? CStringGetTextDatum(d->server) : (Datum) 0;
 	values[11] = d->events ? text_list_array(d->events) : (Datum) 0;
 	catalog_exec(insert ?
 				 "INSERT INTO phsync.syncs (name, target, preset, query, cursor_column, conflict, "
 				 "lookback, enabled, verify, owner, server, events) "
-				 "VALUES ($1, $2, $3, $4, $5, $6, $7::pg_catalog.interval, $8, $9, $10::pg_catalog.name, "
+				 "VALUES ($1, $2, $3, $4, $5, $6, $7::pg_catalog.interval, $8, $9, $10::pg_catalog.regrole, "
 				 "$11::pg_catalog.name, $12) RETURNING *" :
 				 "UPDATE phsync.syncs SET target = $2, preset = $3, query = $4, cursor_column = $5, "
 				 "conflict = $6, lookback = $7::pg_catalog.interval, enabled = $8, verify = $9, "
@@ -568,7 +625,15 @@ sync_add(const PhsyncSyncArgs *args, TupleDesc tupdesc)
 				(errcode(ERRCODE_DUPLICATE_OBJECT),
 				 errmsg("sync \"%s\" already exists", args->name),
 				 errhint("Use phsync_alter_sync() to change it.")));
-	catalog_exec("SELECT pg_catalog.count(*) FROM phsync.syncs", 0, NULL, NULL, NULL, true);
+	/*
+	 * One add at a time (the lock is the transaction's), and a count that
+	 * sees every committed sync and this statement's own (read_only would
+	 * use the statement's snapshot, blind to both): so phsync.max_syncs
+	 * holds across sessions and within one statement that adds many.
+	 */
+	catalog_exec("SELECT pg_catalog.pg_advisory_xact_lock(" PHSYNC_LOCK_CLASS ", 1)",
+				 0, NULL, NULL, NULL, false);
+	catalog_exec("SELECT pg_catalog.count(*) FROM phsync.syncs", 0, NULL, NULL, NULL, false);
 	if (DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) >=
 		phsync_max_syncs)
 		ereport(ERROR,
@@ -576,6 +641,7 @@ sync_add(const PhsyncSyncArgs *args, TupleDesc tupdesc)
 				 errmsg("phsync already has %d syncs, the most phsync.max_syncs allows", phsync_max_syncs),
 				 errhint("Drop syncs you no longer need, or raise phsync.max_syncs.")));
 	d = sync_resolve(args, NULL);
+	shmem_owners_changing();
 	return sync_store(d, true, tupdesc);
 }
 
@@ -604,7 +670,7 @@ sync_alter(const PhsyncSyncArgs *args, TupleDesc tupdesc)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("sync \"%s\" does not exist", args->name)));
-	sync_check_owner(old->name, old->owner);
+	sync_check_owner(old->name, old->owner, "");
 	return sync_store(sync_resolve(args, old), false, tupdesc);
 }
 
@@ -626,6 +692,7 @@ sync_drop(const char *name)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("sync \"%s\" does not exist", name)));
-	sync_check_owner(old->name, old->owner);
+	sync_check_owner(old->name, old->owner, "");
 	catalog_exec("DELETE FROM phsync.syncs WHERE name = $1", 1, types, values, NULL, false);
+	shmem_owners_changing();
 }

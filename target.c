@@ -21,7 +21,10 @@
  * rights and its privileges and row-level security apply.  One exception:
  * a superuser's sync into a table that another role owns acts as that
  * table's owner, as autovacuum and REFRESH MATERIALIZED VIEW do: code the
- * table's owner controls never runs as a superuser.
+ * table's owner controls never runs as a superuser.  Every partition of a
+ * partitioned target, at any depth, must belong to the table's owner too:
+ * the rows are routed into partitions with the writer's rights, so another
+ * role's trigger on one of them would run with rights that role lacks.
  *
  *-------------------------------------------------------------------------
  */
@@ -31,6 +34,7 @@
 #include "access/relation.h"
 #include "catalog/catalog.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_inherits.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_index.h"
 #include "catalog/pg_type.h"
@@ -38,7 +42,7 @@
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
-#include "utils/acl.h"
+#include "storage/lmgr.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
@@ -196,6 +200,39 @@ target_writer(Oid owner, Relation rel)
 }
 
 /*
+ * A partition of rel (at any depth) that does not belong to rel's owner,
+ * or InvalidOid.  Locks every partition (AccessShareLock), as the insert
+ * would.
+ */
+static Oid
+foreign_partition(Relation rel, Oid *owner)
+{
+	List	   *parts;
+	ListCell   *lc;
+	Oid			found = InvalidOid;
+
+	if (rel->rd_rel->relkind != RELKIND_PARTITIONED_TABLE)
+		return InvalidOid;
+	parts = find_all_inheritors(RelationGetRelid(rel), AccessShareLock, NULL);
+	foreach(lc, parts)
+	{
+		HeapTuple	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(lfirst_oid(lc)));
+
+		if (!HeapTupleIsValid(tup))
+			continue;			/* dropped meanwhile */
+		*owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+		ReleaseSysCache(tup);
+		if (*owner != rel->rd_rel->relowner)
+		{
+			found = lfirst_oid(lc);
+			break;
+		}
+	}
+	list_free(parts);
+	return found;
+}
+
+/*
  * The privileges a writer lacks on the table ("SELECT and INSERT"), or
  * NULL when it has them all.  Each is asked on its own: all must be held.
  */
@@ -229,6 +266,8 @@ target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *p)
 	const PresetInfo *preset = preset_info(spec->preset);
 	char	   *nspname;
 	char	   *lacking;
+	Oid			part;
+	Oid			part_owner = InvalidOid;
 	int			nkeys;
 	int			i;
 	StringInfoData missing;
@@ -274,6 +313,16 @@ target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *p)
 				psprintf("The sync writes into it as %s, who needs %s on it.",
 						 GetUserNameFromId(target_writer(spec->owner, rel), false), lacking),
 				NULL);
+	else if (OidIsValid(part = foreign_partition(rel, &part_owner)))
+		problem(p, ERRCODE_INSUFFICIENT_PRIVILEGE,
+				psprintf("partition %s of table %s belongs to role \"%s\", not to the table's owner \"%s\"",
+						 quote_qualified_identifier(get_namespace_name(get_rel_namespace(part)), get_rel_name(part)),
+						 target->display, GetUserNameFromId(part_owner, false),
+						 GetUserNameFromId(rel->rd_rel->relowner, false)),
+				"A sync writes into every partition with one role's rights; code that another role controls on a partition (a trigger, a default) would run with them.",
+				psprintf("ALTER TABLE %s OWNER TO %s;",
+						 quote_qualified_identifier(get_namespace_name(get_rel_namespace(part)), get_rel_name(part)),
+						 quote_identifier(GetUserNameFromId(rel->rd_rel->relowner, false))));
 	if (p->message)
 	{
 		relation_close(rel, NoLock);
@@ -470,16 +519,26 @@ relation_watermark(Oid relid, const char *cursor, TimestampTz *from,
 	const char *col = quote_identifier(cursor);
 	Oid			types[2] = {TIMESTAMPTZOID, TIMESTAMPTZOID};
 	Datum		values[2] = {from ? TimestampTzGetDatum(*from) : 0, to ? TimestampTzGetDatum(*to) : 0};
-	char	   *sql = psprintf("SELECT pg_catalog.max(%s)::pg_catalog.timestamptz FROM %s%s",
-							   col,
-							   quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
-														  get_rel_name(relid)),
-							   from ? psprintf(" WHERE %s OPERATOR(pg_catalog.>=) $1 AND %s OPERATOR(pg_catalog.<) $2",
-											   col, col) : "");
+	char	   *relname;
+	char	   *nspname;
+	char	   *sql;
+
+	/* the target may have been dropped since the run examined it */
+	LockRelationOid(relid, AccessShareLock);
+	relname = get_rel_name(relid);
+	nspname = relname ? get_namespace_name(get_rel_namespace(relid)) : NULL;
+	if (relname == NULL || nspname == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("the target table of the run was dropped while it ran")));
+	sql = psprintf("SELECT pg_catalog.max(%s)::pg_catalog.timestamptz FROM %s%s",
+				   col, quote_qualified_identifier(nspname, relname),
+				   from ? psprintf(" WHERE %s OPERATOR(pg_catalog.>=) $1 AND %s OPERATOR(pg_catalog.<) $2",
+								   col, col) : "");
 
 	Assert(phsync_spi_connected());
 	if (phsync_spi_exec(sql, from ? 2 : 0, types, values, NULL, true, 1) != SPI_OK_SELECT)
-		elog(ERROR, "could not read the watermark of %s", get_rel_name(relid));
+		elog(ERROR, "could not read the watermark of %s", relname);
 	if (SPI_processed == 1)
 		*watermark = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
 													   SPI_tuptable->tupdesc, 1,

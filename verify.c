@@ -62,22 +62,33 @@ count_posthog(PhsyncRunState *st, Buckets *b, TimestampTz to)
 {
 	PhsyncQuery q = *st->query;
 	const char *distinct = NULL;
+	int			per_request = BUCKETS_PER_REQUEST;
 	int			first;
 
 	/* PostHog may hold the same row twice; the target holds it once */
 	if (st->target->nuniq == 1)
 		distinct = st->target->cols[st->target->uniq[0]].name;
 
-	for (first = 0; first < b->n; first += BUCKETS_PER_REQUEST)
+	for (first = 0; first < b->n; first += per_request)
 	{
 		PhsyncScan *scan;
 		PhsyncRow  *row = row_alloc(2);
 		const char *encoded;
 
 		q.since = bucket_start(b, first);
-		q.until = Min(to, bucket_start(b, first + BUCKETS_PER_REQUEST));
+		q.until = Min(to, bucket_start(b, first + per_request));
 		q.sliced = false;
-		scan = fetch_once(st, &q, hogql_count_query(&q, distinct), b->width);
+		scan = fetch_once(st, &q, hogql_count_query(&q, distinct), b->width, per_request > 1);
+		if (scan == NULL)
+		{
+			/* too big for PostHog: fewer buckets a request, the same ones again */
+			per_request = Max(per_request / 2, 1);
+			ereport(LOG,
+					(errmsg("phsync run %lld: PostHog says the count is too big; %d buckets a request from now on",
+							(long long) st->run_id, per_request)));
+			first -= per_request;
+			continue;
+		}
 		while (scan_next_row(scan, &encoded))
 		{
 			int64		i;

@@ -24,6 +24,7 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "tcop/tcopprot.h"
+#include "utils/acl.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -128,6 +129,8 @@ wait_for_database(void)
 		}
 		StartTransactionCommand();
 		exists = OidIsValid(get_database_oid(phsync_database, true));
+		if (!exists)
+			roles_publish_owners(false);
 		CommitTransactionCommand();
 		if (exists)
 		{
@@ -139,6 +142,19 @@ wait_for_database(void)
 		}
 		nap(POLL_MS);
 	}
+}
+
+/*
+ * The worker waits for a lock at most phsync.lock_timeout: a target's
+ * owner who holds a lock on it keeps the worker no longer than that.
+ */
+static void
+apply_lock_timeout(void)
+{
+	char		value[32];
+
+	snprintf(value, sizeof(value), "%d", phsync_lock_timeout);
+	SetConfigOption("lock_timeout", value, PGC_SUSET, PGC_S_OVERRIDE);
 }
 
 /*
@@ -169,6 +185,9 @@ worker_start(void)
 	SetConfigOption("application_name", "phsync worker", PGC_USERSET, PGC_S_OVERRIDE);
 
 	shmem_worker_attach();
+	/* a cancel (SIGINT) stops runs only: see shmem_worker_cancellable() */
+	shmem_worker_cancellable(false);
+	apply_lock_timeout();
 	schedule_base = GetCurrentTimestamp();
 }
 
@@ -214,6 +233,11 @@ wait_for_extension(void)
 
 	if (extension_ready(&version))
 		return true;
+	/* no syncs here: DROP ROLE elsewhere need not wait for them */
+	StartTransactionCommand();
+	roles_publish_owners(false);
+	CommitTransactionCommand();
+	(void) shmem_take_owners_changed();
 
 	/*
 	 * A request can only come from a session that sees the extension, so
@@ -340,12 +364,33 @@ take_over_history(void)
 	took_over = true;
 }
 
+static void
+read_owners(void *arg)
+{
+	MemoryContext cxt = xact_begin();
+
+	roles_publish_owners(true);
+	xact_commit(cxt);
+}
+
 /*
- * The syncs a job is about (sync_list() in a transaction of its own); on
- * an error (no such sync), NIL with the error in outcome.
+ * Publish the roles that own syncs (roles.c), after a change of
+ * phsync.syncs.
+ */
+static void
+publish_owners(void)
+{
+	(void) housekeeping(read_owners, NULL, "read the owners of syncs",
+						"The worker's role needs SELECT on phsync.syncs.");
+}
+
+/*
+ * The syncs a job is about (sync_list() in a transaction of its own), of
+ * those `requester` owns unless it is 0 or a superuser; on an error (no
+ * such sync), NIL with the error in outcome.
  */
 static List *
-load_syncs(const char *only, PhsyncOutcome *outcome)
+load_syncs(const char *only, Oid requester, PhsyncOutcome *outcome)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	List	   *volatile syncs = NIL;
@@ -353,8 +398,19 @@ load_syncs(const char *only, PhsyncOutcome *outcome)
 	PG_TRY();
 	{
 		MemoryContext xcxt = xact_begin();
+		ListCell   *lc;
 
 		syncs = sync_list(only, true);
+		if (OidIsValid(requester) && !superuser_arg(requester))
+		{
+			foreach(lc, syncs)
+			{
+				PhsyncSync *s = lfirst(lc);
+
+				if (!OidIsValid(s->owner) || !has_privs_of_role(requester, s->owner))
+					syncs = foreach_delete_current(syncs, lc);
+			}
+		}
 		xact_commit(xcxt);
 	}
 	PG_CATCH();
@@ -402,7 +458,7 @@ add_outcome(PhsyncAnswer *answer, PhsyncOutcome *one, const char *sync)
  * runs then verify the previous day of the syncs that ask for it.
  */
 static void
-run_syncs(PhsyncTrigger trigger, const char *only, PhsyncAnswer *answer)
+run_syncs(PhsyncTrigger trigger, const char *only, Oid requester, PhsyncAnswer *answer)
 {
 	PhsyncOutcome failed = {0};
 	List	   *syncs;
@@ -411,7 +467,7 @@ run_syncs(PhsyncTrigger trigger, const char *only, PhsyncAnswer *answer)
 
 	memset(answer, 0, sizeof(*answer));
 	answer->ok = true;
-	syncs = load_syncs(only, &failed);
+	syncs = load_syncs(only, requester, &failed);
 	if (!failed.ok && failed.error)
 	{
 		add_outcome(answer, &failed, NULL);
@@ -470,7 +526,7 @@ run_verify(PhsyncRequest *request, PhsyncAnswer *answer)
 
 	memset(answer, 0, sizeof(*answer));
 	answer->ok = true;
-	syncs = load_syncs(request->sync, &outcome);
+	syncs = load_syncs(request->sync, InvalidOid, &outcome);
 	if (syncs != NIL)
 	{
 		job.trigger = PHSYNC_TRIGGER_VERIFY;
@@ -497,7 +553,8 @@ serve_request(void)
 	if (!shmem_take_request(&request))
 		return false;
 	if (request.kind == PHSYNC_REQUEST_RUN)
-		run_syncs(PHSYNC_TRIGGER_MANUAL, request.sync[0] ? request.sync : NULL, &answer);
+		run_syncs(PHSYNC_TRIGGER_MANUAL, request.sync[0] ? request.sync : NULL, request.requester,
+				  &answer);
 	else
 		run_verify(&request, &answer);
 	shmem_answer_request(&answer);
@@ -521,7 +578,7 @@ run_queued(void)
 
 	if (!runlog_next_queued(&run_id, &sync, &from, &to))
 		return false;
-	syncs = load_syncs(sync, &outcome);
+	syncs = load_syncs(sync, InvalidOid, &outcome);
 	if (syncs == NIL)
 	{
 		runlog_fail_queued(run_id, outcome.error->message);
@@ -575,7 +632,7 @@ run_due(TimestampTz *due)
 	}
 	shmem_set_busy(true);
 	last_schedule_attempt = GetCurrentTimestamp();
-	run_syncs(PHSYNC_TRIGGER_SCHEDULE, NULL, &answer);
+	run_syncs(PHSYNC_TRIGGER_SCHEDULE, NULL, InvalidOid, &answer);
 	shmem_set_busy(false);
 	prune_history();
 	return true;
@@ -615,6 +672,7 @@ phsync_worker_main(Datum main_arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+			apply_lock_timeout();
 			schedule_base = GetCurrentTimestamp();
 		}
 
@@ -622,6 +680,8 @@ phsync_worker_main(Datum main_arg)
 			continue;
 		if (!took_over)
 			take_over_history();
+		if (shmem_take_owners_changed())
+			publish_owners();
 		if (serve_request())
 			continue;
 		if (run_queued())

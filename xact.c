@@ -11,9 +11,11 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "commands/prepare.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "storage/lock.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
@@ -217,4 +219,19 @@ as_role_end(PhsyncAsRole *save)
 {
 	AtEOXact_GUC(false, save->nestlevel);
 	SetUserIdAndSecContext(save->userid, save->sec_context);
+}
+
+/*
+ * Undo what code other roles control (a target's triggers, defaults,
+ * policies) may have left in the worker's session after a run: its
+ * session-level advisory locks and prepared statements.  (Settings it
+ * changed are undone by as_role_end(); temporary tables, cursors WITH
+ * HOLD, LISTEN and SET ROLE are refused inside a security-restricted
+ * operation in the first place.)
+ */
+void
+xact_reset_session(void)
+{
+	LockReleaseSession(USER_LOCKMETHOD);
+	DropAllPreparedStatements();
 }

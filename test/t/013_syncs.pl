@@ -69,8 +69,14 @@ like(psql_err("SELECT phsync_add_sync('p', 'pg_catalog.pg_authid', query => 'SEL
 $node->safe_psql('postgres', q{
 	CREATE ROLE sync_admin LOGIN;
 	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]) TO sync_admin;
-	GRANT SELECT ON keyed TO sync_admin;});
-like(psql_err("SET SESSION AUTHORIZATION sync_admin; SELECT phsync_add_sync('p', 'keyed', preset => 'persons')"), qr/ERROR:  permission denied for table public.keyed\nDETAIL:  The sync writes into it as sync_admin, who needs SELECT, INSERT and UPDATE on it\./,
+	GRANT SELECT ON keyed TO sync_admin;
+	CREATE SERVER elsewhere FOREIGN DATA WRAPPER phsync OPTIONS (host 'http://127.0.0.1:9', project_id '1');
+	CREATE USER MAPPING FOR sync_admin SERVER elsewhere OPTIONS (api_key 'phx_sync_admin');
+	GRANT USAGE ON FOREIGN SERVER elsewhere TO sync_admin;});
+like(psql_err("SET SESSION AUTHORIZATION sync_admin; SELECT phsync_add_sync('p', 'keyed', preset => 'persons')"),
+	qr/ERROR:  only superusers may add a sync without a server\nDETAIL:  Without a server, the sync would use phsync\.api_key, which only superusers may use\./,
+	'a role that is not a superuser may not use the settings\' key');
+like(psql_err("SET SESSION AUTHORIZATION sync_admin; SELECT phsync_add_sync('p', 'keyed', preset => 'persons', server => 'elsewhere')"), qr/ERROR:  permission denied for table public.keyed\nDETAIL:  The sync writes into it as sync_admin, who needs SELECT, INSERT and UPDATE on it\./,
 	'a role allowed to add syncs may only target tables it may write itself');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM phsync.syncs'), 0, 'nothing was added');
 

@@ -21,6 +21,14 @@ my $node = phsync_node('privilege', $fake, $certs, 'phsync.page_size' => '50');
 $node->safe_psql('postgres', 'CREATE EXTENSION phsync');
 fake_post($fake, '/generate', { count => 40, seed => 17, created_from => iso_ago($node, '2 hours'), step_ms => 60_000 });
 like(run_now($node), qr/^succeeded\|/, 'the default sync loads');
+# delegates reach PostHog through a server and a user mapping (the
+# settings' key is the superusers'); here one mapping for every role
+my ($url, $ca) = ($fake->{url}, $certs->{ca});
+$node->safe_psql('postgres', qq{
+	CREATE SERVER posthog FOREIGN DATA WRAPPER phsync OPTIONS (host '$url', project_id '1', ca_file '$ca');
+	GRANT USAGE ON FOREIGN SERVER posthog TO PUBLIC;
+	SET log_statement = 'none';
+	CREATE USER MAPPING FOR PUBLIC SERVER posthog OPTIONS (api_key '$API_KEY');});
 
 sub psql_as
 {
@@ -53,7 +61,7 @@ is(psql_as('mallory', q{
 		RETURN NEW;
 	END $$;
 	CREATE TRIGGER escalate BEFORE INSERT ON mallory.loot FOR EACH ROW EXECUTE FUNCTION mallory.escalate();
-	SELECT owner FROM phsync_add_sync('loot', 'mallory.loot', preset => 'events');}), "OK: loot\nmallory",
+	SELECT owner FROM phsync_add_sync('loot', 'mallory.loot', preset => 'events', server => 'posthog');}), "OK: loot\nmallory",
 	'a delegate adds a sync into its own table, which has a trigger; the sync is the delegate\'s');
 psql_as('mallory', "SELECT * FROM phsync_run_now('loot')");
 is(super('mallory'), 'f', 'the trigger ran as the delegate: the delegate did not become superuser');
@@ -149,12 +157,12 @@ $node->safe_psql('postgres', q{
 	GRANT SELECT, INSERT, UPDATE ON public.accounts TO mallory;});
 like(psql_as('mallory', q{
 	CREATE TEMP TABLE accounts (uuid uuid PRIMARY KEY, created_at timestamptz NOT NULL, event text, owner text);
-	SELECT phsync_add_sync('acct', 'pg_temp.accounts', query => 'SELECT uuid, created_at, event FROM events', conflict => 'update')}),
+	SELECT phsync_add_sync('acct', 'pg_temp.accounts', query => 'SELECT uuid, created_at, event FROM events', conflict => 'update', server => 'posthog')}),
 	qr/ERROR:  target pg_temp_\d+\.accounts is a temporary table\nDETAIL:  The worker runs in a session of its own/,
 	'a temporary table is refused as a target');
 is($node->safe_psql('postgres', "SELECT string_agg(event || '/' || owner, ',') FROM public.accounts"), 'salary/alice',
 	'and public.accounts, which has the same name, is untouched');
-is(psql_as('mallory', q{SELECT target FROM phsync_add_sync('acct', 'accounts', query => 'SELECT uuid, created_at, event FROM events')}),
+is(psql_as('mallory', q{SELECT target FROM phsync_add_sync('acct', 'accounts', query => 'SELECT uuid, created_at, event FROM events', server => 'posthog')}),
 	'OK: public.accounts', 'targets are stored schema-qualified');
 $node->safe_psql('postgres', "SELECT phsync_drop_sync('acct')");
 
@@ -164,7 +172,7 @@ $node->safe_psql('postgres', q{
 		person_id uuid, properties jsonb, elements_chain text, created_at timestamptz NOT NULL);
 	CREATE INDEX ON public.shared (created_at);
 	GRANT SELECT, INSERT ON public.shared TO mallory;});
-is(psql_as('mallory', "SELECT name FROM phsync_add_sync('shared', 'public.shared', preset => 'events')"), 'OK: shared',
+is(psql_as('mallory', "SELECT name FROM phsync_add_sync('shared', 'public.shared', preset => 'events', server => 'posthog')"), 'OK: shared',
 	'a delegate with INSERT adds a sync into a table it does not own');
 $node->safe_psql('postgres', 'REVOKE INSERT ON public.shared FROM mallory');
 $node->psql('postgres', "SELECT * FROM phsync_run_now('shared')");
@@ -234,7 +242,7 @@ like(psql_as('mallory', "SELECT * FROM phsync_verify('shared', now() - interval 
 	'a caller without SELECT on the target cannot verify it');
 $node->safe_psql('postgres', "GRANT SELECT ON public.shared TO mallory");
 set_conf($node, 'phsync.max_syncs' => '3');
-like(psql_as('mallory', "SELECT phsync_add_sync('one_too_many', 'mallory.loot', preset => 'events')"),
+like(psql_as('mallory', "SELECT phsync_add_sync('one_too_many', 'mallory.loot', preset => 'events', server => 'posthog')"),
 	qr/ERROR:  phsync already has 3 syncs, the most phsync.max_syncs allows/, 'phsync.max_syncs bounds the number of syncs');
 set_conf($node, 'phsync.max_syncs' => '100');
 

@@ -158,8 +158,9 @@ like($err, qr/ERROR:  server "posthog_eu" of sync eu does not exist\nHINT:  Crea
 is($node->safe_psql('postgres', "SELECT status FROM phsync.runs WHERE sync = 'us' ORDER BY id DESC LIMIT 1"), 'succeeded', 'the us sync goes on');
 like($node->safe_psql('postgres', q{SELECT detail FROM phsync_doctor() WHERE item = 'server' AND status = 'error'}),
 	qr/^sync eu: server posthog_eu: server "posthog_eu" of sync eu does not exist$/, 'the doctor shows it');
-like(psql_err(q{SELECT phsync_alter_sync('eu', server => '')}, 'alice'), qr/^OK: /, 'a sync goes back to the settings with server => \'\'');
-is($node->safe_psql('postgres', "SELECT coalesce(server, '-') FROM phsync.syncs WHERE name = 'eu'"), '-', 'server is NULL again');
+like(psql_err(q{SELECT phsync_alter_sync('eu', server => '')}, 'alice'),
+	qr/ERROR:  only superusers may change a sync without a server\nDETAIL:  Without a server, the sync would use phsync.api_key, which only superusers may use\./,
+	'a delegate\'s sync cannot go back to the settings (server => \'\'): their key is the superusers\'');
 
 # ---------- the key stays secret ----------
 $node->safe_psql('postgres', qq{

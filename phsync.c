@@ -357,15 +357,24 @@ submit_request(PhsyncRequest *request, PhsyncAnswer *answer)
 {
 	uint64		ticket;
 	int64		busy_run;
+	int			ahead;
 
 	check_callable_here();
-	ticket = shmem_submit_request(request, &busy_run);
+	ticket = shmem_submit_request(request, &busy_run, &ahead);
 	if (ticket == 0)
 		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_IN_USE),
-				 errmsg("a phsync run is already in progress"),
-				 busy_run ? errdetail("Run %lld has not finished yet.", (long long) busy_run) : 0,
-				 errhint("Wait for it to end; SELECT * FROM phsync.runs ORDER BY id DESC shows its progress.")));
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("too many sessions are waiting for the phsync worker"),
+				 errhint("Wait for their runs to end; SELECT * FROM phsync.runs ORDER BY id DESC shows their progress.")));
+	if (busy_run != 0 && ahead == 0)
+		ereport(NOTICE,
+				(errmsg("the phsync worker is busy; this request is queued"),
+				 errdetail("Run %lld is in progress.", (long long) busy_run)));
+	else if (ahead > 0)
+		ereport(NOTICE,
+				(errmsg("the phsync worker is busy; this request is queued"),
+				 errdetail_plural("%d earlier request waits.", "%d earlier requests wait.",
+								  ahead, ahead)));
 
 	PG_TRY();
 	{

@@ -107,6 +107,7 @@ extern bool phsync_progress_notices;
 extern char *phsync_timezone;
 extern bool phsync_verify_yesterday;
 extern int	phsync_max_syncs;
+extern int	phsync_max_queued_runs;
 extern int	phsync_max_verify_buckets;
 extern int	phsync_max_backfill_range;	/* minutes */
 extern int	phsync_lock_timeout;	/* milliseconds */
@@ -302,7 +303,7 @@ extern bool phsync_interrupt_pending(void);
 /* the sessions' side */
 extern void shmem_worker_state(PhsyncWorkerState *state);
 extern void shmem_wake_worker(void);
-extern uint64 shmem_submit_request(const PhsyncRequest *request, int64 *busy_run);
+extern uint64 shmem_submit_request(const PhsyncRequest *request, int64 *busy_run, int *ahead);
 extern bool shmem_read_answer(uint64 ticket, PhsyncAnswer *answer, bool *worker_absent);
 extern void shmem_withdraw_request(uint64 ticket);
 extern bool shmem_cancel_run(int64 run_id);
@@ -619,7 +620,7 @@ extern Datum runlog_queue_backfill(const char *sync, const char *target,
 								   TimestampTz from, TimestampTz to, TupleDesc tupdesc);
 extern void runlog_begin_queued(int64 run_id);
 extern bool runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from,
-							   TimestampTz *to);
+							   TimestampTz *to, Oid *owner);
 extern void runlog_fail_queued(int64 run_id, const char *error);
 extern void runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
 							int64 posthog, int64 local, PhsyncBucketStatus status);

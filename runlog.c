@@ -124,6 +124,50 @@ runlog_start(PhsyncTrigger trigger, const char *sync, const char *target,
 }
 
 /*
+ * The owner of a queued run: its sync's, the bootstrap superuser for the
+ * default sync (and for a sync dropped since).  In SQL, for a row r of
+ * phsync.runs joined with phsync.syncs s on the sync's name.
+ */
+#define QUEUED_OWNER "COALESCE(s.owner::pg_catalog.oid, 10::pg_catalog.oid)"
+
+/*
+ * Refuse to queue one more run of sync when its owner has
+ * phsync.max_queued_runs queued already.  Under a transaction-level lock,
+ * counting the rows of the caller's statement too (not read-only: a
+ * read-only query sees only the statement's snapshot), so that neither one
+ * statement nor concurrent sessions get past it.
+ */
+static void
+check_queue_quota(Datum sync)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {sync};
+	bool		isnull;
+	Oid			owner;
+	int64		queued;
+
+	if (phsync_spi_exec("SELECT pg_catalog.pg_advisory_xact_lock(" PHSYNC_LOCK_CLASS ", 2)",
+						0, NULL, NULL, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not lock phsync's queue");
+	if (phsync_spi_exec("WITH o AS (SELECT COALESCE((SELECT owner::pg_catalog.oid FROM phsync.syncs "
+						"WHERE name = $1), 10::pg_catalog.oid) AS owner) "
+						"SELECT o.owner, (SELECT pg_catalog.count(*) FROM phsync.runs r "
+						"LEFT JOIN phsync.syncs s ON s.name = r.sync "
+						"WHERE r.status = 'queued' AND " QUEUED_OWNER " = o.owner) FROM o",
+						1, types, values, NULL, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not count the queued runs");
+	owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	queued = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	if (queued >= phsync_max_queued_runs)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("role \"%s\" already has %lld queued phsync runs, the most phsync.max_queued_runs allows",
+						GetUserNameFromId(owner, true) ? GetUserNameFromId(owner, true) : "?",
+						(long long) queued),
+				 errhint("Wait for them to run, cancel some with phsync_cancel(), or ask a superuser to raise phsync.max_queued_runs.")));
+}
+
+/*
  * Queue a backfill of [from, to) (inside the caller's transaction): a run
  * in status 'queued', which the worker takes after the caller commits.
  * Returns its row, shaped as tupdesc.
@@ -137,6 +181,7 @@ runlog_queue_backfill(const char *sync, const char *target, TimestampTz from,
 
 	Assert(phsync_spi_connected());
 	values[0] = CStringGetTextDatum(sync);
+	check_queue_quota(values[0]);
 	values[1] = CStringGetTextDatum(target);
 	values[2] = TimestampTzGetDatum(from);
 	values[3] = TimestampTzGetDatum(to);
@@ -164,12 +209,18 @@ runlog_begin_queued(int64 run_id)
 }
 
 /*
- * The oldest queued run: its id, sync and bounds.  False when none is.
+ * The next queued run: its id, sync, bounds and owner.  Owners in turn:
+ * the oldest run of the first owner after *owner (by OID, wrapping), so
+ * that one owner's queue never keeps another's runs waiting behind all of
+ * it.  False when none is queued.
  */
 bool
-runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *to)
+runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *to,
+				   Oid *owner)
 {
 	bool		found;
+	Oid			types[1] = {OIDOID};
+	Datum		values[1] = {ObjectIdGetDatum(*owner)};
 	MemoryContext cxt = xact_begin();
 
 	/* a backfill queued before this cluster took the database over came with a restore */
@@ -177,8 +228,11 @@ runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *t
 				"error = 'queued before this database was restored; call phsync_backfill() again to run it here' "
 				"WHERE status = 'queued' AND started_at < (SELECT min(registered_at) FROM phsync.cluster)",
 				0, NULL, NULL, NULL, -1);
-	if (phsync_spi_exec("SELECT id, sync, window_from, window_until FROM phsync.runs "
-						"WHERE status = 'queued' ORDER BY id LIMIT 1", 0, NULL, NULL, NULL, true, 1) != SPI_OK_SELECT)
+	if (phsync_spi_exec("SELECT r.id, r.sync, r.window_from, r.window_until, " QUEUED_OWNER " "
+						"FROM phsync.runs r LEFT JOIN phsync.syncs s ON s.name = r.sync "
+						"WHERE r.status = 'queued' "
+						"ORDER BY " QUEUED_OWNER " <= $1, " QUEUED_OWNER ", r.id LIMIT 1",
+						1, types, values, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read phsync.runs");
 	found = SPI_processed == 1;
 	if (found)
@@ -191,6 +245,7 @@ runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *t
 		*sync = MemoryContextStrdup(cxt, SPI_getvalue(tup, desc, 2));
 		*from = DatumGetTimestampTz(SPI_getbinval(tup, desc, 3, &isnull));
 		*to = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
+		*owner = DatumGetObjectId(SPI_getbinval(tup, desc, 5, &isnull));
 	}
 	xact_commit(cxt);
 	return found;

@@ -51,6 +51,7 @@ bool		phsync_progress_notices = true;
 char	   *phsync_timezone = NULL;
 bool		phsync_verify_yesterday = true;
 int			phsync_max_syncs = 100;
+int			phsync_max_queued_runs = 100;
 int			phsync_max_verify_buckets = 1000;
 int			phsync_max_backfill_range = 5 * 366 * 24 * 60;
 int			phsync_lock_timeout = 60 * 1000;
@@ -545,6 +546,11 @@ settings_define(void)
 	DefineCustomIntVariable("phsync.max_syncs",
 							"Most syncs phsync_add_sync() accepts.",
 							NULL, &phsync_max_syncs, 100, 0, 100000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("phsync.max_queued_runs",
+							"Most queued runs (backfills) one role's syncs may have waiting.",
+							"The worker serves owners in turn, so a long queue delays only its owner.",
+							&phsync_max_queued_runs, 100, 1, 100000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("phsync.max_verify_buckets",
 							"Most buckets one phsync_verify() may count.",

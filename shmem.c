@@ -6,15 +6,20 @@
  * One struct, one spinlock.  Every section that takes the lock is a
  * function of this file; nothing else touches the struct.
  *
- * The request slot.  A session (phsync_run_now(), phsync_verify()) hands
- * the worker one request at a time:
+ * The request queue.  Sessions (phsync_run_now(), phsync_verify()) hand
+ * the worker requests in slots, each going through
  *
  *	  NONE --submit--> PENDING --take--> TAKEN --answer--> ANSWERED --read--> NONE
  *
- *	- submit: a session, only when the slot is NONE and no run of any kind
- *	  is in progress ("already in progress" otherwise).  It records its
- *	  latch, so that the worker can wake it.
- *	- take: the worker, between runs; the worker is then busy.
+ *	- submit: a session, into any free slot, whatever the worker is doing:
+ *	  a request made while a run is in progress waits for it.  It records
+ *	  its latch, so that the worker can wake it.  With every slot taken
+ *	  (PHSYNC_MAX_REQUESTS sessions waiting) the session is refused.
+ *	- take: the worker, between runs, one request at a time; the worker is
+ *	  then busy.  Requesters are served in turn: the pending request of the
+ *	  next role after the one served last (by OID, wrapping), its oldest
+ *	  first, so that one role's sessions never keep another's waiting
+ *	  behind all of theirs.
  *	- answer: the worker, when the request's runs are over.  If the session
  *	  gave up meanwhile (it was cancelled), the answer is dropped and the
  *	  slot goes straight back to NONE.
@@ -76,6 +81,20 @@ typedef enum RequestState
 	REQUEST_ANSWERED
 } RequestState;
 
+/* how many sessions may wait for the worker at once */
+#define PHSYNC_MAX_REQUESTS 64
+
+typedef struct RequestSlot
+{
+	RequestState state;
+	uint64		ticket;
+	PhsyncRequest request;
+	pid_t		requester_pid;
+	Latch	   *requester_latch;	/* NULL once its session gave up */
+	bool		cancelled;		/* the session gave up on it, TAKEN */
+	PhsyncAnswer answer;
+} RequestSlot;
+
 typedef struct PhsyncShared
 {
 	slock_t		mutex;
@@ -86,17 +105,14 @@ typedef struct PhsyncShared
 	TimestampTz next_due;		/* next scheduled run, 0 if unknown */
 	bool		connect_failed; /* the last start could not connect */
 
-	/* the request slot */
-	RequestState state;
+	/* the request queue */
 	uint64		ticket;			/* the last request submitted */
-	PhsyncRequest request;
-	pid_t		requester_pid;
-	Latch	   *requester_latch;	/* NULL once its session gave up */
-	bool		cancelled;		/* the session gave up on a TAKEN request */
-	PhsyncAnswer answer;
+	int			taken;			/* the slot TAKEN, or -1 */
+	Oid			served;			/* the requester served last */
+	RequestSlot requests[PHSYNC_MAX_REQUESTS];
 
 	/* cancelling: read without the lock (see the top of this file) */
-	pg_atomic_uint32 request_cancelled;	/* == cancelled */
+	pg_atomic_uint32 request_cancelled;	/* == the TAKEN slot's cancelled */
 	pg_atomic_uint64 cancel_run;	/* a run phsync_cancel() stops */
 
 	/* the run in progress */
@@ -151,6 +167,7 @@ shmem_startup(void)
 	{
 		memset(shared, 0, sizeof(PhsyncShared));
 		SpinLockInit(&shared->mutex);
+		shared->taken = -1;
 		pg_atomic_init_u32(&shared->request_cancelled, 0);
 		pg_atomic_init_u64(&shared->cancel_run, 0);
 		pg_atomic_init_u32(&shared->owners_changed, 1);
@@ -190,17 +207,29 @@ shmem_available(void)
 static Latch *
 store_answer(const PhsyncAnswer *answer)
 {
-	Latch	   *requester = shared->requester_latch;
+	RequestSlot *slot = &shared->requests[shared->taken];
+	Latch	   *requester = slot->requester_latch;
 
-	Assert(shared->state == REQUEST_TAKEN);
-	shared->answer = *answer;
-	shared->answer.ticket = shared->ticket;
-	shared->state = requester ? REQUEST_ANSWERED : REQUEST_NONE;
-	shared->requester_latch = NULL;
-	shared->cancelled = false;
+	Assert(slot->state == REQUEST_TAKEN);
+	slot->answer = *answer;
+	slot->answer.ticket = slot->ticket;
+	slot->state = requester ? REQUEST_ANSWERED : REQUEST_NONE;
+	slot->requester_latch = NULL;
+	slot->cancelled = false;
+	shared->taken = -1;
 	pg_atomic_write_u32(&shared->request_cancelled, 0);
 	my_request = false;
 	return requester;
+}
+
+/* the slot of request `ticket` (lock held), or NULL */
+static RequestSlot *
+find_request(uint64 ticket)
+{
+	for (int i = 0; i < PHSYNC_MAX_REQUESTS; i++)
+		if (shared->requests[i].state != REQUEST_NONE && shared->requests[i].ticket == ticket)
+			return &shared->requests[i];
+	return NULL;
 }
 
 /*
@@ -213,7 +242,7 @@ worker_detach(int code, Datum arg)
 	Latch	   *requester = NULL;
 
 	SpinLockAcquire(&shared->mutex);
-	if (shared->state == REQUEST_TAKEN)
+	if (shared->taken >= 0)
 	{
 		PhsyncAnswer cut;
 
@@ -269,27 +298,54 @@ shmem_set_connect_failed(bool failed)
 }
 
 /*
- * Take the pending request, if any: the worker is busy from now on.
- * Returns false when there is none.
+ * Take the next pending request, if any: the worker is busy from now on.
+ * Requesters in turn (see the top of this file).  Returns false when none
+ * is pending.
  */
 bool
 shmem_take_request(PhsyncRequest *request)
 {
-	bool		taken = false;
+	int			next = -1;
 
 	SpinLockAcquire(&shared->mutex);
-	if (shared->state == REQUEST_PENDING)
+	for (int i = 0; i < PHSYNC_MAX_REQUESTS; i++)
 	{
-		*request = shared->request;
-		shared->state = REQUEST_TAKEN;
-		shared->cancelled = false;
+		RequestSlot *slot = &shared->requests[i];
+		RequestSlot *best = next >= 0 ? &shared->requests[next] : NULL;
+		bool		after,
+					best_after;
+
+		if (slot->state != REQUEST_PENDING)
+			continue;
+		if (best == NULL)
+		{
+			next = i;
+			continue;
+		}
+		/* the first role after the one served last, then the oldest */
+		after = slot->request.requester > shared->served;
+		best_after = best->request.requester > shared->served;
+		if (after != best_after ? after :
+			slot->request.requester != best->request.requester ?
+			slot->request.requester < best->request.requester :
+			slot->ticket < best->ticket)
+			next = i;
+	}
+	if (next >= 0)
+	{
+		RequestSlot *slot = &shared->requests[next];
+
+		*request = slot->request;
+		slot->state = REQUEST_TAKEN;
+		slot->cancelled = false;
+		shared->taken = next;
+		shared->served = slot->request.requester;
 		pg_atomic_write_u32(&shared->request_cancelled, 0);
 		shared->busy = true;
-		taken = true;
 		my_request = true;
 	}
 	SpinLockRelease(&shared->mutex);
-	return taken;
+	return next >= 0;
 }
 
 /*
@@ -318,7 +374,7 @@ shmem_request_cancelled(void)
 	bool		cancelled;
 
 	SpinLockAcquire(&shared->mutex);
-	cancelled = shared->state == REQUEST_TAKEN && shared->cancelled;
+	cancelled = shared->taken >= 0 && shared->requests[shared->taken].cancelled;
 	SpinLockRelease(&shared->mutex);
 	return cancelled;
 }
@@ -681,40 +737,74 @@ shmem_wake_worker(void)
 }
 
 /*
- * Hand a request to the worker.  Returns its ticket, or 0 when the worker
- * is busy (*busy_run is then the run in progress, or 0).
+ * Free the slots of answers nobody will read, because the session that
+ * asked is gone.
+ */
+static void
+free_unread_answers(void)
+{
+	pid_t		pids[PHSYNC_MAX_REQUESTS];
+	uint64		tickets[PHSYNC_MAX_REQUESTS];
+	int			n = 0;
+
+	SpinLockAcquire(&shared->mutex);
+	for (int i = 0; i < PHSYNC_MAX_REQUESTS; i++)
+		if (shared->requests[i].state == REQUEST_ANSWERED)
+		{
+			pids[n] = shared->requests[i].requester_pid;
+			tickets[n++] = shared->requests[i].ticket;
+		}
+	SpinLockRelease(&shared->mutex);
+
+	for (int i = 0; i < n; i++)
+	{
+		RequestSlot *slot;
+
+		if (BackendPidGetProc(pids[i]) != NULL)
+			continue;
+		SpinLockAcquire(&shared->mutex);
+		slot = find_request(tickets[i]);
+		if (slot && slot->state == REQUEST_ANSWERED)
+			slot->state = REQUEST_NONE;
+		SpinLockRelease(&shared->mutex);
+	}
+}
+
+/*
+ * Queue a request for the worker.  Returns its ticket, or 0 when every
+ * slot is taken.  *busy_run is the run in progress (0 when none), and
+ * *ahead the number of requests that wait before this one could be taken
+ * (all pending ones: the order of turns is the worker's to choose).
  */
 uint64
-shmem_submit_request(const PhsyncRequest *request, int64 *busy_run)
+shmem_submit_request(const PhsyncRequest *request, int64 *busy_run, int *ahead)
 {
-	pid_t		unread_pid = 0;
 	uint64		ticket = 0;
 	Latch	   *worker_latch = NULL;
 
-	/* an answer nobody read, because that session is gone */
-	SpinLockAcquire(&shared->mutex);
-	if (shared->state == REQUEST_ANSWERED)
-		unread_pid = shared->requester_pid;
-	SpinLockRelease(&shared->mutex);
-	if (unread_pid != 0 && BackendPidGetProc(unread_pid) == NULL)
-	{
-		SpinLockAcquire(&shared->mutex);
-		if (shared->state == REQUEST_ANSWERED && shared->requester_pid == unread_pid)
-			shared->state = REQUEST_NONE;
-		SpinLockRelease(&shared->mutex);
-	}
+	free_unread_answers();
 
 	SpinLockAcquire(&shared->mutex);
-	*busy_run = shared->run_id;
-	if (shared->state == REQUEST_NONE && !shared->busy)
+	*busy_run = shared->busy ? shared->run_id : 0;
+	*ahead = 0;
+	for (int i = 0; i < PHSYNC_MAX_REQUESTS; i++)
+		if (shared->requests[i].state == REQUEST_PENDING)
+			(*ahead)++;
+	for (int i = 0; i < PHSYNC_MAX_REQUESTS; i++)
 	{
+		RequestSlot *slot = &shared->requests[i];
+
+		if (slot->state != REQUEST_NONE)
+			continue;
 		ticket = ++shared->ticket;
-		shared->request = *request;
-		shared->state = REQUEST_PENDING;
-		shared->requester_pid = MyProcPid;
-		shared->requester_latch = MyLatch;
-		shared->cancelled = false;
+		slot->ticket = ticket;
+		slot->request = *request;
+		slot->state = REQUEST_PENDING;
+		slot->requester_pid = MyProcPid;
+		slot->requester_latch = MyLatch;
+		slot->cancelled = false;
 		worker_latch = shared->worker_latch;
+		break;
 	}
 	SpinLockRelease(&shared->mutex);
 	if (worker_latch)
@@ -730,17 +820,19 @@ shmem_submit_request(const PhsyncRequest *request, int64 *busy_run)
 bool
 shmem_read_answer(uint64 ticket, PhsyncAnswer *answer, bool *worker_absent)
 {
+	RequestSlot *slot;
 	bool		done;
 
 	SpinLockAcquire(&shared->mutex);
-	done = shared->state == REQUEST_ANSWERED && shared->answer.ticket == ticket;
+	slot = find_request(ticket);
+	done = slot != NULL && slot->state == REQUEST_ANSWERED;
 	if (done)
 	{
-		*answer = shared->answer;
-		shared->state = REQUEST_NONE;
+		*answer = slot->answer;
+		slot->state = REQUEST_NONE;
 	}
-	*worker_absent = shared->worker_pid == 0 &&
-		shared->state == REQUEST_PENDING && shared->ticket == ticket;
+	*worker_absent = shared->worker_pid == 0 && slot != NULL &&
+		slot->state == REQUEST_PENDING;
 	SpinLockRelease(&shared->mutex);
 	return done;
 }
@@ -754,19 +846,21 @@ shmem_withdraw_request(uint64 ticket)
 {
 	Latch	   *latch = NULL;
 	pid_t		pid = 0;
+	RequestSlot *slot;
 
 	SpinLockAcquire(&shared->mutex);
-	if (shared->ticket == ticket)
+	slot = find_request(ticket);
+	if (slot)
 	{
-		switch (shared->state)
+		switch (slot->state)
 		{
 			case REQUEST_PENDING:
 			case REQUEST_ANSWERED:
-				shared->state = REQUEST_NONE;
+				slot->state = REQUEST_NONE;
 				break;
 			case REQUEST_TAKEN:
-				shared->requester_latch = NULL;
-				shared->cancelled = true;
+				slot->requester_latch = NULL;
+				slot->cancelled = true;
 				pg_atomic_write_u32(&shared->request_cancelled, 1);
 				latch = shared->worker_latch;
 				pid = shared->worker_pid;

@@ -562,8 +562,12 @@ serve_request(void)
 	return true;
 }
 
+/* whose queued run the worker carried out last: owners are served in turn */
+static Oid	queue_owner_served = InvalidOid;
+
 /*
- * Step 4: carry out the oldest queued backfill, if there is one.
+ * Step 4: carry out the next queued backfill, if there is one (the oldest
+ * of the next owner's, see runlog_next_queued()).
  */
 static bool
 run_queued(void)
@@ -576,7 +580,7 @@ run_queued(void)
 	PhsyncOutcome outcome = {0};
 	PhsyncJob	job = {0};
 
-	if (!runlog_next_queued(&run_id, &sync, &from, &to))
+	if (!runlog_next_queued(&run_id, &sync, &from, &to, &queue_owner_served))
 		return false;
 	syncs = load_syncs(sync, InvalidOid, &outcome);
 	if (syncs == NIL)

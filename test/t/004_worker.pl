@@ -71,10 +71,15 @@ my ($out1, $err1) = ('', '');
 my $h = IPC::Run::start(['psql', '-XAtq', '-d', $node->connstr('analytics'), '-c',
 	'SELECT status FROM phsync_run_now()'], '>', \$out1, '2>', \$err1);
 poll_until(sub { $activity->() =~ /fetching page 1/ }, 30, 'first run in progress');
-my ($ret, $out, $err) = $node->psql('analytics', 'SELECT phsync_run_now()');
-like($err, qr/ERROR:  a phsync run is already in progress\nDETAIL:  Run \d+ has not finished yet\./, 'a second caller gets a clear answer');
+my ($ret, $out, $err) = $node->psql('analytics', 'SELECT status FROM phsync_run_now()');
 $h->finish;
 is($out1, "succeeded\n", 'the first run completes');
+like($err, qr/NOTICE:  the phsync worker is busy; this request is queued\nDETAIL:  Run \d+ is in progress\./,
+	'a second caller is told it waits');
+is($out, 'succeeded', 'and gets its own run once the first is over');
+is($node->safe_psql('analytics', "SELECT count(*) FROM phsync.runs r1 JOIN phsync.runs r2 ON r2.id = r1.id + 1 "
+	. "WHERE r2.started_at >= r1.finished_at AND r2.id = (SELECT max(id) FROM phsync.runs)"), '1',
+	'one run at a time: the second started after the first finished');
 
 # kill -9 of the worker in the middle of a run.
 my $t1 = $node->safe_psql('postgres',

@@ -50,7 +50,9 @@ is($node->safe_psql('postgres', 'BEGIN; LOCK TABLE posthog_events IN ACCESS EXCL
 my $t0 = time();
 my ($ret, $o, $e) = $node->psql('postgres', 'SET statement_timeout = 500; SELECT phsync_run_now()');
 my $took = time() - $t0;
-like($e, qr/ERROR:  a phsync run is already in progress/, 'a second caller is refused at once');
+like($e, qr/NOTICE:  the phsync worker is busy; this request is queued\n.*ERROR:  canceling statement due to statement timeout/s,
+	'a second caller waits in the queue, and its statement timeout ends the wait');
+cmp_ok($took, '<', 5, sprintf('promptly (%.1f s)', $took));
 
 # pg_terminate_backend() on the worker, mid-transfer
 fake_post($fake, '/reset');

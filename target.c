@@ -37,6 +37,7 @@
 #include "catalog/pg_inherits.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_index.h"
+#include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
@@ -47,6 +48,7 @@
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/reltrigger.h"
 #include "utils/regproc.h"
 #include "utils/syscache.h"
 
@@ -233,6 +235,64 @@ foreign_partition(Relation rel, Oid *owner)
 }
 
 /*
+ * A trigger on rel or one of its partitions whose function belongs to
+ * neither rel's owner nor a superuser: its owner could change what the
+ * function does, and the sync runs it with the rights of rel's owner.
+ * Fills in the problem and returns true when there is one.
+ */
+static bool
+foreign_trigger(Relation rel, PhsyncProblem *p)
+{
+	List	   *rels = rel->rd_rel->relkind == RELKIND_PARTITIONED_TABLE ?
+		find_all_inheritors(RelationGetRelid(rel), AccessShareLock, NULL) :
+		list_make1_oid(RelationGetRelid(rel));
+	Oid			relowner = rel->rd_rel->relowner;
+	ListCell   *lc;
+	bool		found = false;
+
+	foreach(lc, rels)
+	{
+		Relation	r = try_relation_open(lfirst_oid(lc), AccessShareLock);
+
+		if (r == NULL)
+			continue;			/* dropped meanwhile */
+		for (int i = 0; !found && r->trigdesc && i < r->trigdesc->numtriggers; i++)
+		{
+			Trigger    *t = &r->trigdesc->triggers[i];
+			HeapTuple	tup;
+			Oid			fowner;
+
+			if (t->tgisinternal)
+				continue;
+			tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(t->tgfoid));
+			if (!HeapTupleIsValid(tup))
+				continue;
+			fowner = ((Form_pg_proc) GETSTRUCT(tup))->proowner;
+			ReleaseSysCache(tup);
+			if (fowner == relowner || superuser_arg(fowner))
+				continue;
+			problem(p, ERRCODE_INSUFFICIENT_PRIVILEGE,
+					psprintf("trigger \"%s\" on table %s runs function %s of role \"%s\", not of the table's owner \"%s\"",
+							 t->tgname,
+							 quote_qualified_identifier(get_namespace_name(RelationGetNamespace(r)),
+														RelationGetRelationName(r)),
+							 format_procedure_qualified(t->tgfoid),
+							 GetUserNameFromId(fowner, false), GetUserNameFromId(relowner, false)),
+					psprintf("A sync writes into the table with the rights of its owner; role \"%s\" could change what the function does.",
+							 GetUserNameFromId(fowner, false)),
+					psprintf("ALTER FUNCTION %s OWNER TO %s;", format_procedure_qualified(t->tgfoid),
+							 quote_identifier(GetUserNameFromId(relowner, false))));
+			found = true;
+		}
+		relation_close(r, NoLock);
+		if (found)
+			break;
+	}
+	list_free(rels);
+	return found;
+}
+
+/*
  * The privileges a writer lacks on the table ("SELECT and INSERT"), or
  * NULL when it has them all.  Each is asked on its own: all must be held.
  */
@@ -323,6 +383,8 @@ target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *p)
 				psprintf("ALTER TABLE %s OWNER TO %s;",
 						 quote_qualified_identifier(get_namespace_name(get_rel_namespace(part)), get_rel_name(part)),
 						 quote_identifier(GetUserNameFromId(rel->rd_rel->relowner, false))));
+	else
+		(void) foreign_trigger(rel, p);
 	if (p->message)
 	{
 		relation_close(rel, NoLock);

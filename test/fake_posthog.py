@@ -1787,6 +1787,10 @@ class Fault:
     gzip_crc: answer the real result gzipped, with a wrong CRC in the trailer
     content_encoding: answer the real result uncompressed, but labelled with
                this Content-Encoding (one the client did not ask for, say)
+    bytes_replace: [[a, b], ...]: replace text a by b in the body's bytes,
+               after it is rendered (b may hold a raw NUL or, as a lone
+               surrogate, bytes that are not UTF-8: a server that breaks
+               JSON's rules)
     count: how many requests it applies to (default 1)
     """
 
@@ -1804,6 +1808,7 @@ class Fault:
         self.row_patch = spec.get("row_patch")
         self.gzip_crc = spec.get("gzip_crc", False)
         self.content_encoding = spec.get("content_encoding")
+        self.bytes_replace = spec.get("bytes_replace") or []
         self.count = spec.get("count", 1)
 
 
@@ -2704,6 +2709,8 @@ def make_handler(state, kind):
 
         def send_bytes(self, status, data, headers=None, fault=None):
             truncate = fault.truncate if fault else None
+            for a, b in (fault.bytes_replace if fault else []):
+                data = data.replace(a.encode("utf-8"), b.encode("utf-8", "surrogatepass"))
             gz = (state.config["gzip"] or (fault and fault.gzip_crc)) and \
                 "gzip" in (self.headers.get("Accept-Encoding") or "")
             if fault and fault.content_encoding:

@@ -536,19 +536,6 @@ phsync_verify(PG_FUNCTION_ARGS)
 	return (Datum) 0;
 }
 
-/* wake the worker when the transaction that queued a backfill commits */
-static bool wake_registered = false;
-static bool wake_pending = false;
-
-static void
-wake_worker_at_commit(XactEvent event, void *arg)
-{
-	if (event == XACT_EVENT_COMMIT && wake_pending && shmem_available())
-		shmem_wake_worker();
-	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT)
-		wake_pending = false;
-}
-
 typedef struct QueueBackfill
 {
 	const char *sync;
@@ -616,12 +603,7 @@ phsync_backfill(PG_FUNCTION_ARGS)
 	phsync_spi_finish();
 	result = q.result;
 
-	if (!wake_registered)
-	{
-		RegisterXactCallback(wake_worker_at_commit, NULL);
-		wake_registered = true;
-	}
-	wake_pending = true;
+	shmem_wake_worker_at_commit();
 	PG_RETURN_DATUM(result);
 }
 

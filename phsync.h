@@ -286,6 +286,9 @@ extern bool shmem_available(void);
 extern void shmem_worker_attach(void);
 extern bool shmem_connect_failed(void);
 extern void shmem_set_connect_failed(bool failed);
+extern bool shmem_worker_starting(void);
+extern void shmem_worker_restart_planned(void);
+extern void shmem_worker_waiting(void);
 extern bool shmem_take_request(PhsyncRequest *request);
 extern void shmem_answer_request(const PhsyncAnswer *answer);
 extern bool shmem_request_cancelled(void);
@@ -308,6 +311,7 @@ extern bool shmem_read_answer(uint64 ticket, PhsyncAnswer *answer, bool *worker_
 extern void shmem_withdraw_request(uint64 ticket);
 extern bool shmem_cancel_run(int64 run_id);
 extern void shmem_owners_changing(void);
+extern void shmem_wake_worker_at_commit(void);
 extern bool shmem_take_owners_changed(void);
 extern void shmem_publish_owners(const Oid *owners, int n, bool overflow);
 extern bool shmem_owns_syncs(Oid role);

@@ -175,6 +175,15 @@ phsync_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 	else
 		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
 
+	/* the worker waits for these: it acts at once when they commit */
+	if ((IsA(stmt, CreatedbStmt) && strcmp(((CreatedbStmt *) stmt)->dbname, phsync_database) == 0) ||
+		(IsA(stmt, CreateExtensionStmt) && strcmp(((CreateExtensionStmt *) stmt)->extname, "phsync") == 0) ||
+		(IsA(stmt, AlterExtensionStmt) && strcmp(((AlterExtensionStmt *) stmt)->extname, "phsync") == 0))
+	{
+		if (shmem_available())
+			shmem_wake_worker_at_commit();
+	}
+
 	if (IsA(stmt, DropOwnedStmt) && syncs_are_here())
 		owned_syncs(((DropOwnedStmt *) stmt)->roles, InvalidOid);
 	else if (IsA(stmt, ReassignOwnedStmt) && syncs_are_here())

@@ -104,6 +104,8 @@ typedef struct PhsyncShared
 	Latch	   *worker_latch;
 	TimestampTz next_due;		/* next scheduled run, 0 if unknown */
 	bool		connect_failed; /* the last start could not connect */
+	int			starts;			/* of the worker, since the server started */
+	bool		restart_planned;	/* its last exit was to start again */
 
 	/* the request queue */
 	uint64		ticket;			/* the last request submitted */
@@ -279,6 +281,57 @@ shmem_worker_attach(void)
 	shared->run_id = 0;
 	SpinLockRelease(&shared->mutex);
 	on_shmem_exit(worker_detach, (Datum) 0);
+}
+
+/*
+ * The worker starts.  Returns whether it starts again after a failure
+ * (an error that ended the last one), rather than for the first time or
+ * after a restart it planned.
+ */
+bool
+shmem_worker_starting(void)
+{
+	bool		after_failure;
+
+	SpinLockAcquire(&shared->mutex);
+	after_failure = shared->starts > 0 && !shared->restart_planned;
+	shared->starts++;
+	shared->restart_planned = false;
+	SpinLockRelease(&shared->mutex);
+	return after_failure;
+}
+
+/* the worker exits to start again at once (it found its database) */
+void
+shmem_worker_restart_planned(void)
+{
+	SpinLockAcquire(&shared->mutex);
+	shared->restart_planned = true;
+	shared->worker_latch = NULL;
+	SpinLockRelease(&shared->mutex);
+}
+
+static void
+forget_waiting_latch(int code, Datum arg)
+{
+	SpinLockAcquire(&shared->mutex);
+	if (shared->worker_pid == 0)
+		shared->worker_latch = NULL;
+	SpinLockRelease(&shared->mutex);
+}
+
+/*
+ * The worker waits for phsync.database to be created, connected to no
+ * database: sessions may wake it (CREATE DATABASE), though it takes no
+ * request.
+ */
+void
+shmem_worker_waiting(void)
+{
+	SpinLockAcquire(&shared->mutex);
+	shared->worker_latch = MyLatch;
+	SpinLockRelease(&shared->mutex);
+	on_shmem_exit(forget_waiting_latch, (Datum) 0);
 }
 
 /*
@@ -643,20 +696,33 @@ shmem_budget_closed_until(const char *key)
 
 /* ---------- the roles that own syncs (roles.c) ---------- */
 
-static bool owners_callback_registered = false;
+static bool commit_callback_registered = false;
 static bool owners_change_pending = false;
+static bool wake_pending = false;
 
 /* a change of phsync.syncs committed: the worker reads the owners again */
 static void
-owners_changed_at_commit(XactEvent event, void *arg)
+at_commit(XactEvent event, void *arg)
 {
-	if (event == XACT_EVENT_COMMIT && owners_change_pending && shared != NULL)
+	if (event == XACT_EVENT_COMMIT && shared != NULL)
 	{
-		pg_atomic_write_u32(&shared->owners_changed, 1);
-		shmem_wake_worker();
+		if (owners_change_pending)
+			pg_atomic_write_u32(&shared->owners_changed, 1);
+		if (owners_change_pending || wake_pending)
+			shmem_wake_worker();
 	}
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT)
-		owners_change_pending = false;
+		owners_change_pending = wake_pending = false;
+}
+
+static void
+register_at_commit(void)
+{
+	if (!commit_callback_registered)
+	{
+		RegisterXactCallback(at_commit, NULL);
+		commit_callback_registered = true;
+	}
 }
 
 /*
@@ -666,12 +732,20 @@ owners_changed_at_commit(XactEvent event, void *arg)
 void
 shmem_owners_changing(void)
 {
-	if (!owners_callback_registered)
-	{
-		RegisterXactCallback(owners_changed_at_commit, NULL);
-		owners_callback_registered = true;
-	}
+	register_at_commit();
 	owners_change_pending = true;
+}
+
+/*
+ * Wake the worker when this transaction commits (it queued a backfill,
+ * created phsync.database or the extension): it acts at once, not at its
+ * next poll.
+ */
+void
+shmem_wake_worker_at_commit(void)
+{
+	register_at_commit();
+	wake_pending = true;
 }
 
 /*

@@ -34,6 +34,8 @@
 
 /* how often to look again for a missing database or extension */
 #define POLL_MS 5000L
+/* the pause before starting again after a failure (with bgw_restart_time 1 s) */
+#define FAILED_START_PAUSE_MS 4000L
 /* the longest single sleep: bounds the effect of a jump of the clock */
 #define MAX_SLEEP_MS (10 * 60 * 1000L)
 
@@ -68,7 +70,8 @@ worker_register(void)
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
 	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 5;
+	/* at once when it planned to start again; after a failure see worker_start() */
+	worker.bgw_restart_time = 1;
 	snprintf(worker.bgw_library_name, BGW_MAXLEN, "phsync");
 	snprintf(worker.bgw_function_name, BGW_MAXLEN, "phsync_worker_main");
 	snprintf(worker.bgw_name, BGW_MAXLEN, "phsync worker");
@@ -116,6 +119,8 @@ wait_for_database(void)
 {
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
 	report_activity("waiting for database \"%s\" to be created", phsync_database);
+	/* CREATE DATABASE wakes us (roles.c), the poll is a fallback */
+	shmem_worker_waiting();
 
 	for (;;)
 	{
@@ -138,6 +143,7 @@ wait_for_database(void)
 			ereport(LOG,
 					(errmsg("phsync worker found database \"%s\" and restarts to connect to it",
 							phsync_database)));
+			shmem_worker_restart_planned();
 			proc_exit(1);
 		}
 		nap(POLL_MS);
@@ -168,6 +174,19 @@ worker_start(void)
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
+
+	/*
+	 * After an error that ended the last worker (phsync.role cannot log
+	 * in, say), start again at the pace of old (bgw_restart_time was 5 s):
+	 * an error repeats at most every 5 seconds in the log.  A restart the
+	 * worker planned (it found its database) goes on at once.
+	 */
+	if (shmem_worker_starting())
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 FAILED_START_PAUSE_MS, PG_WAIT_EXTENSION);
+		CHECK_FOR_INTERRUPTS();
+	}
 
 	if (shmem_connect_failed())
 		wait_for_database();	/* does not return */

@@ -8,6 +8,7 @@ use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(time);
 use FindBin;
 use lib "$FindBin::Bin/../perl";
 use PhsyncTest;
@@ -28,13 +29,25 @@ my $log = slurp_file($node->logfile);
 my $fatals = () = $log =~ /database "analytics" does not exist/g;
 is($fatals, 1, 'one FATAL about the missing database, then quiet');
 
-# CREATE DATABASE, CREATE EXTENSION, and a run right away.
-$node->safe_psql('postgres', 'CREATE DATABASE analytics');
-$node->safe_psql('analytics', 'CREATE EXTENSION phsync');
+# CREATE DATABASE, CREATE EXTENSION, and a run right away.  The worker is
+# woken by both (no poll, no restart delay): the first request leaves
+# within a moment of the call (on 0.3: 5 to 10 s of polls and restart).
 my $t0 = $node->safe_psql('postgres',
 	"SELECT to_char(now() - interval '3 hours', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')");
 fake_post($fake, '/generate', { count => 35, seed => 11, created_from => $t0, step_ms => 60_000 });
+fake_post($fake, '/reset');
+my $created = time();
+$node->safe_psql('postgres', 'CREATE DATABASE analytics');
+ok(poll_until(sub { $activity->() =~ /^analytics\|waiting for CREATE EXTENSION/ }, 30, 'worker in its database'),
+	'the worker connects to the new database');
+my $connected = time() - $created;
+$node->safe_psql('analytics', 'CREATE EXTENSION phsync');
+my $called = time();
 like(run_now($node, 'analytics'), qr/^succeeded\|\d+\|35\|35$/, 'phsync_run_now() works right after CREATE EXTENSION, no restart');
+my $first = fake_requests($fake)->[0]{start} - $called;
+note(sprintf('CREATE DATABASE to connected: %.2f s; call to first request: %.2f s', $connected, $first));
+cmp_ok($connected, '<', 4, 'CREATE DATABASE wakes the waiting worker: it connects without a poll and a restart delay');
+cmp_ok($first, '<', 2, 'the first request leaves at once after CREATE EXTENSION');
 like($activity->(), qr/^analytics\|idle until \d{4}-/, 'worker shows in pg_stat_activity as "phsync worker", idle until its next run');
 
 # The schedule: run_at a few seconds from now, changed with SIGHUP.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run TAP tests with every PostgreSQL server process under valgrind memcheck
-# (the worker included), then summarise the reports.  As root, after
+# (the worker included), then summarise the reports (TESTDATADIR: 16 and
+# later put temporary data there, not under TESTDIR).  As root, after
 # ./test/run-all.sh has installed everything.  Slow: pick a few tests.
 #
 #   ./test/valgrind.sh test/t/013_syncs.pl test/t/014_backfill_verify.pl
@@ -43,7 +44,7 @@ tar -C "$here" --exclude=.git --exclude=tmp_check --exclude=tmp_check_regress -c
 mkdir -p "$vg/tree/tmp_check"
 chown -R postgres:postgres "$vg/tree"
 status=0
-(cd "$vg/tree" && runuser -u postgres -- env TESTDIR="$vg/tree" PATH="$vg/bin:$bin:$PATH" \
+(cd "$vg/tree" && runuser -u postgres -- env TESTDIR="$vg/tree" TESTDATADIR="$vg/tree/tmp_check" TESTLOGDIR="$vg/tree/tmp_check/log" PATH="$vg/bin:$bin:$PATH" \
 	PGPORT=65432 PG_TEST_TIMEOUT_DEFAULT=600 \
 	PG_REGRESS="$pgxs_src/test/regress/pg_regress" \
 	prove -I "$pgxs_src/test/perl/" -I ./ "$@") || status=$?

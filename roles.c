@@ -175,14 +175,16 @@ phsync_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 	else
 		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context, params, queryEnv, dest, qc);
 
-	/* the worker waits for these: it acts at once when they commit */
-	if ((IsA(stmt, CreatedbStmt) && strcmp(((CreatedbStmt *) stmt)->dbname, phsync_database) == 0) ||
-		(IsA(stmt, CreateExtensionStmt) && strcmp(((CreateExtensionStmt *) stmt)->extname, "phsync") == 0) ||
-		(IsA(stmt, AlterExtensionStmt) && strcmp(((AlterExtensionStmt *) stmt)->extname, "phsync") == 0))
-	{
-		if (shmem_available())
-			shmem_wake_worker_at_commit();
-	}
+	/*
+	 * The worker waits for its database: it connects as soon as CREATE
+	 * DATABASE commits.  (Not so for CREATE EXTENSION: pg_restore creates
+	 * the extension long before the tables' keys, and a worker that took
+	 * the database over at once would run restored queued runs into them;
+	 * a session's first call wakes the worker anyway.)
+	 */
+	if (IsA(stmt, CreatedbStmt) && strcmp(((CreatedbStmt *) stmt)->dbname, phsync_database) == 0 &&
+		shmem_available())
+		shmem_wake_worker_at_commit();
 
 	if (IsA(stmt, DropOwnedStmt) && syncs_are_here())
 		owned_syncs(((DropOwnedStmt *) stmt)->roles, InvalidOid);

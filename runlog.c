@@ -232,7 +232,7 @@ runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *t
 						"FROM phsync.runs r LEFT JOIN phsync.syncs s ON s.name = r.sync "
 						"WHERE r.status = 'queued' "
 						"ORDER BY " QUEUED_OWNER " <= $1, " QUEUED_OWNER ", r.id LIMIT 1",
-						1, types, values, NULL, true, 1) != SPI_OK_SELECT)
+						1, types, values, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "could not read phsync.runs");
 	found = SPI_processed == 1;
 	if (found)

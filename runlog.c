@@ -159,12 +159,15 @@ check_queue_quota(Datum sync)
 	owner = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	queued = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	if (queued >= phsync_max_queued_runs)
+	{
+		const char *name = GetUserNameFromId(owner, true);
+
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
 				 errmsg("role \"%s\" already has %lld queued phsync runs, the most phsync.max_queued_runs allows",
-						GetUserNameFromId(owner, true) ? GetUserNameFromId(owner, true) : "?",
-						(long long) queued),
+						name ? name : "?", (long long) queued),
 				 errhint("Wait for them to run, cancel some with phsync_cancel(), or ask a superuser to raise phsync.max_queued_runs.")));
+	}
 }
 
 /*

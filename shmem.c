@@ -351,6 +351,23 @@ shmem_set_connect_failed(bool failed)
 }
 
 /*
+ * Does pending request a take its turn before b?  The first requester
+ * after the one served last (by OID, wrapping), then the oldest.
+ */
+static bool
+turn_before(const RequestSlot *a, const RequestSlot *b, Oid served)
+{
+	bool		a_after = a->request.requester > served;
+	bool		b_after = b->request.requester > served;
+
+	if (a_after != b_after)
+		return a_after;
+	if (a->request.requester != b->request.requester)
+		return a->request.requester < b->request.requester;
+	return a->ticket < b->ticket;
+}
+
+/*
  * Take the next pending request, if any: the worker is busy from now on.
  * Requesters in turn (see the top of this file).  Returns false when none
  * is pending.
@@ -362,28 +379,9 @@ shmem_take_request(PhsyncRequest *request)
 
 	SpinLockAcquire(&shared->mutex);
 	for (int i = 0; i < PHSYNC_MAX_REQUESTS; i++)
-	{
-		RequestSlot *slot = &shared->requests[i];
-		RequestSlot *best = next >= 0 ? &shared->requests[next] : NULL;
-		bool		after,
-					best_after;
-
-		if (slot->state != REQUEST_PENDING)
-			continue;
-		if (best == NULL)
-		{
+		if (shared->requests[i].state == REQUEST_PENDING &&
+			(next < 0 || turn_before(&shared->requests[i], &shared->requests[next], shared->served)))
 			next = i;
-			continue;
-		}
-		/* the first role after the one served last, then the oldest */
-		after = slot->request.requester > shared->served;
-		best_after = best->request.requester > shared->served;
-		if (after != best_after ? after :
-			slot->request.requester != best->request.requester ?
-			slot->request.requester < best->request.requester :
-			slot->ticket < best->ticket)
-			next = i;
-	}
 	if (next >= 0)
 	{
 		RequestSlot *slot = &shared->requests[next];

@@ -23,7 +23,7 @@ our @EXPORT = qw(make_certs start_fake fake_post fake_post_raw fake_get fake_req
   fake_config fake_query
   set_conf iso_ago hours_ago
   phsync_node poll_until source_equals_target target_count run_now
-  last_run $API_KEY);
+  last_run server_sql copy_round_trip $API_KEY);
 
 our $API_KEY = 'phx_secret_test_key_0123456789';
 my $srcdir = abs_path(dirname(__FILE__) . '/../..');
@@ -197,6 +197,36 @@ sub fake_query
 	}
 	$res->{json} = eval { decode_json($res->{content}) } if ($res->{headers}{'content-type'} // '') =~ /json/;
 	return $res;
+}
+
+# SQL that creates a phsync server pointed at the fake (name => 'posthog',
+# project => 1); public_mapping => 1 also lets every role use it with the
+# test key (USAGE and a PUBLIC user mapping, the statement kept out of the log).
+sub server_sql
+{
+	my ($fake, $certs, %o) = @_;
+	my $name = $o{name} // 'posthog';
+	my $project = $o{project} // 1;
+	my $sql = "CREATE SERVER $name FOREIGN DATA WRAPPER phsync OPTIONS "
+	  . "(host '$fake->{url}', project_id '$project', ca_file '$certs->{ca}');\n";
+	$sql .= "GRANT USAGE ON FOREIGN SERVER $name TO PUBLIC;\nSET log_statement = 'none';\n"
+	  . "CREATE USER MAPPING FOR PUBLIC SERVER $name OPTIONS (api_key '$API_KEY');\n"
+	  if $o{public_mapping};
+	return $sql;
+}
+
+# What pg_dump writes (COPY text) loads back: \copy $table out to a file,
+# then into a new table like it ($copy), as a restore would (COPY FROM
+# checks the encoding).  $out and $in name the two assertions.
+sub copy_round_trip
+{
+	my ($node, $table, $copy, $out, $in) = @_;
+	my $file = $node->basedir . "/$copy.copy";
+	my @psql = ('psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'), '-c');
+	$node->command_ok([ @psql, "\\copy $table TO '$file'" ], $out);
+	$node->safe_psql('postgres', "CREATE TABLE $copy (LIKE $table)");
+	$node->command_ok([ @psql, "\\copy $copy FROM '$file'" ], $in);
+	return;
 }
 
 # A node with phsync preloaded and pointed at the fake.  Extra settings are

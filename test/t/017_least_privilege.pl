@@ -23,12 +23,7 @@ fake_post($fake, '/generate', { count => 40, seed => 17, created_from => iso_ago
 like(run_now($node), qr/^succeeded\|/, 'the default sync loads');
 # delegates reach PostHog through a server and a user mapping (the
 # settings' key is the superusers'); here one mapping for every role
-my ($url, $ca) = ($fake->{url}, $certs->{ca});
-$node->safe_psql('postgres', qq{
-	CREATE SERVER posthog FOREIGN DATA WRAPPER phsync OPTIONS (host '$url', project_id '1', ca_file '$ca');
-	GRANT USAGE ON FOREIGN SERVER posthog TO PUBLIC;
-	SET log_statement = 'none';
-	CREATE USER MAPPING FOR PUBLIC SERVER posthog OPTIONS (api_key '$API_KEY');});
+$node->safe_psql('postgres', server_sql($fake, $certs, public_mapping => 1));
 
 sub psql_as
 {
@@ -276,13 +271,7 @@ like(run_now($node), qr/ERROR:  PostHog request failed with HTTP status 400\nDET
 	'a detail with bytes that are not UTF-8 (a lone surrogate) is shown with ? instead');
 is($node->safe_psql('postgres', "SELECT error FROM phsync.runs WHERE sync = 'default' ORDER BY id DESC LIMIT 1"),
 	'PostHog request failed with HTTP status 400: bad byte ??? here', 'and stored so');
-# what pg_dump writes (COPY text) loads back: COPY FROM checks the encoding
-my $dump = $node->basedir . '/runs.copy';
-$node->command_ok([ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'),
-	'-c', "\\copy phsync.runs TO '$dump'" ], 'the run history copied out');
-$node->safe_psql('postgres', 'CREATE TABLE runs_copy (LIKE phsync.runs)');
-$node->command_ok([ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'),
-	'-c', "\\copy runs_copy FROM '$dump'" ], 'and loaded back, as a restore would');
+copy_round_trip($node, 'phsync.runs', 'runs_copy', 'the run history copied out', 'and loaded back, as a restore would');
 is($node->safe_psql('postgres', 'SELECT (SELECT count(*) FROM runs_copy) = (SELECT count(*) FROM phsync.runs)'), 't', 'every row of it');
 
 done_testing();

@@ -55,12 +55,7 @@ set_conf($node, 'phsync.interval' => '3650d', 'phsync.run_at' => '00:00');
 unlike(slurp_file($node->logfile), qr/WARNING:  phsync could not/, 'history pruning and the cluster claim work with these grants');
 
 # a delegate's trigger runs with the delegate's rights, not the runner's
-my ($url, $ca) = ($fake->{url}, $certs->{ca});
-$node->safe_psql('postgres', qq{
-	CREATE SERVER posthog FOREIGN DATA WRAPPER phsync OPTIONS (host '$url', project_id '1', ca_file '$ca');
-	GRANT USAGE ON FOREIGN SERVER posthog TO PUBLIC;
-	SET log_statement = 'none';
-	CREATE USER MAPPING FOR PUBLIC SERVER posthog OPTIONS (api_key '$API_KEY');});
+$node->safe_psql('postgres', server_sql($fake, $certs, public_mapping => 1));
 $node->safe_psql('postgres', q{
 	CREATE ROLE mallory LOGIN;
 	CREATE SCHEMA AUTHORIZATION mallory;

@@ -23,7 +23,6 @@ my $fake = start_fake(certs => $certs);
 my $node = phsync_node('owners', $fake, $certs);
 $node->safe_psql('postgres', 'CREATE EXTENSION phsync');
 fake_post($fake, '/generate', { count => 20, seed => 29, created_from => iso_ago($node, '1 hour'), step_ms => 60_000 });
-my ($url, $ca) = ($fake->{url}, $certs->{ca});
 
 sub as_role
 {
@@ -39,7 +38,7 @@ my $grants = q{
 	CREATE SCHEMA AUTHORIZATION %s;
 	GRANT USAGE ON FOREIGN SERVER posthog TO %s;};
 $node->safe_psql('postgres', qq{
-	CREATE SERVER posthog FOREIGN DATA WRAPPER phsync OPTIONS (host '$url', project_id '1', ca_file '$ca');
+	@{[ server_sql($fake, $certs) ]}
 	CREATE ROLE alice LOGIN; CREATE ROLE bob LOGIN; CREATE ROLE carol LOGIN;
 	@{[ join("\n", map { sprintf($grants, $_, $_, $_) } qw(alice bob carol)) ]}
 	SET log_statement = 'none';

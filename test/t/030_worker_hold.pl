@@ -26,9 +26,8 @@ my $fake = start_fake(certs => $certs);
 my $node = phsync_node('hold', $fake, $certs, 'phsync.lock_timeout' => '1s');
 $node->safe_psql('postgres', 'CREATE EXTENSION phsync');
 fake_post($fake, '/generate', { count => 20, seed => 30, created_from => iso_ago($node, '1 hour'), step_ms => 60_000 });
-my ($url, $ca) = ($fake->{url}, $certs->{ca});
 $node->safe_psql('postgres', qq{
-	CREATE SERVER posthog FOREIGN DATA WRAPPER phsync OPTIONS (host '$url', project_id '1', ca_file '$ca');
+	@{[ server_sql($fake, $certs) ]}
 	CREATE ROLE alice LOGIN;
 	CREATE SCHEMA AUTHORIZATION alice;
 	GRANT USAGE ON FOREIGN SERVER posthog TO alice;

@@ -22,7 +22,6 @@ my $fake = start_fake(certs => $certs);
 my $node = phsync_node('quotas', $fake, $certs, 'phsync.max_syncs' => '10', 'phsync.max_queued_runs' => '5');
 $node->safe_psql('postgres', 'CREATE EXTENSION phsync');
 fake_post($fake, '/generate', { count => 20, seed => 31, created_from => iso_ago($node, '3 hours'), step_ms => 60_000 });
-my ($url, $ca) = ($fake->{url}, $certs->{ca});
 my $grants = q{
 	CREATE ROLE %1$s LOGIN;
 	CREATE SCHEMA AUTHORIZATION %1$s;
@@ -37,7 +36,7 @@ my $grants = q{
 	SELECT phsync_add_sync('%1$s', '%1$s.ev', preset => 'events', server => 'posthog');
 	RESET ROLE;};
 $node->safe_psql('postgres', qq{
-	CREATE SERVER posthog FOREIGN DATA WRAPPER phsync OPTIONS (host '$url', project_id '1', ca_file '$ca');
+	@{[ server_sql($fake, $certs) ]}
 	@{[ sprintf($grants, 'alice', $API_KEY) ]}
 	@{[ sprintf($grants, 'bob', $API_KEY) ]}});
 

@@ -75,11 +75,6 @@ $node->safe_psql('postgres', 'CREATE DATABASE restored');
 $node->command_ok([ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('restored'), '-f', $dump ],
 	'reloads without an error');
 is($node->safe_psql('restored', 'SELECT count(*) FROM posthog_events'), target_count($node), 'every row of it');
-my $rj = $node->basedir . '/rejects.copy';
-$node->command_ok([ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'),
-	'-c', "\\copy phsync.rejects TO '$rj'" ], 'the rejects copied out');
-$node->safe_psql('postgres', 'CREATE TABLE rejects_copy (LIKE phsync.rejects)');
-$node->command_ok([ 'psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'),
-	'-c', "\\copy rejects_copy FROM '$rj'" ], 'and loaded back');
+copy_round_trip($node, 'phsync.rejects', 'rejects_copy', 'the rejects copied out', 'and loaded back');
 
 done_testing();

@@ -20,6 +20,7 @@
 #include <netdb.h>
 #include <sys/socket.h>
 
+#include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -108,6 +109,9 @@ static void
 check_worker(Doctor *d)
 {
 	PhsyncWorkerState w;
+	char		problem[PHSYNC_MAX_MESSAGE];
+	char		fix[PHSYNC_MAX_MESSAGE];
+	char	   *dbname;
 
 	if (!shmem_available())
 	{
@@ -116,9 +120,18 @@ check_worker(Doctor *d)
 		return;
 	}
 	shmem_worker_state(&w);
-	if (w.pid == 0)
+	dbname = get_database_name(MyDatabaseId);
+	if (dbname && strcmp(dbname, phsync_database) != 0)
+		row(d, "worker", "warning",
+			psprintf("phsync runs in database \"%s\", not in this one: the syncs here do not run",
+					 phsync_database),
+			"This suits a restored copy. To make phsync run here instead, set phsync.database and restart the server.");
+	else if (w.pid == 0)
 		row(d, "worker", "error", "the phsync worker is not running",
 			"The server log says why; it restarts within seconds after a crash.");
+	else if (shmem_role_problem(problem, fix))
+		row(d, "worker", "error", psprintf("%s; the worker runs no sync until it has them", problem),
+			pstrdup(fix));
 	else
 		row(d, "worker", "ok",
 			w.next_due ? psprintf("pid %d, next scheduled run at %s", (int) w.pid,

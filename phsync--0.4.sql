@@ -4,21 +4,21 @@
 \echo Use "CREATE EXTENSION phsync" to load this file. \quit
 
 /*
- * The background worker connects to one database (phsync.database); the
- * extension only makes sense there.  Refuse anywhere else, as pg_cron does.
- * phsync.database may be a placeholder here when the library is not loaded
- * in this session yet, so fall back to its default.
+ * The background worker connects to one database (phsync.database); in any
+ * other, the extension's objects can exist (a restore into a copy, a test
+ * database) but nothing runs there: say so, as a WARNING (CREATE EXTENSION
+ * hides a script's NOTICEs).  phsync.database may be a
+ * placeholder here when the library is not loaded in this session yet, so
+ * fall back to its default.
  */
 DO $phsync$
 DECLARE
 	target_db text := coalesce(current_setting('phsync.database', true), 'postgres');
 BEGIN
 	IF current_database() OPERATOR(pg_catalog.<>) target_db THEN
-		RAISE EXCEPTION 'can only create extension "phsync" in database "%"', target_db
-			USING ERRCODE = 'object_not_in_prerequisite_state',
-				  DETAIL = format('phsync.database is set to "%s".', target_db),
-				  HINT = format('Create the extension in database "%s", or set phsync.database = ''%s'' in postgresql.conf and restart the server.',
-								target_db, current_database());
+		RAISE WARNING 'phsync runs in database "%", not in this one: syncs here do not run', target_db
+			USING DETAIL = format('phsync.database is set to "%s". The tables and functions work; the worker never reads this database''s syncs.', target_db),
+				  HINT = 'This suits a restored copy. To make phsync run here instead, set phsync.database in postgresql.conf and restart the server.';
 	END IF;
 END
 $phsync$;
@@ -151,7 +151,8 @@ CREATE TABLE phsync.syncs (
 	CHECK ((preset IS NULL) OPERATOR(pg_catalog.<>) (query IS NULL)),
 	owner			pg_catalog.regrole NOT NULL DEFAULT pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER)),
 	server			name,
-	events			text[]
+	events			text[],
+	schedule		text
 );
 
 COMMENT ON TABLE phsync.syncs IS 'syncs added with phsync_add_sync(); the sync named default comes from the phsync.* settings';
@@ -167,6 +168,7 @@ COMMENT ON COLUMN phsync.syncs.events IS 'events preset: only these event names 
 COMMENT ON COLUMN phsync.syncs.conflict IS 'nothing: skip rows already there; update: rewrite them when their values changed';
 COMMENT ON COLUMN phsync.syncs.lookback IS 'how far before the watermark each run starts reading; NULL: re-read everything every run';
 COMMENT ON COLUMN phsync.syncs.verify IS 'scheduled runs also verify the previous day (phsync_verify) and record it in phsync.runs';
+COMMENT ON COLUMN phsync.syncs.schedule IS 'when scheduled runs run it: five cron fields or an interval, in phsync.timezone; NULL: phsync.run_at and phsync.interval';
 COMMENT ON COLUMN phsync.syncs.server IS 'the phsync foreign server of its PostHog project (the key: the owner''s user mapping); NULL: the phsync.* settings';
 
 CREATE TABLE phsync.verifications (
@@ -201,13 +203,13 @@ CREATE FUNCTION @extschema@.phsync_add_sync(
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
 	enabled boolean DEFAULT true, verify boolean DEFAULT NULL, server text DEFAULT NULL,
-	events text[] DEFAULT NULL)
+	events text[] DEFAULT NULL, schedule text DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_add_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]) IS
+COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text) IS
 	'adds a sync (a preset or a HogQL query into a target table); scheduled runs run every enabled sync';
 
 CREATE FUNCTION @extschema@.phsync_alter_sync(
@@ -215,14 +217,15 @@ CREATE FUNCTION @extschema@.phsync_alter_sync(
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
 	enabled boolean DEFAULT NULL, verify boolean DEFAULT NULL,
-	reread_all boolean DEFAULT false, server text DEFAULT NULL, events text[] DEFAULT NULL)
+	reread_all boolean DEFAULT false, server text DEFAULT NULL, events text[] DEFAULT NULL,
+	schedule text DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_alter_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[]) IS
-	'changes a sync; arguments left NULL keep their value (reread_all => true sets lookback to NULL: re-read everything)';
+COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text) IS
+	'changes a sync; arguments left NULL keep their value (reread_all => true sets lookback to NULL: re-read everything; schedule => '''' follows the global schedule again); the default sync takes enabled and schedule';
 
 CREATE FUNCTION @extschema@.phsync_drop_sync(name text)
 RETURNS void
@@ -259,6 +262,17 @@ COMMENT ON FUNCTION @extschema@.phsync_run_now(text) IS
 
 REVOKE ALL ON FUNCTION @extschema@.phsync_run_now(text) FROM PUBLIC;
 
+CREATE FUNCTION @extschema@.phsync_run_now(sync text, wait boolean)
+RETURNS SETOF phsync.runs
+AS 'MODULE_PATHNAME', 'phsync_run_now'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+
+COMMENT ON FUNCTION @extschema@.phsync_run_now(text, boolean) IS
+	'as phsync_run_now(sync); with wait => false, queues the runs (status queued) and returns them at once';
+
+REVOKE ALL ON FUNCTION @extschema@.phsync_run_now(text, boolean) FROM PUBLIC;
+
 CREATE FUNCTION @extschema@.phsync_backfill(sync text, "from" timestamptz, "to" timestamptz)
 RETURNS phsync.runs
 AS 'MODULE_PATHNAME', 'phsync_backfill'
@@ -293,7 +307,8 @@ COMMENT ON FUNCTION @extschema@.phsync_next_run(timestamptz) IS
 CREATE FUNCTION @extschema@.phsync_sync_state(
 	OUT sync text, OUT enabled boolean, OUT target text, OUT watermark timestamptz,
 	OUT next_run timestamptz, OUT running boolean, OUT run_id bigint, OUT pages integer,
-	OUT rows_received bigint, OUT target_problem text, OUT waiting_until timestamptz)
+	OUT rows_received bigint, OUT target_problem text, OUT waiting_until timestamptz,
+	OUT owner oid, OUT schedule text, OUT stale boolean, OUT paused boolean)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'phsync_sync_state'
 LANGUAGE C VOLATILE STRICT
@@ -323,7 +338,15 @@ SELECT s.sync,
 	   s.rows_received,
 	   v.verify_mismatches AS last_verify_mismatches,
 	   s.target_problem,
-	   s.waiting_until
+	   s.waiting_until,
+	   CASE WHEN NOT s.enabled THEN 'disabled'
+			WHEN s.paused THEN 'paused'
+			WHEN r.status OPERATOR(pg_catalog.=) 'failed' THEN 'failing'
+			WHEN r.rows_rejected OPERATOR(pg_catalog.>) 0 OR v.verify_mismatches OPERATOR(pg_catalog.>) 0 THEN 'degraded'
+			WHEN s.stale THEN 'stale'
+			ELSE 'ok' END AS health,
+	   r.rows_rejected AS last_rows_rejected,
+	   s.schedule
 FROM @extschema@.phsync_sync_state() s
 LEFT JOIN LATERAL (SELECT * FROM phsync.runs
 				   WHERE runs.sync OPERATOR(pg_catalog.=) s.sync
@@ -334,7 +357,10 @@ LEFT JOIN LATERAL (SELECT runs.verify_mismatches FROM phsync.runs
 				   WHERE runs.sync OPERATOR(pg_catalog.=) s.sync
 					 AND runs.status OPERATOR(pg_catalog.=) 'succeeded'
 					 AND runs.trigger OPERATOR(pg_catalog.=) 'verify'
-				   ORDER BY id DESC LIMIT 1) v ON true;
+				   ORDER BY id DESC LIMIT 1) v ON true
+-- a role sees the syncs it owns (the default sync is the superusers'), pg_read_all_stats every one
+WHERE pg_catalog.pg_has_role(s.owner, 'USAGE')
+   OR pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE');
 
 COMMENT ON VIEW phsync.status IS
 	'one row per sync: last finished run, watermark and lag, next scheduled run, run in progress, last verification';
@@ -356,10 +382,13 @@ COMMENT ON COLUMN phsync.status.pages IS 'pages the run in progress has loaded';
 COMMENT ON COLUMN phsync.status.rows_received IS 'rows the run in progress has received';
 COMMENT ON COLUMN phsync.status.last_verify_mismatches IS 'buckets that differed in its last verification';
 COMMENT ON COLUMN phsync.status.waiting_until IS 'the run in progress waits for PostHog''s throttle (HTTP 429) until then';
+COMMENT ON COLUMN phsync.status.health IS 'ok; degraded (its last run rejected rows, or its last verification found buckets that differ); failing (its last run failed); stale (no success for two scheduled periods); paused (phsync.enabled is off); disabled';
+COMMENT ON COLUMN phsync.status.last_rows_rejected IS 'rows its last finished run rejected (phsync.rejects)';
+COMMENT ON COLUMN phsync.status.schedule IS 'its own schedule; NULL: phsync.run_at and phsync.interval';
 COMMENT ON COLUMN phsync.status.target_problem IS 'why the target is not read (it does not exist, is not a table, the sync''s owner may not write it...); NULL when it is fine';
 
-REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.phsync_drop_sync(text) FROM PUBLIC;
 
 CREATE FUNCTION @extschema@.phsync_cancel(run_id bigint)
@@ -460,3 +489,108 @@ REVOKE ALL ON FUNCTION @extschema@.phsync_query_json(text, text, jsonb) FROM PUB
 REVOKE ALL ON FUNCTION @extschema@.phsync_describe(text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.phsync_tables(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.phsync_create_table(text, text, text[], text, text, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION @extschema@.phsync_next_run(after timestamptz, schedule text)
+RETURNS timestamptz
+AS 'MODULE_PATHNAME', 'phsync_next_run_of'
+LANGUAGE C STABLE;
+
+COMMENT ON FUNCTION @extschema@.phsync_next_run(timestamptz, text) IS
+	'the first run of a schedule (five cron fields or an interval, in phsync.timezone; NULL: the global one) after a moment';
+
+-- ---------- the default sync's switch and schedule (0.4) ----------
+
+/*
+ * The default sync is defined by the phsync.* settings; only whether it
+ * runs and when are set from SQL (phsync_alter_sync('default', ...)), and
+ * kept here.  One row at most.  Readable by every role that may read
+ * phsync's schema (the worker's role among them).
+ */
+CREATE TABLE phsync.default_sync (
+	only_row		boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+	enabled			boolean NOT NULL DEFAULT true,
+	schedule		text
+);
+
+COMMENT ON TABLE phsync.default_sync IS 'the default sync''s enabled and schedule, set with phsync_alter_sync(''default'', ...); its other fields are the phsync.* settings';
+COMMENT ON COLUMN phsync.default_sync.only_row IS 'always true: the table has one row at most';
+COMMENT ON COLUMN phsync.default_sync.enabled IS 'whether scheduled runs and phsync_run_now() run the default sync';
+COMMENT ON COLUMN phsync.default_sync.schedule IS 'its own schedule (cron or interval); NULL: phsync.run_at and phsync.interval';
+
+SELECT pg_catalog.pg_extension_config_dump('phsync.default_sync', '');
+GRANT SELECT ON phsync.default_sync TO PUBLIC;
+
+-- ---------- owners see their own syncs and runs (0.4) ----------
+
+/*
+ * As pg_cron does for cron.job: a role sees the rows of the syncs it owns
+ * (or is a member of the owner of); the default sync's runs, and those of
+ * dropped syncs, are the superusers'.  A role that may update phsync.runs
+ * (the worker's role, phsync.role) sees every row: it runs every sync.
+ * Superusers and the tables' owner bypass these policies.  Writing is
+ * decided by privileges alone (nobody but the worker's role has them).
+ */
+ALTER TABLE phsync.syncs ENABLE ROW LEVEL SECURITY;
+ALTER TABLE phsync.runs ENABLE ROW LEVEL SECURITY;
+ALTER TABLE phsync.rejects ENABLE ROW LEVEL SECURITY;
+ALTER TABLE phsync.verifications ENABLE ROW LEVEL SECURITY;
+
+CREATE POLICY owner_reads ON phsync.syncs FOR SELECT
+	USING (pg_catalog.pg_has_role(owner, 'USAGE')
+		   OR pg_catalog.has_table_privilege('phsync.runs', 'UPDATE'));
+CREATE POLICY owner_reads ON phsync.runs FOR SELECT
+	USING (pg_catalog.has_table_privilege('phsync.runs', 'UPDATE')
+		   OR EXISTS (SELECT FROM phsync.syncs s WHERE s.name OPERATOR(pg_catalog.=) runs.sync));
+CREATE POLICY owner_reads ON phsync.rejects FOR SELECT
+	USING (pg_catalog.has_table_privilege('phsync.runs', 'UPDATE')
+		   OR EXISTS (SELECT FROM phsync.runs r WHERE r.id OPERATOR(pg_catalog.=) rejects.run_id));
+CREATE POLICY owner_reads ON phsync.verifications FOR SELECT
+	USING (pg_catalog.has_table_privilege('phsync.runs', 'UPDATE')
+		   OR EXISTS (SELECT FROM phsync.runs r WHERE r.id OPERATOR(pg_catalog.=) verifications.run_id));
+CREATE POLICY writer_inserts ON phsync.runs FOR INSERT WITH CHECK (true);
+CREATE POLICY writer_updates ON phsync.runs FOR UPDATE USING (true);
+CREATE POLICY writer_deletes ON phsync.runs FOR DELETE USING (true);
+CREATE POLICY writer_inserts ON phsync.rejects FOR INSERT WITH CHECK (true);
+CREATE POLICY writer_updates ON phsync.rejects FOR UPDATE USING (true);
+CREATE POLICY writer_deletes ON phsync.rejects FOR DELETE USING (true);
+CREATE POLICY writer_inserts ON phsync.verifications FOR INSERT WITH CHECK (true);
+CREATE POLICY writer_updates ON phsync.verifications FOR UPDATE USING (true);
+CREATE POLICY writer_deletes ON phsync.verifications FOR DELETE USING (true);
+
+-- ---------- phsync_user: every grant a delegate needs (0.4) ----------
+
+/*
+ * GRANT phsync_user TO alice is the whole delegation: alice manages and
+ * runs her own syncs (with her own user mapping on a phsync server, whose
+ * USAGE its owner grants), queries PostHog and reads her syncs' history.
+ * Roles are the cluster's: the role is created when absent and stays when
+ * the extension is dropped.
+ */
+DO $phsync$
+BEGIN
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'phsync_user') THEN
+		CREATE ROLE phsync_user NOLOGIN;
+		COMMENT ON ROLE phsync_user IS 'phsync''s delegates: GRANT phsync_user TO a role that may manage and run its own syncs';
+	END IF;
+END
+$phsync$;
+
+GRANT USAGE ON SCHEMA phsync TO phsync_user;
+GRANT SELECT ON phsync.syncs, phsync.runs, phsync.rejects, phsync.verifications, phsync.status TO phsync_user;
+GRANT EXECUTE ON FUNCTION
+	@extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text),
+	@extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text),
+	@extschema@.phsync_drop_sync(text),
+	@extschema@.phsync_run_now(text),
+	@extschema@.phsync_run_now(text, boolean),
+	@extschema@.phsync_backfill(text, timestamptz, timestamptz),
+	@extschema@.phsync_verify(text, timestamptz, timestamptz, interval, boolean),
+	@extschema@.phsync_cancel(bigint),
+	@extschema@.phsync_sync_state(),
+	@extschema@.phsync_query(text, text, jsonb),
+	@extschema@.phsync_query_json(text, text, jsonb),
+	@extschema@.phsync_describe(text, text, jsonb),
+	@extschema@.phsync_tables(text),
+	@extschema@.phsync_create_table(text, text, text[]),
+	@extschema@.phsync_create_table(text, text, text[], text, text, jsonb)
+	TO phsync_user;

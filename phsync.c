@@ -49,6 +49,7 @@ PG_FUNCTION_INFO_V1(phsync_backfill);
 PG_FUNCTION_INFO_V1(phsync_verify);
 PG_FUNCTION_INFO_V1(phsync_sync_state);
 PG_FUNCTION_INFO_V1(phsync_next_run);
+PG_FUNCTION_INFO_V1(phsync_next_run_of);
 PG_FUNCTION_INFO_V1(phsync_doctor);
 PG_FUNCTION_INFO_V1(phsync_add_sync);
 PG_FUNCTION_INFO_V1(phsync_alter_sync);
@@ -250,6 +251,8 @@ static void
 check_callable_here(void)
 {
 	char	   *dbname;
+	char		problem[PHSYNC_MAX_MESSAGE];
+	char		fix[PHSYNC_MAX_MESSAGE];
 
 	if (!shmem_available())
 		ereport(ERROR,
@@ -268,6 +271,13 @@ check_callable_here(void)
 				 errmsg("phsync runs in database \"%s\", not in this one", phsync_database),
 				 errhint("Connect to database \"%s\", or set phsync.database and restart the server.",
 						 phsync_database)));
+	/* the worker would only answer with it, or never take the run */
+	if (shmem_role_problem(problem, fix))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("%s", problem),
+				 errdetail("The phsync worker runs no sync until it has them."),
+				 errhint("%s", fix)));
 }
 
 /*
@@ -431,7 +441,43 @@ return_rows(FunctionCallInfo fcinfo, const char *sql, int64 arg1, int64 arg2)
 }
 
 /*
+ * phsync_run_now(wait => false): queue a manual run of each sync in
+ * phsync.runs (the caller's transaction: a rollback, a cancel or a
+ * statement timeout queues nothing) and return those rows.
+ */
+typedef struct QueueRuns
+{
+	const char *only;
+	Oid			requester;
+	ReturnSetInfo *rsinfo;
+} QueueRuns;
+
+static void
+queue_runs(void *arg)
+{
+	QueueRuns  *q = (QueueRuns *) arg;
+	ListCell   *lc;
+
+	(void) runlog_claim_cluster();
+	foreach(lc, sync_runnable_by(sync_list(q->only, true), q->requester))
+	{
+		PhsyncSync *s = lfirst(lc);
+		HeapTupleHeader row;
+		HeapTupleData tuple;
+
+		row = DatumGetHeapTupleHeader(runlog_queue(PHSYNC_TRIGGER_MANUAL, s->name, s->target,
+												   NULL, NULL, q->rsinfo->setDesc));
+		tuple.t_len = HeapTupleHeaderGetDatumLength(row);
+		ItemPointerSetInvalid(&tuple.t_self);
+		tuple.t_tableOid = InvalidOid;
+		tuple.t_data = row;
+		tuplestore_puttuple(q->rsinfo->setResult, &tuple);
+	}
+}
+
+/*
  * phsync_run_now(sync text DEFAULT NULL) RETURNS SETOF phsync.runs
+ * phsync_run_now(sync text, wait boolean) RETURNS SETOF phsync.runs
  *
  * Asks the worker to run every enabled sync the caller owns (every one,
  * for superusers), or the one named, which the caller must own; waits for
@@ -457,6 +503,21 @@ phsync_run_now(PG_FUNCTION_ARGS)
 		sync = find_sync(request.sync);
 		phsync_spi_finish();
 		check_sync_owner(sync, "to run it");
+	}
+	if (PG_NARGS() > 1 && !PG_ARGISNULL(1) && !PG_GETARG_BOOL(1))
+	{
+		QueueRuns	q;
+
+		check_callable_here();
+		InitMaterializedSRF(fcinfo, 0);
+		q.only = request.sync[0] ? request.sync : NULL;
+		q.requester = request.requester;
+		q.rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+		phsync_spi_connect();
+		as_phsync(queue_runs, &q);
+		phsync_spi_finish();
+		shmem_wake_worker_at_commit();
+		return (Datum) 0;
 	}
 	submit_request(&request, &answer);
 	return_rows(fcinfo, "SELECT * FROM phsync.runs WHERE id BETWEEN $1 AND $2 "
@@ -553,7 +614,7 @@ queue_backfill(void *arg)
 
 	/* queued here, by this cluster: the worker must not take it for a restored one */
 	(void) runlog_claim_cluster();
-	q->result = runlog_queue_backfill(q->sync, q->target, q->from, q->to, q->tupdesc);
+	q->result = runlog_queue(PHSYNC_TRIGGER_BACKFILL, q->sync, q->target, &q->from, &q->to, q->tupdesc);
 }
 
 /*
@@ -623,6 +684,10 @@ phsync_sync_state(PG_FUNCTION_ARGS)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	PhsyncWorkerState w;
 	List	   *syncs;
+	List	   *scheduled;
+	List	   *succeeded;
+	TimestampTz owned_since;
+	TimestampTz now = GetCurrentTimestamp();
 	ListCell   *lc;
 
 	InitMaterializedSRF(fcinfo, 0);
@@ -632,11 +697,15 @@ phsync_sync_state(PG_FUNCTION_ARGS)
 
 	phsync_spi_connect();
 	syncs = sync_list(NULL, false);
+	scheduled = runlog_last_starts(false, &owned_since);
+	succeeded = runlog_last_starts(true, &owned_since);
 	foreach(lc, syncs)
 	{
 		PhsyncSync *s = lfirst(lc);
-		Datum		values[11];
-		bool		nulls[11] = {false, false, false, true, true, false, true, false, false, true, true};
+		Datum		values[15];
+		bool		nulls[15] = {false, false, false, true, true, false, true, false, false, true, true,
+		false, true, false, false};
+		TimestampTz since;
 		bool		mine = w.run_id != 0 && strcmp(w.sync, s->name) == 0;
 		PhsyncTargetSpec spec;
 		PhsyncProblem problem;
@@ -666,11 +735,31 @@ phsync_sync_state(PG_FUNCTION_ARGS)
 													 s->owner_name));
 			nulls[9] = false;
 		}
-		if (w.next_due != 0 && s->enabled)
+		/* the worker's own rule (schedule_sync_due()), from what it published */
+		if (w.pid != 0 && s->enabled && phsync_enabled)
 		{
-			values[4] = TimestampTzGetDatum(w.next_due);
+			TimestampTz base = Max(Max(w.schedule_base - 1, owned_since), s->created_at);
+
+			values[4] = TimestampTzGetDatum(schedule_sync_due(s->schedule,
+															  runlog_last_start(scheduled, s->name),
+															  0, base));
 			nulls[4] = false;
 		}
+		values[11] = ObjectIdGetDatum(sync_is_default(s) || !OidIsValid(s->owner) ?
+									  BOOTSTRAP_SUPERUSERID : s->owner);
+		if (s->schedule)
+		{
+			values[12] = CStringGetTextDatum(s->schedule);
+			nulls[12] = false;
+		}
+
+		/* stale: no success for two of its scheduled periods */
+		since = runlog_last_start(succeeded, s->name);
+		if (since == 0)
+			since = sync_is_default(s) ? owned_since : s->created_at;
+		values[13] = BoolGetDatum(since != 0 && !mine &&
+								  now - since > 2 * schedule_period(s->schedule, since));
+		values[14] = BoolGetDatum(!phsync_enabled);
 		values[5] = BoolGetDatum(mine);
 		if (mine)
 		{
@@ -697,6 +786,20 @@ Datum
 phsync_next_run(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_TIMESTAMPTZ(schedule_slot_after(PG_GETARG_TIMESTAMPTZ(0)));
+}
+
+/*
+ * phsync_next_run(after timestamptz, schedule text) RETURNS timestamptz
+ */
+Datum
+phsync_next_run_of(PG_FUNCTION_ARGS)
+{
+	PhsyncSchedule s;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	schedule_parse(PG_ARGISNULL(1) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(1)), &s);
+	PG_RETURN_TIMESTAMPTZ(schedule_next(&s, PG_GETARG_TIMESTAMPTZ(0)));
 }
 
 static void
@@ -752,6 +855,7 @@ sync_args(FunctionCallInfo fcinfo, PhsyncSyncArgs *args, int server_arg)
 	args->server = text_arg(fcinfo, server_arg);
 	args->has_events = !PG_ARGISNULL(server_arg + 1);
 	args->events = text_array_arg(fcinfo, server_arg + 1, "events");
+	args->schedule = text_arg(fcinfo, server_arg + 2);
 }
 
 static TupleDesc
@@ -778,7 +882,7 @@ phsync_add_sync(PG_FUNCTION_ARGS)
 	TupleDesc	tupdesc = result_tupdesc(fcinfo);
 	Datum		result;
 
-	sync_args(fcinfo, &args, 9);
+	sync_args(fcinfo, &args, 9);	/* server, events, schedule */
 	require_arg(fcinfo, 1, "target");
 	phsync_spi_connect();
 	result = sync_add(&args, tupdesc);

@@ -111,6 +111,15 @@ extern int	phsync_max_queued_runs;
 extern int	phsync_max_verify_buckets;
 extern int	phsync_max_backfill_range;	/* minutes */
 extern int	phsync_lock_timeout;	/* milliseconds */
+extern bool phsync_enabled;		/* scheduled runs run */
+extern int	phsync_log_runs;
+
+typedef enum PhsyncLogRuns
+{
+	PHSYNC_LOG_RUNS_ALL,
+	PHSYNC_LOG_RUNS_FAILURES,
+	PHSYNC_LOG_RUNS_NONE
+} PhsyncLogRuns;
 
 typedef enum PhsyncBadRow
 {
@@ -255,6 +264,7 @@ typedef struct PhsyncWorkerState
 {
 	pid_t		pid;			/* 0 when no worker is attached */
 	TimestampTz next_due;		/* 0 when not known */
+	TimestampTz schedule_base;	/* when it started or re-read its settings */
 	bool		busy;
 	int64		run_id;			/* 0 when no run is in progress */
 	char		sync[NAMEDATALEN];
@@ -296,6 +306,10 @@ extern void shmem_set_busy(bool busy);
 extern void shmem_set_run(int64 run_id, const char *sync);
 extern void shmem_set_progress(int pages, int64 received);
 extern void shmem_set_next_due(TimestampTz due);
+extern void shmem_set_schedule_base(TimestampTz base);
+extern void shmem_set_role_problem(const char *problem, const char *fix);
+extern bool shmem_role_problem(char *problem, char *fix);
+extern bool roles_worker_lacks(char **problem, char **fix);
 extern void shmem_set_waiting(TimestampTz until);
 extern bool shmem_cancel_pending(void);
 extern void shmem_check_cancel(void);
@@ -348,6 +362,44 @@ extern void as_role_end(PhsyncAsRole *save);
 
 /* ---------- schedule.c ---------- */
 extern TimestampTz schedule_slot_after(TimestampTz t);
+
+/* a sync's own schedule (schedule.c) */
+typedef enum PhsyncScheduleKind
+{
+	PHSYNC_SCHEDULE_GLOBAL,		/* phsync.run_at and phsync.interval */
+	PHSYNC_SCHEDULE_CRON,
+	PHSYNC_SCHEDULE_INTERVAL
+} PhsyncScheduleKind;
+
+typedef struct PhsyncSchedule
+{
+	PhsyncScheduleKind kind;
+	uint64		minutes;		/* cron: a bit per allowed value */
+	uint32		hours;
+	uint32		mdays;
+	uint16		months;
+	uint8		wdays;			/* bit 0: Sunday */
+	bool		mday_star;		/* the day-of-month field was "*" */
+	bool		wday_star;
+	int64		interval;		/* interval: seconds */
+} PhsyncSchedule;
+
+extern void schedule_parse(const char *text, PhsyncSchedule *s);
+extern TimestampTz schedule_sync_due(const char *schedule, TimestampTz last, TimestampTz attempt,
+									 TimestampTz base);
+extern TimestampTz schedule_period(const char *schedule, TimestampTz t);
+
+/* when a sync's last (scheduled or successful) run started (runlog_last_starts()) */
+typedef struct PhsyncLastStart
+{
+	char	   *sync;
+	TimestampTz at;
+} PhsyncLastStart;
+
+extern List *runlog_last_starts(bool succeeded, TimestampTz *owned_since);
+extern TimestampTz runlog_last_start(List *starts, const char *sync);
+extern bool runlog_day_verified(const char *sync, TimestampTz from, TimestampTz to);
+extern TimestampTz schedule_next(const PhsyncSchedule *s, TimestampTz t);
 extern TimestampTz schedule_day_start(TimestampTz t, int days_before);
 
 /* ---------- response.c ---------- */
@@ -620,11 +672,12 @@ typedef struct PhsyncCounters
 extern const char *trigger_name(PhsyncTrigger trigger);
 extern int64 runlog_start(PhsyncTrigger trigger, const char *sync, const char *target,
 						  TimestampTz *from, TimestampTz *to);
-extern Datum runlog_queue_backfill(const char *sync, const char *target,
-								   TimestampTz from, TimestampTz to, TupleDesc tupdesc);
+extern Datum runlog_queue(PhsyncTrigger trigger, const char *sync, const char *target,
+						  const TimestampTz *from, const TimestampTz *to, TupleDesc tupdesc);
 extern void runlog_begin_queued(int64 run_id);
-extern bool runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from,
+extern bool runlog_next_queued(int64 *run_id, bool *manual, char **sync, TimestampTz *from,
 							   TimestampTz *to, Oid *owner);
+extern List *sync_runnable_by(List *syncs, Oid requester);
 extern void runlog_fail_queued(int64 run_id, const char *error);
 extern void runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
 							int64 posthog, int64 local, PhsyncBucketStatus status);
@@ -642,7 +695,6 @@ extern bool runlog_run_sync(int64 run_id, char **sync, bool *queued);
 extern bool runlog_cancel_queued(int64 run_id);
 extern int	runlog_fail_orphans(void);
 extern int64 runlog_prune(int days);
-extern bool runlog_last_scheduled(TimestampTz *last, TimestampTz *owned_since);
 typedef enum PhsyncClaim
 {
 	PHSYNC_CLAIM_OURS,			/* this cluster's history already */
@@ -729,6 +781,8 @@ typedef struct PhsyncSync
 	bool		verify;			/* scheduled runs verify the previous day */
 	char	   *server;			/* foreign server; NULL: the phsync.* settings */
 	List	   *events;			/* events preset: only these event names (NIL: all) */
+	char	   *schedule;		/* its own schedule; NULL: the global one */
+	TimestampTz created_at;		/* 0 for the default sync */
 } PhsyncSync;
 
 /* phsync_add_sync()'s and phsync_alter_sync()'s arguments; NULL: not given */
@@ -749,6 +803,7 @@ typedef struct PhsyncSyncArgs
 	char	   *server;			/* '' : back to the settings */
 	bool		has_events;
 	List	   *events;			/* empty: every event */
+	char	   *schedule;		/* '' : back to the global schedule */
 } PhsyncSyncArgs;
 
 extern bool sync_is_default(const PhsyncSync *sync);

@@ -241,3 +241,50 @@ roles_publish_owners(bool extension_here)
 	}
 	shmem_publish_owners(owners, n, overflow);
 }
+
+/*
+ * Whether the role the worker runs as (phsync.role) lacks a privilege the
+ * worker needs on phsync's own objects: then *problem names what it lacks
+ * and *fix holds the GRANTs (as a superuser) that give it.  A superuser
+ * lacks nothing.  Needs SPI connected, in the worker.
+ */
+bool
+roles_worker_lacks(char **problem, char **fix)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (superuser())
+		return false;
+	if (phsync_spi_exec("WITH needed (kind, object, privileges) AS (VALUES "
+						"('SCHEMA', 'phsync', 'USAGE'), "
+						"('TABLE', 'phsync.runs', 'SELECT, INSERT, UPDATE, DELETE'), "
+						"('TABLE', 'phsync.rejects', 'SELECT, INSERT, UPDATE, DELETE'), "
+						"('SEQUENCE', 'phsync.runs_id_seq', 'USAGE'), "
+						"('SEQUENCE', 'phsync.rejects_id_seq', 'USAGE'), "
+						"('TABLE', 'phsync.syncs', 'SELECT'), "
+						"('TABLE', 'phsync.verifications', 'SELECT, INSERT, UPDATE'), "
+						"('TABLE', 'phsync.cluster', 'SELECT, INSERT, DELETE')), "
+						"missing AS (SELECT n.kind, n.object, "
+						"  pg_catalog.string_agg(p, ', ' ORDER BY o) AS privileges "
+						"  FROM needed n, pg_catalog.unnest(pg_catalog.string_to_array(n.privileges, ', ')) "
+						"       WITH ORDINALITY AS u (p, o) "
+						"  WHERE NOT CASE n.kind "
+						"    WHEN 'SCHEMA' THEN pg_catalog.has_schema_privilege(n.object, p) "
+						"    WHEN 'SEQUENCE' THEN pg_catalog.has_sequence_privilege(n.object, p) "
+						"    ELSE pg_catalog.has_table_privilege(n.object, p) END "
+						"  GROUP BY n.kind, n.object) "
+						"SELECT pg_catalog.string_agg(privileges || ' on ' || pg_catalog.lower(kind) || ' ' || object, '; '), "
+						"pg_catalog.string_agg(pg_catalog.format('GRANT %s ON %s%s TO %I;', privileges, "
+						"  CASE kind WHEN 'TABLE' THEN '' ELSE kind || ' ' END, object, current_user), ' ') "
+						"FROM missing",
+						0, NULL, NULL, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not check the privileges of the phsync worker's role");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	if (isnull)
+		return false;
+	*problem = psprintf("phsync.role \"%s\" lacks %s", GetUserNameFromId(GetUserId(), false),
+						TextDatumGetCString(d));
+	*fix = TextDatumGetCString(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	return true;
+}

@@ -167,7 +167,7 @@ window_start(PhsyncRunState *st, PhsyncJob *job, TimestampTz until)
 		runlog_resume_point(st->sync->name, job->bounded, job->from, job->to, &resume) &&
 		resume - st->sync->lookback < since)
 	{
-		ereport(LOG,
+		ereport(phsync_log_runs == PHSYNC_LOG_RUNS_ALL ? LOG : DEBUG1,
 				(errmsg("phsync run %lld resumes where the last unfinished run of sync %s had loaded everything: %s",
 						(long long) st->run_id, st->sync->name, phsync_format_timestamp(resume))));
 		since = resume - st->sync->lookback;
@@ -209,7 +209,7 @@ mark_absent(PhsyncRunState *st)
 	runlog_progress(st->run_id, &st->counters);
 	xact_commit(cxt);
 	if (n > 0)
-		ereport(LOG,
+		ereport(phsync_log_runs == PHSYNC_LOG_RUNS_ALL ? LOG : DEBUG1,
 				(errmsg("phsync run %lld: %lld row(s) of %s are gone from PostHog: %s",
 						(long long) st->run_id, (long long) n, st->target->display,
 						mode == PHSYNC_ABSENT_FLAG ? "flagged deleted" : "deleted")));
@@ -249,7 +249,7 @@ run_body(PhsyncRunState *st, PhsyncJob *job)
 	if (st->track_keys)
 		mark_absent(st);
 
-	ereport(LOG,
+	ereport(phsync_log_runs == PHSYNC_LOG_RUNS_ALL ? LOG : DEBUG1,
 			(errmsg("phsync run %lld (sync %s) into %s: %s to %s, %d pages, %lld rows received, %lld inserted, %lld updated, %lld deleted, %lld rejected, %d retries, %d throttle waits, %.1f s",
 					(long long) st->run_id, st->sync->name, st->target->display,
 					phsync_format_timestamp(since), phsync_format_timestamp(until),
@@ -296,7 +296,7 @@ run_error(MemoryContext cxt, int64 run_id)
 		edata->message = psprintf("phsync run %lld was cancelled", (long long) run_id);
 		edata->detail = pstrdup(why);
 	}
-	ereport(LOG,
+	ereport(phsync_log_runs == PHSYNC_LOG_RUNS_NONE ? DEBUG1 : LOG,
 			(errcode(edata->sqlerrcode),
 			 errmsg_internal("%s", edata->message),
 			 edata->detail ? errdetail_internal("%s", edata->detail) : 0));
@@ -337,7 +337,7 @@ run_job(PhsyncJob *job, PhsyncOutcome *outcome)
 		st.run_id = job->run_id;
 		outcome->run_id = st.run_id;
 		shmem_set_run(st.run_id, job->sync->name);
-		ereport(LOG,
+		ereport(phsync_log_runs == PHSYNC_LOG_RUNS_ALL ? LOG : DEBUG1,
 				(errmsg("phsync run %lld (%s of sync %s) started",
 						(long long) st.run_id, trigger_name(job->trigger), job->sync->name)));
 

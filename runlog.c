@@ -4,7 +4,7 @@
  *		The phsync.runs table: one row per run, written by the worker.
  *
  * runlog_start, runlog_begin_queued, runlog_next_queued, runlog_fail_queued,
- * runlog_finish, runlog_fail_orphans, runlog_last_scheduled and
+ * runlog_finish, runlog_fail_orphans, runlog_day_verified and
  * runlog_prune run in a transaction of their own (the worker's, between
  * runs or pages); the others run inside the caller's, with SPI connected,
  * so that a page's counters commit with its rows.
@@ -176,23 +176,25 @@ check_queue_quota(Datum sync)
  * Returns its row, shaped as tupdesc.
  */
 Datum
-runlog_queue_backfill(const char *sync, const char *target, TimestampTz from,
-					  TimestampTz to, TupleDesc tupdesc)
+runlog_queue(PhsyncTrigger trigger, const char *sync, const char *target,
+			 const TimestampTz *from, const TimestampTz *to, TupleDesc tupdesc)
 {
-	Oid			types[4] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
-	Datum		values[4];
+	Oid			types[5] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID};
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', from ? ' ' : 'n', to ? ' ' : 'n', ' '};
 
 	Assert(phsync_spi_connected());
 	values[0] = CStringGetTextDatum(sync);
 	check_queue_quota(values[0]);
 	values[1] = CStringGetTextDatum(target);
-	values[2] = TimestampTzGetDatum(from);
-	values[3] = TimestampTzGetDatum(to);
+	values[2] = from ? TimestampTzGetDatum(*from) : (Datum) 0;
+	values[3] = to ? TimestampTzGetDatum(*to) : (Datum) 0;
+	values[4] = CStringGetTextDatum(trigger_name(trigger));
 	if (phsync_spi_exec("INSERT INTO phsync.runs (trigger, status, sync, target, window_from, window_until) "
-							  "VALUES ('backfill', 'queued', $1, $2, $3, $4) RETURNING *",
-							  4, types, values, NULL, false, 1) != SPI_OK_INSERT_RETURNING ||
+							  "VALUES ($5, 'queued', $1, $2, $3, $4) RETURNING *",
+							  5, types, values, nulls, false, 1) != SPI_OK_INSERT_RETURNING ||
 		SPI_processed != 1)
-		elog(ERROR, "could not queue the backfill");
+		elog(ERROR, "could not queue a run of sync \"%s\"", sync);
 	return PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], tupdesc));
 }
 
@@ -218,7 +220,7 @@ runlog_begin_queued(int64 run_id)
  * it.  False when none is queued.
  */
 bool
-runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *to,
+runlog_next_queued(int64 *run_id, bool *manual, char **sync, TimestampTz *from, TimestampTz *to,
 				   Oid *owner)
 {
 	bool		found;
@@ -231,7 +233,8 @@ runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *t
 				"error = 'queued before this database was restored; call phsync_backfill() again to run it here' "
 				"WHERE status = 'queued' AND started_at < (SELECT min(registered_at) FROM phsync.cluster)",
 				0, NULL, NULL, NULL, -1);
-	if (phsync_spi_exec("SELECT r.id, r.sync, r.window_from, r.window_until, " QUEUED_OWNER " "
+	if (phsync_spi_exec("SELECT r.id, r.sync, r.window_from, r.window_until, " QUEUED_OWNER ", "
+						"r.trigger = 'manual' "
 						"FROM phsync.runs r LEFT JOIN phsync.syncs s ON s.name = r.sync "
 						"WHERE r.status = 'queued' "
 						"ORDER BY " QUEUED_OWNER " <= $1, " QUEUED_OWNER ", r.id LIMIT 1",
@@ -249,6 +252,7 @@ runlog_next_queued(int64 *run_id, char **sync, TimestampTz *from, TimestampTz *t
 		*from = DatumGetTimestampTz(SPI_getbinval(tup, desc, 3, &isnull));
 		*to = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
 		*owner = DatumGetObjectId(SPI_getbinval(tup, desc, 5, &isnull));
+		*manual = DatumGetBool(SPI_getbinval(tup, desc, 6, &isnull));
 	}
 	xact_commit(cxt);
 	return found;
@@ -450,7 +454,96 @@ runlog_finish(int64 run_id, PhsyncRunStatus status, const char *error, PhsyncCou
 	runlog_exec("UPDATE phsync.runs SET " COUNTERS_SET ", status = $10, error = $11, "
 				"finished_at = clock_timestamp() WHERE id = $1",
 				NCOUNTERS + 2, types, values, nulls, 1);
+
+	/*
+	 * The push signal, delivered when the run's row commits.  Every role
+	 * connected to the database may LISTEN: no error text, which may
+	 * quote data; phsync.runs has it for those who may see the run.
+	 */
+	runlog_exec("SELECT pg_catalog.pg_notify('phsync', pg_catalog.json_build_object("
+				"'sync', sync, 'run_id', id, 'trigger', trigger, 'status', status, "
+				"'rows_received', rows_received, 'rows_inserted', rows_inserted, "
+				"'rows_updated', rows_updated, 'rows_deleted', rows_deleted, "
+				"'rows_rejected', rows_rejected, 'verify_mismatches', verify_mismatches)::pg_catalog.text) "
+				"FROM phsync.runs WHERE id = $1",
+				1, types, values, nulls, -1);
 	xact_commit(cxt);
+}
+
+/*
+ * When each sync's last scheduled run started (since this cluster took
+ * the history over), or with `succeeded`, its last successful run that was
+ * not a verification, as a list of PhsyncLastStart in the caller's memory
+ * context; and when this cluster took the history over (0: never).  Needs
+ * SPI connected.
+ */
+List *
+runlog_last_starts(bool succeeded, TimestampTz *owned_since)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	List	   *result = NIL;
+	bool		isnull;
+	uint64		i;
+
+	runlog_exec("SELECT min(registered_at) FROM phsync.cluster", 0, NULL, NULL, NULL, 1);
+	*owned_since = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+													 SPI_tuptable->tupdesc, 1, &isnull));
+	if (isnull)
+		*owned_since = 0;
+	runlog_exec(succeeded ?
+				"SELECT sync, max(started_at) FROM phsync.runs WHERE status = 'succeeded' "
+				"AND trigger <> 'verify' GROUP BY sync" :
+				"SELECT sync, max(started_at) FROM phsync.runs WHERE trigger = 'schedule' "
+				"AND started_at >= coalesce((SELECT min(registered_at) FROM phsync.cluster), '-infinity') "
+				"GROUP BY sync", 0, NULL, NULL, NULL, -1);
+	for (i = 0; i < SPI_processed; i++)
+	{
+		MemoryContext old = MemoryContextSwitchTo(cxt);
+		PhsyncLastStart *l = palloc(sizeof(PhsyncLastStart));
+
+		l->sync = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		l->at = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[i],
+												  SPI_tuptable->tupdesc, 2, &isnull));
+		result = lappend(result, l);
+		MemoryContextSwitchTo(old);
+	}
+	return result;
+}
+
+/* sync's start in a list of runlog_last_starts() (0: none) */
+TimestampTz
+runlog_last_start(List *starts, const char *sync)
+{
+	ListCell   *lc;
+
+	foreach(lc, starts)
+	{
+		PhsyncLastStart *l = lfirst(lc);
+
+		if (strcmp(l->sync, sync) == 0)
+			return l->at;
+	}
+	return 0;
+}
+
+/*
+ * Whether sync has a successful verification of exactly [from, to), in a
+ * transaction of its own: the scheduled check of a day runs once.
+ */
+bool
+runlog_day_verified(const char *sync, TimestampTz from, TimestampTz to)
+{
+	Oid			types[3] = {TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	Datum		values[3] = {CStringGetTextDatum(sync), TimestampTzGetDatum(from), TimestampTzGetDatum(to)};
+	bool		found;
+	MemoryContext cxt = xact_begin();
+
+	runlog_exec("SELECT 1 FROM phsync.runs WHERE sync = $1 AND trigger = 'verify' "
+				"AND status = 'succeeded' AND window_from = $2 AND window_until = $3 LIMIT 1",
+				3, types, values, NULL, -1);
+	found = SPI_processed > 0;
+	xact_commit(cxt);
+	return found;
 }
 
 /*
@@ -543,33 +636,6 @@ runlog_claim_cluster(void)
 				"SELECT system_identifier FROM pg_catalog.pg_control_system()",
 				0, NULL, NULL, NULL, 1);
 	return PHSYNC_CLAIM_NEW;
-}
-
-/*
- * Start time of the last scheduled run this cluster made, if there is one;
- * *owned_since is when this cluster took the database over (scheduled runs
- * before it, restored from a dump, do not count), or 0.
- */
-bool
-runlog_last_scheduled(TimestampTz *last, TimestampTz *owned_since)
-{
-	bool		isnull = true;
-	bool		owned_null;
-	MemoryContext cxt = xact_begin();
-
-	if (phsync_spi_exec("SELECT (SELECT max(started_at) FROM phsync.runs WHERE trigger = 'schedule' "
-					"AND started_at >= coalesce((SELECT min(registered_at) FROM phsync.cluster), '-infinity')), "
-					"(SELECT min(registered_at) FROM phsync.cluster)",
-					0, NULL, NULL, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "could not read phsync.runs");
-	*last = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
-											  SPI_tuptable->tupdesc, 1, &isnull));
-	*owned_since = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
-													 SPI_tuptable->tupdesc, 2, &owned_null));
-	if (owned_null)
-		*owned_since = 0;
-	xact_commit(cxt);
-	return !isnull;
 }
 
 /*

@@ -55,6 +55,15 @@ int			phsync_max_queued_runs = 100;
 int			phsync_max_verify_buckets = 1000;
 int			phsync_max_backfill_range = 5 * 366 * 24 * 60;
 int			phsync_lock_timeout = 60 * 1000;
+bool		phsync_enabled = true;
+int			phsync_log_runs = PHSYNC_LOG_RUNS_ALL;
+
+static const struct config_enum_entry log_runs_options[] = {
+	{"all", PHSYNC_LOG_RUNS_ALL, false},
+	{"failures", PHSYNC_LOG_RUNS_FAILURES, false},
+	{"none", PHSYNC_LOG_RUNS_NONE, false},
+	{NULL, 0, false}
+};
 
 static const struct config_enum_entry on_bad_row_options[] = {
 	{"reject", PHSYNC_BAD_ROW_REJECT, false},
@@ -459,7 +468,7 @@ settings_define(void)
 							   NULL, &phsync_initial_since, "",
 							   PGC_SIGHUP, 0, check_initial_since, NULL, NULL);
 	DefineCustomStringVariable("phsync.run_at",
-							   "Time of day (UTC) of the scheduled run, HH:MM.",
+							   "Time of day (in phsync.timezone) of the scheduled run, HH:MM.",
 							   NULL, &phsync_run_at, "02:00",
 							   PGC_SIGHUP, 0, check_run_at, assign_run_at, NULL);
 	DefineCustomIntVariable("phsync.interval",
@@ -543,6 +552,16 @@ settings_define(void)
 							 &phsync_verify_yesterday, true,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 
+	DefineCustomBoolVariable("phsync.enabled",
+							 "Whether scheduled runs run.",
+							 "Off pauses every sync's schedule; phsync_run_now(), backfills and verifications still run.",
+							 &phsync_enabled, true,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomEnumVariable("phsync.log_runs",
+							 "Which runs the worker logs: all (start and end of each), failures, or none.",
+							 "A failed run is always in phsync.runs and in the NOTIFY phsync payload.",
+							 &phsync_log_runs, PHSYNC_LOG_RUNS_ALL, log_runs_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("phsync.max_syncs",
 							"Most syncs phsync_add_sync() accepts.",
 							NULL, &phsync_max_syncs, 100, 0, 100000,

@@ -103,9 +103,12 @@ typedef struct PhsyncShared
 	pid_t		worker_pid;		/* 0 while none is attached */
 	Latch	   *worker_latch;
 	TimestampTz next_due;		/* next scheduled run, 0 if unknown */
+	TimestampTz schedule_base;	/* see worker.c */
 	bool		connect_failed; /* the last start could not connect */
 	int			starts;			/* of the worker, since the server started */
 	bool		restart_planned;	/* its last exit was to start again */
+	char		role_problem[PHSYNC_MAX_MESSAGE];	/* what phsync.role lacks, or "" */
+	char		role_fix[PHSYNC_MAX_MESSAGE];	/* the GRANTs that fix it */
 
 	/* the request queue */
 	uint64		ticket;			/* the last request submitted */
@@ -485,6 +488,41 @@ shmem_set_progress(int pages, int64 received)
 	SpinLockRelease(&shared->mutex);
 }
 
+/*
+ * What the worker's role lacks (NULL or "": nothing), and the fix, for
+ * sessions and the doctor to report.
+ */
+void
+shmem_set_role_problem(const char *problem, const char *fix)
+{
+	SpinLockAcquire(&shared->mutex);
+	strlcpy(shared->role_problem, problem ? problem : "", PHSYNC_MAX_MESSAGE);
+	strlcpy(shared->role_fix, fix ? fix : "", PHSYNC_MAX_MESSAGE);
+	SpinLockRelease(&shared->mutex);
+}
+
+/* false when the worker's role has what it needs; else its problem and fix */
+bool
+shmem_role_problem(char *problem, char *fix)
+{
+	bool		found;
+
+	SpinLockAcquire(&shared->mutex);
+	found = shared->role_problem[0] != '\0';
+	strlcpy(problem, shared->role_problem, PHSYNC_MAX_MESSAGE);
+	strlcpy(fix, shared->role_fix, PHSYNC_MAX_MESSAGE);
+	SpinLockRelease(&shared->mutex);
+	return found;
+}
+
+void
+shmem_set_schedule_base(TimestampTz base)
+{
+	SpinLockAcquire(&shared->mutex);
+	shared->schedule_base = base;
+	SpinLockRelease(&shared->mutex);
+}
+
 void
 shmem_set_next_due(TimestampTz due)
 {
@@ -631,6 +669,7 @@ shmem_worker_state(PhsyncWorkerState *state)
 	SpinLockAcquire(&shared->mutex);
 	state->pid = shared->worker_pid;
 	state->next_due = shared->next_due;
+	state->schedule_base = shared->schedule_base;
 	state->busy = shared->busy;
 	state->run_id = shared->run_id;
 	strlcpy(state->sync, shared->sync, NAMEDATALEN);

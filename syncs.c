@@ -20,9 +20,11 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/array.h"
@@ -49,6 +51,7 @@ typedef struct PhsyncSyncDef
 	bool		verify;
 	char	   *server;			/* NULL: the settings */
 	List	   *events;			/* NIL: every event */
+	char	   *schedule;		/* NULL: the global schedule */
 } PhsyncSyncDef;
 
 /* the lookback of an added sync, unless it says otherwise */
@@ -257,6 +260,31 @@ text_or_null(HeapTuple tup, TupleDesc desc, int col)
 }
 
 /*
+ * What phsync_alter_sync('default', ...) set: whether the default sync runs
+ * and its schedule (phsync.default_sync), into def.  Needs SPI connected.
+ */
+static void
+default_overrides(PhsyncSync *def)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	if (phsync_spi_exec("SELECT enabled, schedule FROM phsync.default_sync",
+						0, NULL, NULL, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "could not read phsync.default_sync");
+	if (SPI_processed == 1)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[0];
+		bool		isnull;
+		MemoryContext old;
+
+		def->enabled = DatumGetBool(SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull));
+		old = MemoryContextSwitchTo(cxt);
+		def->schedule = text_or_null(tup, SPI_tuptable->tupdesc, 2);
+		MemoryContextSwitchTo(old);
+	}
+}
+
+/*
  * The syncs, in the order runs take them: default first, then by name.
  * With `only`, just that one (an error if there is no such sync).  Needs
  * SPI connected; the list is allocated in the caller's memory context.
@@ -274,12 +302,16 @@ sync_list(const char *only, bool enabled_only)
 
 	Assert(phsync_spi_connected());
 	if (def && (only == NULL || strcmp(only, DEFAULT_SYNC) == 0))
-		result = lappend(result, def);
+	{
+		default_overrides(def);
+		if (def->enabled || !enabled_only || only != NULL)
+			result = lappend(result, def);
+	}
 
 	values[0] = only ? CStringGetTextDatum(only) : (Datum) 0;
 	if (phsync_spi_exec("SELECT name, target, preset, query, cursor_column, conflict, "
-						"pg_catalog.date_part('epoch', lookback), enabled, verify, owner::pg_catalog.oid, server, events "
-						"FROM phsync.syncs WHERE $1 IS NULL OR name = $1 ORDER BY name",
+						"pg_catalog.date_part('epoch', lookback), enabled, verify, owner::pg_catalog.oid, server, events, "
+						"schedule, created_at FROM phsync.syncs WHERE $1 IS NULL OR name = $1 ORDER BY name",
 						1, types, values, nulls, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read phsync.syncs");
 
@@ -315,6 +347,8 @@ sync_list(const char *only, bool enabled_only)
 			s->owner_name = GetUserNameFromId(s->owner, false);
 		s->server = SPI_getvalue(tup, desc, 11);
 		s->events = text_array_list(tup, desc, 12);
+		s->schedule = text_or_null(tup, desc, 13);
+		s->created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 14, &isnull));
 		if (s->enabled || !enabled_only || only != NULL)
 			result = lappend(result, s);
 		MemoryContextSwitchTo(old);
@@ -328,6 +362,28 @@ sync_list(const char *only, bool enabled_only)
 				 errhint("phsync.target_table is empty, which turns the default sync off.") :
 				 errhint("SELECT name FROM phsync.syncs lists the syncs.")));
 	return result;
+}
+
+/*
+ * The syncs of a list that `requester` may run: those it owns (or is a
+ * member of the owner of), every one for a superuser or requester 0 (the
+ * worker's schedule).
+ */
+List *
+sync_runnable_by(List *syncs, Oid requester)
+{
+	ListCell   *lc;
+
+	if (!OidIsValid(requester) || superuser_arg(requester))
+		return syncs;
+	foreach(lc, syncs)
+	{
+		PhsyncSync *s = lfirst(lc);
+
+		if (!OidIsValid(s->owner) || !has_privs_of_role(requester, s->owner))
+			syncs = foreach_delete_current(syncs, lc);
+	}
+	return syncs;
 }
 
 /* ---------- adding, changing and dropping syncs ---------- */
@@ -506,6 +562,17 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 				 errmsg("the %s preset cannot be verified", preset ? preset->name : "custom"),
 				 errdetail("Verification counts rows per time bucket of the cursor, and it has none; every run reads it whole.")));
 
+	/* its own schedule ('' for the global one), checked here */
+	if (args->schedule)
+		d->schedule = args->schedule[0] ? pstrdup(args->schedule) : NULL;
+	if (d->schedule)
+	{
+		PhsyncSchedule parsed;
+
+		schedule_parse(d->schedule, &parsed);
+		(void) schedule_next(&parsed, GetCurrentTimestamp());	/* never runs? */
+	}
+
 	/* the PostHog project: a server ('' for the settings) */
 	if (args->server)
 		d->server = args->server[0] ? pstrdup(args->server) : NULL;
@@ -548,7 +615,8 @@ sync_fetch_def(const char *name)
 	bool		isnull;
 
 	catalog_exec("SELECT name, target, preset, query, cursor_column, conflict, "
-				 "lookback::pg_catalog.text, enabled, verify, owner::pg_catalog.oid, server, events FROM phsync.syncs "
+				 "lookback::pg_catalog.text, enabled, verify, owner::pg_catalog.oid, server, events, schedule "
+				 "FROM phsync.syncs "
 				 "WHERE name = $1 FOR UPDATE",
 				 1, types, values, NULL, false);
 	if (SPI_processed == 0)
@@ -568,6 +636,7 @@ sync_fetch_def(const char *name)
 	d->owner = DatumGetObjectId(SPI_getbinval(tup, desc, 10, &isnull));
 	d->server = SPI_getvalue(tup, desc, 11);
 	d->events = text_array_list(tup, desc, 12);
+	d->schedule = text_or_null(tup, desc, 13);
 	return d;
 }
 
@@ -577,11 +646,12 @@ sync_fetch_def(const char *name)
 static Datum
 sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
 {
-	Oid			types[12] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-	TEXTOID, BOOLOID, BOOLOID, OIDOID, TEXTOID, TEXTARRAYOID};
-	Datum		values[12];
-	char		nulls[12] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', d->cursor ? ' ' : 'n', ' ',
-	d->lookback ? ' ' : 'n', ' ', ' ', ' ', d->server ? ' ' : 'n', d->events ? ' ' : 'n'};
+	Oid			types[13] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	TEXTOID, BOOLOID, BOOLOID, OIDOID, TEXTOID, TEXTARRAYOID, TEXTOID};
+	Datum		values[13];
+	char		nulls[13] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', d->cursor ? ' ' : 'n', ' ',
+	d->lookback ? ' ' : 'n', ' ', ' ', ' ', d->server ? ' ' : 'n', d->events ? ' ' : 'n',
+	d->schedule ? ' ' : 'n'};
 
 	values[0] = CStringGetTextDatum(d->name);
 	values[1] = CStringGetTextDatum(d->target);
@@ -595,15 +665,16 @@ sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
 	values[9] = ObjectIdGetDatum(d->owner);
 	values[10] = d->server ? CStringGetTextDatum(d->server) : (Datum) 0;
 	values[11] = d->events ? text_list_array(d->events) : (Datum) 0;
+	values[12] = d->schedule ? CStringGetTextDatum(d->schedule) : (Datum) 0;
 	catalog_exec(insert ?
 				 "INSERT INTO phsync.syncs (name, target, preset, query, cursor_column, conflict, "
-				 "lookback, enabled, verify, owner, server, events) "
+				 "lookback, enabled, verify, owner, server, events, schedule) "
 				 "VALUES ($1, $2, $3, $4, $5, $6, $7::pg_catalog.interval, $8, $9, $10::pg_catalog.regrole, "
-				 "$11::pg_catalog.name, $12) RETURNING *" :
+				 "$11::pg_catalog.name, $12, $13) RETURNING *" :
 				 "UPDATE phsync.syncs SET target = $2, preset = $3, query = $4, cursor_column = $5, "
 				 "conflict = $6, lookback = $7::pg_catalog.interval, enabled = $8, verify = $9, "
-				 "server = $11::pg_catalog.name, events = $12 WHERE name = $1 RETURNING *",
-				 12, types, values, nulls, false);
+				 "server = $11::pg_catalog.name, events = $12, schedule = $13 WHERE name = $1 RETURNING *",
+				 13, types, values, nulls, false);
 	if (SPI_processed != 1)
 		elog(ERROR, "could not write sync \"%s\" into phsync.syncs", d->name);
 	return PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], tupdesc));
@@ -656,6 +727,97 @@ refuse_default(const char *name, const char *hint)
 }
 
 /*
+ * phsync_alter_sync('default', ...): enabled and schedule, kept in
+ * phsync.default_sync; the rest of the default sync is the settings', and
+ * the error for each says which.  Superusers only (it runs with the
+ * settings' key).  Returns the default sync as a phsync.syncs row.
+ */
+static Datum
+default_alter(const PhsyncSyncArgs *args, TupleDesc tupdesc)
+{
+	static const struct
+	{
+		size_t		offset;
+		const char *setting;
+	}			settings_fields[] = {
+		{offsetof(PhsyncSyncArgs, target), "phsync.target_table"},
+		{offsetof(PhsyncSyncArgs, query), "phsync.query_file"},
+		{offsetof(PhsyncSyncArgs, preset), "phsync.query_file"},
+		{offsetof(PhsyncSyncArgs, cursor), "phsync.cursor_column"},
+		{offsetof(PhsyncSyncArgs, conflict), NULL},
+		{offsetof(PhsyncSyncArgs, lookback), "phsync.lookback"},
+		{offsetof(PhsyncSyncArgs, server), "phsync.host, phsync.project_id and phsync.api_key"},
+	};
+	Oid			types[2] = {BOOLOID, TEXTOID};
+	Datum		values[2];
+	char		nulls[2] = {' ', ' '};
+	PhsyncSync *def = sync_default();
+	PhsyncSchedule parsed;
+	Datum		row[14];
+	bool		rownulls[14];
+	int			i;
+
+	for (i = 0; i < (int) lengthof(settings_fields); i++)
+		if (*(char **) ((char *) args + settings_fields[i].offset) != NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					 errmsg("the sync named \"default\" is configured by the phsync.* settings in postgresql.conf"),
+					 settings_fields[i].setting ?
+					 errhint("Set %s and reload; phsync_alter_sync('default', ...) changes only enabled and schedule.",
+							 settings_fields[i].setting) :
+					 errhint("The default sync skips rows already there; phsync_alter_sync('default', ...) changes only enabled and schedule.")));
+	if (args->has_verify || args->reread_all || args->has_events)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("the sync named \"default\" is configured by the phsync.* settings in postgresql.conf"),
+				 errhint("Set %s and reload; phsync_alter_sync('default', ...) changes only enabled and schedule.",
+						 args->has_verify ? "phsync.verify" :
+						 args->reread_all ? "phsync.lookback" : "phsync.query_file")));
+	if (!superuser())
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("only superusers may change the default sync"),
+				 errdetail("It runs with phsync.api_key, the superusers' key.")));
+	if (def == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("sync \"default\" does not exist"),
+				 errhint("phsync.target_table is empty, which turns the default sync off.")));
+	default_overrides(def);
+	if (args->has_enabled)
+		def->enabled = args->enabled;
+	if (args->schedule)
+		def->schedule = args->schedule[0] ? pstrdup(args->schedule) : NULL;
+	schedule_parse(def->schedule, &parsed);
+	(void) schedule_next(&parsed, GetCurrentTimestamp());
+
+	values[0] = BoolGetDatum(def->enabled);
+	values[1] = def->schedule ? CStringGetTextDatum(def->schedule) : (Datum) 0;
+	nulls[1] = def->schedule ? ' ' : 'n';
+	catalog_exec("INSERT INTO phsync.default_sync (enabled, schedule) VALUES ($1, $2) "
+				 "ON CONFLICT (only_row) DO UPDATE SET enabled = $1, schedule = $2",
+				 2, types, values, nulls, false);
+
+	/* the default sync, shaped as a row of phsync.syncs */
+	memset(rownulls, true, sizeof(rownulls));
+	Assert(tupdesc->natts == 14);
+	row[0] = CStringGetTextDatum(DEFAULT_SYNC);
+	row[1] = CStringGetTextDatum(def->target);
+	row[2] = CStringGetTextDatum("events");
+	row[4] = CStringGetTextDatum(def->cursor);
+	row[5] = CStringGetTextDatum("nothing");
+	row[7] = BoolGetDatum(def->enabled);
+	row[8] = BoolGetDatum(def->verify);
+	row[10] = ObjectIdGetDatum(OidIsValid(def->owner) ? def->owner : BOOTSTRAP_SUPERUSERID);
+	row[13] = values[1];
+	rownulls[0] = rownulls[1] = rownulls[4] = rownulls[5] = rownulls[7] = rownulls[8] = rownulls[10] = false;
+	rownulls[2] = def->preset != PHSYNC_EVENTS;
+	rownulls[13] = def->schedule == NULL;
+	shmem_wake_worker_at_commit();
+	return HeapTupleGetDatum(heap_form_tuple(tupdesc, row, rownulls));
+}
+
+/*
  * phsync_alter_sync(): arguments not given keep their value.  Needs SPI.
  */
 Datum
@@ -664,7 +826,8 @@ sync_alter(const PhsyncSyncArgs *args, TupleDesc tupdesc)
 	PhsyncSyncDef *old;
 
 	Assert(phsync_spi_connected());
-	refuse_default(args->name, "Change the settings and reload; phsync.target_table = '' turns the default sync off.");
+	if (strcmp(args->name, DEFAULT_SYNC) == 0)
+		return default_alter(args, tupdesc);
 	old = sync_fetch_def(args->name);
 	if (old == NULL)
 		ereport(ERROR,

@@ -47,12 +47,21 @@
 static TimestampTz schedule_base = 0;
 
 /*
- * When this worker last started a scheduled run.  A run that fails before
- * it could even write its phsync.runs row (no INSERT right, disk full)
- * leaves no trace there; without this the same past slot would be due again
- * at once, for ever.
+ * When this worker last started a scheduled run, of any sync (the
+ * take-over sets it too) and of each (schedule_attempts).  A run that fails
+ * before it could even write its phsync.runs row (no INSERT right, disk
+ * full) leaves no trace there; without this the same past slot would be
+ * due again at once, for ever.
  */
 static TimestampTz last_schedule_attempt = 0;
+
+typedef struct ScheduleAttempt
+{
+	char		sync[NAMEDATALEN];	/* the hash key */
+	TimestampTz at;
+} ScheduleAttempt;
+
+static HTAB *schedule_attempts = NULL;
 
 /* the run history was taken over since the extension appeared */
 static bool took_over = false;
@@ -208,6 +217,7 @@ worker_start(void)
 	shmem_worker_cancellable(false);
 	apply_lock_timeout();
 	schedule_base = GetCurrentTimestamp();
+	shmem_set_schedule_base(schedule_base);
 }
 
 /*
@@ -286,6 +296,87 @@ wait_for_extension(void)
 	else
 		report_activity("waiting for CREATE EXTENSION phsync in database \"%s\"",
 						phsync_database);
+	nap(POLL_MS);
+	return false;
+}
+
+/* what the worker's role lacked when last checked ("" : nothing) */
+static char role_problem_logged[PHSYNC_MAX_MESSAGE] = "";
+
+/*
+ * Step 1b: does the worker's role (phsync.role) have what it needs on
+ * phsync's objects?  If not, log it once, as an ERROR line with the GRANTs
+ * that fix it, publish it (sessions fail at once with it, the doctor
+ * reports it), answer any request with it, and wait: a GRANT does not wake
+ * the worker, so it checks again every few seconds.  Returns whether the
+ * role is fine.
+ */
+static bool
+check_role(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	char	   *problem = NULL;
+	char	   *fix = NULL;
+	PhsyncRequest request;
+
+	PG_TRY();
+	{
+		MemoryContext xcxt = xact_begin();
+
+		if (!roles_worker_lacks(&problem, &fix))
+			problem = NULL;
+		xact_commit(xcxt);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata = xact_recover(cxt);
+
+		problem = edata->message;
+		fix = "Check phsync.role's privileges on schema phsync and its tables.";
+	}
+	PG_END_TRY();
+
+	if (problem == NULL)
+	{
+		if (role_problem_logged[0])
+			ereport(LOG,
+					(errmsg("phsync.role \"%s\" has the privileges phsync needs now",
+							phsync_role)));
+		role_problem_logged[0] = '\0';
+		shmem_set_role_problem(NULL, NULL);
+		return true;
+	}
+	if (strcmp(problem, role_problem_logged) != 0)
+	{
+		/* an ERROR in the log, as a failed run's; the worker goes on */
+		PG_TRY();
+		{
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("%s", problem),
+					 errdetail("The phsync worker runs no sync until it has them."),
+					 errhint("As a superuser: %s", fix)));
+		}
+		PG_CATCH();
+		{
+			EmitErrorReport();
+			FlushErrorState();
+		}
+		PG_END_TRY();
+		strlcpy(role_problem_logged, problem, PHSYNC_MAX_MESSAGE);
+	}
+	shmem_set_role_problem(problem, psprintf("As a superuser: %s", fix));
+	if (shmem_take_request(&request))
+	{
+		PhsyncAnswer answer;
+
+		answer_error(&answer, ERRCODE_INSUFFICIENT_PRIVILEGE, problem,
+					 psprintf("As a superuser: %s", fix));
+		shmem_answer_request(&answer);
+	}
+	took_over = false;
+	shmem_set_next_due(0);
+	report_activity("waiting for phsync.role \"%s\" to get its privileges", phsync_role);
 	nap(POLL_MS);
 	return false;
 }
@@ -417,19 +508,8 @@ load_syncs(const char *only, Oid requester, PhsyncOutcome *outcome)
 	PG_TRY();
 	{
 		MemoryContext xcxt = xact_begin();
-		ListCell   *lc;
 
-		syncs = sync_list(only, true);
-		if (OidIsValid(requester) && !superuser_arg(requester))
-		{
-			foreach(lc, syncs)
-			{
-				PhsyncSync *s = lfirst(lc);
-
-				if (!OidIsValid(s->owner) || !has_privs_of_role(requester, s->owner))
-					syncs = foreach_delete_current(syncs, lc);
-			}
-		}
+		syncs = sync_runnable_by(sync_list(only, true), requester);
 		xact_commit(xcxt);
 	}
 	PG_CATCH();
@@ -472,27 +552,18 @@ add_outcome(PhsyncAnswer *answer, PhsyncOutcome *one, const char *sync)
 }
 
 /*
- * Run the enabled syncs (or the one named), one after the other, each in
- * its own phsync.runs row; a failure does not stop the others.  Scheduled
- * runs then verify the previous day of the syncs that ask for it.
+ * Run syncs one after the other, each in its own phsync.runs row; a
+ * failure does not stop the others.  Scheduled runs then verify the
+ * previous day of the syncs that ask for it, once per day.
  */
 static void
-run_syncs(PhsyncTrigger trigger, const char *only, Oid requester, PhsyncAnswer *answer)
+run_sync_list(PhsyncTrigger trigger, List *syncs, PhsyncAnswer *answer)
 {
-	PhsyncOutcome failed = {0};
-	List	   *syncs;
 	ListCell   *lc;
 	int			nfailed = 0;
 
 	memset(answer, 0, sizeof(*answer));
 	answer->ok = true;
-	syncs = load_syncs(only, requester, &failed);
-	if (!failed.ok && failed.error)
-	{
-		add_outcome(answer, &failed, NULL);
-		return;
-	}
-
 	foreach(lc, syncs)
 	{
 		PhsyncSync *sync = lfirst(lc);
@@ -521,7 +592,8 @@ run_syncs(PhsyncTrigger trigger, const char *only, Oid requester, PhsyncAnswer *
 			check.from = schedule_day_start(GetCurrentTimestamp(), 1);
 			check.to = schedule_day_start(GetCurrentTimestamp(), 0);
 			check.bucket = check.to - check.from;
-			run_job(&check, &verified);
+			if (!runlog_day_verified(sync->name, check.from, check.to))
+				run_job(&check, &verified);
 		}
 	}
 	if (nfailed > 1)
@@ -531,6 +603,26 @@ run_syncs(PhsyncTrigger trigger, const char *only, Oid requester, PhsyncAnswer *
 
 		strlcpy(answer->message, more, PHSYNC_MAX_MESSAGE);
 	}
+}
+
+/*
+ * A session's run of the enabled syncs it owns (or the one named).
+ */
+static void
+run_syncs(PhsyncTrigger trigger, const char *only, Oid requester, PhsyncAnswer *answer)
+{
+	PhsyncOutcome failed = {0};
+	List	   *syncs;
+
+	syncs = load_syncs(only, requester, &failed);
+	if (!failed.ok && failed.error)
+	{
+		memset(answer, 0, sizeof(*answer));
+		answer->ok = true;
+		add_outcome(answer, &failed, NULL);
+		return;
+	}
+	run_sync_list(trigger, syncs, answer);
 }
 
 /*
@@ -592,6 +684,7 @@ static bool
 run_queued(void)
 {
 	int64		run_id;
+	bool		manual;
 	char	   *sync;
 	TimestampTz from;
 	TimestampTz to;
@@ -599,7 +692,7 @@ run_queued(void)
 	PhsyncOutcome outcome = {0};
 	PhsyncJob	job = {0};
 
-	if (!runlog_next_queued(&run_id, &sync, &from, &to, &queue_owner_served))
+	if (!runlog_next_queued(&run_id, &manual, &sync, &from, &to, &queue_owner_served))
 		return false;
 	syncs = load_syncs(sync, InvalidOid, &outcome);
 	if (syncs == NIL)
@@ -607,10 +700,11 @@ run_queued(void)
 		runlog_fail_queued(run_id, outcome.error->message);
 		return true;
 	}
-	job.trigger = PHSYNC_TRIGGER_BACKFILL;
+	/* phsync_run_now(wait => false) queues manual runs: unbounded */
+	job.trigger = manual ? PHSYNC_TRIGGER_MANUAL : PHSYNC_TRIGGER_BACKFILL;
 	job.sync = linitial(syncs);
 	job.run_id = run_id;
-	job.bounded = true;
+	job.bounded = !manual;
 	job.from = from;
 	job.to = to;
 	shmem_set_busy(true);
@@ -619,43 +713,108 @@ run_queued(void)
 	return true;
 }
 
-/*
- * When the next scheduled run is due: the first slot after the last
- * scheduled run recorded in phsync.runs, so that a restart neither repeats
- * a run nor skips one, and runs missed while the server was down collapse
- * into one at start-up.  With no scheduled run yet, the first slot from the
- * worker's start or its last reload of the settings.
- */
+/* when this worker last tried sync's scheduled run (0: not since it started) */
 static TimestampTz
-next_due(void)
+attempted(const char *sync)
 {
-	TimestampTz last;
-	TimestampTz owned_since;
+	char		key[NAMEDATALEN] = {0};
+	ScheduleAttempt *a;
 
-	if (runlog_last_scheduled(&last, &owned_since))
-		return schedule_slot_after(Max(last, last_schedule_attempt));
-	/* none yet here: the first slot after the worker started or took over */
-	return schedule_slot_after(Max(Max(schedule_base - 1, owned_since), last_schedule_attempt));
+	strlcpy(key, sync, NAMEDATALEN);
+	a = schedule_attempts ? hash_search(schedule_attempts, key, HASH_FIND, NULL) : NULL;
+	return Max(a ? a->at : 0, last_schedule_attempt);
+}
+
+static void
+set_attempted(const char *sync, TimestampTz at)
+{
+	char		key[NAMEDATALEN] = {0};
+	ScheduleAttempt *a;
+
+	if (schedule_attempts == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = NAMEDATALEN;
+		ctl.entrysize = sizeof(ScheduleAttempt);
+		schedule_attempts = hash_create("phsync schedule attempts", 64, &ctl,
+										HASH_ELEM | HASH_STRINGS);
+	}
+	strlcpy(key, sync, NAMEDATALEN);
+	a = hash_search(schedule_attempts, key, HASH_ENTER, NULL);
+	a->at = at;
+}
+
+/* the syncs whose scheduled run is due, and when the next one is */
+typedef struct DueSyncs
+{
+	List	   *due;
+	TimestampTz next;
+} DueSyncs;
+
+/*
+ * Which enabled syncs are due (schedule_sync_due(): each sync's own
+ * schedule, or the global one, from its last scheduled run).
+ */
+static void
+find_due(void *arg)
+{
+	DueSyncs   *d = (DueSyncs *) arg;
+	MemoryContext cxt = xact_begin();
+	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz owned_since;
+	List	   *syncs = sync_list(NULL, true);
+	List	   *starts = runlog_last_starts(false, &owned_since);
+	ListCell   *lc;
+
+	d->due = NIL;
+	d->next = DT_NOEND;
+	foreach(lc, syncs)
+	{
+		PhsyncSync *s = lfirst(lc);
+		TimestampTz base = Max(Max(schedule_base - 1, owned_since), s->created_at);
+		TimestampTz due = schedule_sync_due(s->schedule, runlog_last_start(starts, s->name),
+											attempted(s->name), base);
+
+		if (due <= now)
+			d->due = lappend(d->due, s);
+		else
+			d->next = Min(d->next, due);
+	}
+	xact_commit(cxt);
 }
 
 /*
- * Step 5: run every enabled sync if the schedule says so.  Otherwise
- * publish when it will, and return that time in *due.
+ * Step 5: run the syncs whose schedule says so (none while phsync.enabled
+ * is off).  Otherwise publish when the next one is, and return that time
+ * in *due.
  */
 static bool
 run_due(TimestampTz *due)
 {
 	PhsyncAnswer answer;
+	DueSyncs	d = {0};
+	ListCell   *lc;
 
-	*due = next_due();
-	if (*due > GetCurrentTimestamp())
+	*due = DT_NOEND;
+	if (!phsync_enabled)
 	{
-		shmem_set_next_due(*due);
+		shmem_set_next_due(0);
 		return false;
 	}
+	if (!housekeeping(find_due, &d, "read which syncs are due",
+					  "The worker's role needs SELECT on phsync.syncs, phsync.runs and phsync.cluster."))
+		return false;
+	if (d.due == NIL)
+	{
+		*due = d.next;
+		shmem_set_next_due(d.next == DT_NOEND ? 0 : d.next);
+		return false;
+	}
+	foreach(lc, d.due)
+		set_attempted(((PhsyncSync *) lfirst(lc))->name, GetCurrentTimestamp());
 	shmem_set_busy(true);
-	last_schedule_attempt = GetCurrentTimestamp();
-	run_syncs(PHSYNC_TRIGGER_SCHEDULE, NULL, InvalidOid, &answer);
+	run_sync_list(PHSYNC_TRIGGER_SCHEDULE, d.due, &answer);
 	shmem_set_busy(false);
 	prune_history();
 	return true;
@@ -669,7 +828,11 @@ sleep_until(TimestampTz due)
 {
 	long		ms = (long) Min((due - GetCurrentTimestamp() + 999) / 1000, MAX_SLEEP_MS);
 
-	report_activity("idle until %s", timestamptz_to_str(due));
+	if (due == DT_NOEND)
+		report_activity(phsync_enabled ? "idle, no sync to schedule" :
+						"idle, scheduled runs paused (phsync.enabled is off)");
+	else
+		report_activity("idle until %s", timestamptz_to_str(due));
 	nap(Max(ms, 1));
 }
 
@@ -697,9 +860,12 @@ phsync_worker_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 			apply_lock_timeout();
 			schedule_base = GetCurrentTimestamp();
+			shmem_set_schedule_base(schedule_base);
 		}
 
 		if (!wait_for_extension())
+			continue;
+		if (!check_role())
 			continue;
 		if (!took_over)
 			take_over_history();

@@ -38,3 +38,15 @@ ALTER SYSTEM RESET ALL;
 -- settings are reloadable, not per session
 SET phsync.page_size = 10;
 SET phsync.database = 'other';
+
+-- a sync's own schedule: five cron fields or an interval (phsync.timezone is UTC here)
+SELECT s, phsync_next_run('2026-12-07 10:17:30+00', s) AT TIME ZONE 'UTC' AS next
+FROM unnest(ARRAY['*/15 * * * *', '30 3 * * *', '0 9 * * mon-fri', '0 0 1 * *',
+                  '0 12 13 * 5', '@hourly', '@weekly', '15 minutes', '1 day', '90 seconds']) s;
+-- Sunday is 0 or 7; a schedule of NULL is the global one (phsync.run_at 02:00, daily)
+SELECT phsync_next_run('2026-12-07 10:00+00', '0 6 * * 7') = phsync_next_run('2026-12-07 10:00+00', '0 6 * * 0') AS sunday,
+       phsync_next_run('2026-12-07 10:00+00', NULL) = phsync_next_run('2026-12-07 10:00+00') AS global;
+SELECT phsync_next_run(now(), '61 * * * *');
+SELECT phsync_next_run(now(), '* * *');
+SELECT phsync_next_run(now(), '1 month');
+SELECT phsync_next_run(now(), '0 0 30 2 *');

@@ -68,7 +68,7 @@ like(psql_err("SELECT phsync_add_sync('p', 'pg_catalog.pg_authid', query => 'SEL
 	qr/ERROR:  target pg_catalog.pg_authid is a system or phsync table/, 'a system catalog is refused as a target');
 $node->safe_psql('postgres', q{
 	CREATE ROLE sync_admin LOGIN;
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]) TO sync_admin;
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text) TO sync_admin;
 	GRANT SELECT ON keyed TO sync_admin;
 	CREATE SERVER elsewhere FOREIGN DATA WRAPPER phsync OPTIONS (host 'http://127.0.0.1:9', project_id '1');
 	CREATE USER MAPPING FOR sync_admin SERVER elsewhere OPTIONS (api_key 'phx_sync_admin');
@@ -258,9 +258,14 @@ my $kept = $node->safe_psql('postgres', "SELECT count(*) FROM last_seen");
 $node->safe_psql('postgres', "SELECT phsync_drop_sync('last_seen')");
 is($node->safe_psql('postgres', "SELECT count(*) FROM last_seen"), $kept, 'phsync_drop_sync() leaves the table and its rows');
 like(psql_err("SELECT phsync_drop_sync('last_seen')"), qr/ERROR:  sync "last_seen" does not exist/, 'dropping twice: clear error');
-like(psql_err("SELECT phsync_alter_sync('default', enabled => false)"),
-	qr/ERROR:  the sync named "default" is configured by the phsync\.\* settings.*\nHINT:  Change the settings and reload; phsync\.target_table = '' turns the default sync off\./s,
-	'the default sync is changed in postgresql.conf');
+like(psql_err("SELECT phsync_alter_sync('default', target => 'elsewhere')"),
+	qr/ERROR:  the sync named "default" is configured by the phsync\.\* settings.*\nHINT:  Set phsync\.target_table and reload; phsync_alter_sync\('default', \.\.\.\) changes only enabled and schedule\./s,
+	'the default sync\'s target is changed in postgresql.conf, and the error names the setting');
+is($node->safe_psql('postgres', "SELECT name || '|' || enabled FROM phsync_alter_sync('default', enabled => false)"),
+	'default|false', 'but it can be disabled from SQL');
+is($node->safe_psql('postgres', "SELECT enabled || '|' || health FROM phsync.status WHERE sync = 'default'"),
+	'false|disabled', 'and phsync.status says so');
+$node->safe_psql('postgres', "SELECT phsync_alter_sync('default', enabled => true)");
 
 # ---------- the schedule runs every enabled sync ----------
 my $at = $node->safe_psql('postgres', "SELECT to_char(now() AT TIME ZONE 'UTC' + interval '3 seconds', 'HH24:MI:SS')");

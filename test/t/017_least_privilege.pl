@@ -35,8 +35,8 @@ sub super { return $node->safe_psql('postgres', "SELECT rolsuper FROM pg_roles W
 sub last_of { return $node->safe_psql('postgres', "SELECT status || ': ' || coalesce(error, '') FROM phsync.runs WHERE sync = '$_[0]' ORDER BY id DESC LIMIT 1"); }
 
 my $delegate_grants = q{
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[]),
-	                          phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[]),
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text),
+	                          phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text),
 	                          phsync_drop_sync(text), phsync_run_now(text),
 	                          phsync_backfill(text, timestamptz, timestamptz),
 	                          phsync_verify(text, timestamptz, timestamptz, interval, boolean),
@@ -130,7 +130,8 @@ $node->safe_psql('postgres', q{
 	CREATE ROLE monitor LOGIN;
 	GRANT USAGE ON SCHEMA phsync TO monitor;
 	GRANT SELECT ON phsync.status TO monitor;
-	GRANT EXECUTE ON FUNCTION phsync_sync_state() TO monitor;});
+	GRANT EXECUTE ON FUNCTION phsync_sync_state() TO monitor;
+	GRANT pg_read_all_stats TO monitor;});
 is(psql_as('mallory', q{
 	DROP TABLE mallory.loot;
 	CREATE FUNCTION mallory.rows() RETURNS TABLE (uuid uuid, created_at timestamptz) LANGUAGE plpgsql AS $$

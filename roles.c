@@ -243,10 +243,13 @@ roles_publish_owners(bool extension_here)
 }
 
 /*
- * Whether the role the worker runs as (phsync.role) lacks a privilege the
- * worker needs on phsync's own objects: then *problem names what it lacks
- * and *fix holds the GRANTs (as a superuser) that give it.  A superuser
- * lacks nothing.  Needs SPI connected, in the worker.
+ * Whether the role the worker runs as (phsync.role) lacks a privilege
+ * without which the worker can do nothing at all (read phsync's schema,
+ * its syncs and its run history): then *problem names what it lacks and
+ * *fix holds the GRANTs (as a superuser) that give it.  The other rights of
+ * README's block are each needed by one kind of work only (writing a run,
+ * retention, verification), which fails or warns on its own and lets the
+ * rest go on.  A superuser lacks nothing.  Needs SPI connected.
  */
 bool
 roles_worker_lacks(char **problem, char **fix)
@@ -258,21 +261,18 @@ roles_worker_lacks(char **problem, char **fix)
 		return false;
 	if (phsync_spi_exec("WITH needed (kind, object, privileges) AS (VALUES "
 						"('SCHEMA', 'phsync', 'USAGE'), "
-						"('TABLE', 'phsync.runs', 'SELECT, INSERT, UPDATE, DELETE'), "
-						"('TABLE', 'phsync.rejects', 'SELECT, INSERT, UPDATE, DELETE'), "
-						"('SEQUENCE', 'phsync.runs_id_seq', 'USAGE'), "
-						"('SEQUENCE', 'phsync.rejects_id_seq', 'USAGE'), "
-						"('TABLE', 'phsync.syncs', 'SELECT'), "
-						"('TABLE', 'phsync.verifications', 'SELECT, INSERT, UPDATE'), "
-						"('TABLE', 'phsync.cluster', 'SELECT, INSERT, DELETE')), "
+						"('TABLE', 'phsync.runs', 'SELECT'), "
+						"('TABLE', 'phsync.syncs', 'SELECT')), "
 						"missing AS (SELECT n.kind, n.object, "
 						"  pg_catalog.string_agg(p, ', ' ORDER BY o) AS privileges "
 						"  FROM needed n, pg_catalog.unnest(pg_catalog.string_to_array(n.privileges, ', ')) "
 						"       WITH ORDINALITY AS u (p, o) "
 						"  WHERE NOT CASE n.kind "
 						"    WHEN 'SCHEMA' THEN pg_catalog.has_schema_privilege(n.object, p) "
-						"    WHEN 'SEQUENCE' THEN pg_catalog.has_sequence_privilege(n.object, p) "
-						"    ELSE pg_catalog.has_table_privilege(n.object, p) END "
+						/* by OID: a name in a schema without USAGE would be an error */
+						"    ELSE pg_catalog.has_table_privilege((SELECT c.oid FROM pg_catalog.pg_class c "
+						"      WHERE c.relnamespace = 'phsync'::pg_catalog.regnamespace "
+						"        AND c.relname = pg_catalog.split_part(n.object, '.', 2)), p) END "
 						"  GROUP BY n.kind, n.object) "
 						"SELECT pg_catalog.string_agg(privileges || ' on ' || pg_catalog.lower(kind) || ' ' || object, '; '), "
 						"pg_catalog.string_agg(pg_catalog.format('GRANT %s ON %s%s TO %I;', privileges, "

@@ -140,4 +140,30 @@ is($node->safe_psql('postgres', "SELECT string_agg(name, ',' ORDER BY name) FROM
 	'a superuser sees every sync');
 like(psql_err("SELECT phsync_drop_sync('bob_ev')", 'alice'), qr/ERROR:  must be owner of sync bob_ev/, 'and alice cannot touch bob\'s');
 
+# ---------- 6. a worker role without its grants: diagnosed, no restart loop ----------
+$node->safe_psql('postgres', 'CREATE ROLE bare_runner LOGIN');
+$node->append_conf('postgresql.conf', "phsync.role = 'bare_runner'\n");
+$node->restart;
+my $doctor = sub { $node->safe_psql('postgres', "SELECT status || '|' || detail FROM phsync_doctor() WHERE item = 'worker'") };
+ok(poll_until(sub { $doctor->() =~ /^error\|phsync\.role "bare_runner" lacks USAGE on schema phsync; SELECT on table phsync\.runs; SELECT on table phsync\.syncs; the worker runs no sync until it has them$/ }, 30, 'doctor'),
+	'phsync_doctor() names what the worker\'s role lacks');
+my $pid = $node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'phsync worker'");
+like(psql_err("SELECT phsync_backfill('fast', now() - interval '1 hour', now())"),
+	qr/ERROR:  phsync\.role "bare_runner" lacks USAGE on schema phsync; .*\nDETAIL:  The phsync worker runs no sync until it has them\.\nHINT:  As a superuser: GRANT USAGE ON SCHEMA phsync TO bare_runner; GRANT SELECT ON phsync\.runs TO bare_runner; GRANT SELECT ON phsync\.syncs TO bare_runner;/,
+	'phsync_backfill() fails at once with it, and the GRANTs that fix it');
+like(psql_err("SELECT phsync_run_now()"), qr/ERROR:  phsync\.role "bare_runner" lacks/, 'so does phsync_run_now()');
+# the README's block for a worker role
+$node->safe_psql('postgres', q{
+	GRANT USAGE ON SCHEMA phsync TO bare_runner;
+	GRANT SELECT, INSERT, UPDATE, DELETE ON phsync.runs, phsync.rejects TO bare_runner;
+	GRANT USAGE ON SEQUENCE phsync.runs_id_seq, phsync.rejects_id_seq TO bare_runner;
+	GRANT SELECT ON phsync.syncs TO bare_runner;
+	GRANT SELECT, INSERT, UPDATE ON phsync.verifications TO bare_runner;
+	GRANT SELECT, INSERT, DELETE ON phsync.cluster TO bare_runner;});
+ok(poll_until(sub { $doctor->() =~ /^ok\|/ }, 30, 'granted'), 'after the GRANTs the worker goes on by itself');
+is($node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'phsync worker'"), $pid,
+	'the same worker process throughout: no restart loop');
+my $logged = () = slurp_file($node->logfile) =~ /ERROR:  phsync\.role "bare_runner" lacks/g;
+is($logged, 3, 'the server log has the problem once from the worker (and once per refused call)');
+
 done_testing();

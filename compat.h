@@ -65,4 +65,25 @@
 #define phsync_am_background_worker() IsBackgroundWorker
 #endif
 
+/*
+ * A setting's record (its source file, say), by name; NULL when there is
+ * none.  find_option() is exported from 16 on; 15 has the array only.
+ */
+#include "utils/guc_tables.h"
+#if PG_VERSION_NUM >= 160000
+#define phsync_find_setting(name) find_option((name), false, true, ERROR)
+#else
+static inline struct config_generic *
+phsync_find_setting(const char *name)
+{
+	struct config_generic **vars = get_guc_variables();
+	int			n = GetNumConfigOptions();
+
+	for (int i = 0; i < n; i++)
+		if (pg_strcasecmp(vars[i]->name, name) == 0)
+			return vars[i];
+	return NULL;
+}
+#endif
+
 #endif							/* PHSYNC_COMPAT_H */

@@ -24,6 +24,8 @@
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "catalog/pg_authid.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -94,8 +96,23 @@ check_settings(Doctor *d)
 	d->endpoint = endpoint_from_settings();
 	if (missing)
 		row(d, "settings", "error", psprintf("%s is not set", missing),
+			strcmp(missing, "phsync.api_key") == 0 ?
+			"Set it with ALTER SYSTEM SET phsync.api_key = '...' and SELECT pg_reload_conf() (postgresql.auto.conf is readable by the server's user only)." :
 			psprintf("Set %s in postgresql.conf and reload the configuration.", missing));
 	else
+	{
+		int			mode;
+		const char *file = settings_api_key_exposed(&mode);
+
+		/* the file's name only to those who may read pg_settings.sourcefile */
+		if (file)
+			row(d, "settings", "warning",
+				has_privs_of_role(GetUserId(), ROLE_PG_READ_ALL_SETTINGS) ?
+				psprintf("phsync.api_key is set in a file other users can read (\"%s\", mode %04o)", file, mode) :
+				"phsync.api_key is set in a file other users can read",
+				"Set the key with ALTER SYSTEM SET phsync.api_key (postgresql.auto.conf is readable by the server's user only) and remove it from that file, or make the file unreadable to others (chmod o-r).");
+	}
+	if (!missing)
 		row(d, "settings", "ok",
 			psprintf("host %s, project %s, target %s, cursor %s%s%s",
 					 phsync_host, phsync_project_id, phsync_target_table,

@@ -129,6 +129,7 @@ typedef enum PhsyncBadRow
 
 extern void settings_define(void);
 extern const char *settings_api_key(void);
+extern const char *settings_api_key_exposed(int *mode);
 extern int	settings_run_at_seconds(void);
 extern pg_tz *settings_timezone(void);
 extern bool settings_host_ok(const char *host, const char **detail);

@@ -273,7 +273,8 @@ error_text(ErrorData *edata)
 }
 
 /*
- * In run_job()'s catch: log the run's error and return a copy of it.  A
+ * In run_job()'s catch: log the run's error (unless phsync.log_runs is
+ * none) and return a copy of it.  A
  * run stopped by its cancel's SIGINT (phsync_cancel(), or the session that
  * asked for it giving up) ends inside PostgreSQL with "canceling statement
  * due to user request": it says which run and why instead, as
@@ -287,7 +288,9 @@ run_error(MemoryContext cxt, int64 run_id)
 
 	if (why == NULL || geterrcode() != ERRCODE_QUERY_CANCELED)
 	{
-		EmitErrorReport();
+		/* phsync.runs and the caller still get it under log_runs = none */
+		if (phsync_log_runs != PHSYNC_LOG_RUNS_NONE)
+			EmitErrorReport();
 		return xact_recover(cxt);
 	}
 	edata = xact_recover(cxt);

@@ -262,7 +262,7 @@ endpoint_settings(void)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("phsync.api_key is not set"),
-				 errhint("Set phsync.api_key in postgresql.conf and reload the configuration.")));
+				 errhint("Set it with ALTER SYSTEM SET phsync.api_key = '...' and SELECT pg_reload_conf() (postgresql.auto.conf is readable by the server's user only).")));
 	return endpoint_from_settings();
 }
 

@@ -15,6 +15,7 @@
 
 #include <ctype.h>
 #include <limits.h>
+#include <sys/stat.h>
 
 #include "miscadmin.h"
 #include "pgtime.h"
@@ -232,6 +233,26 @@ static void
 assign_api_key(const char *newval, void *extra)
 {
 	api_key_value = (char *) extra;
+}
+
+/*
+ * The file that sets phsync.api_key, when users other than the file's
+ * owner and group can read it (Debian's postgresql.conf is 0644); NULL
+ * when the key is unset, set elsewhere (ALTER SYSTEM's postgresql.auto.conf
+ * is 0600) or in a file others cannot read.  *mode gets the file's mode.
+ */
+const char *
+settings_api_key_exposed(int *mode)
+{
+	struct config_generic *rec = phsync_find_setting("phsync.api_key");
+	struct stat st;
+
+	if (settings_api_key()[0] == '\0' || rec == NULL ||
+		rec->source != PGC_S_FILE || rec->sourcefile == NULL ||
+		stat(rec->sourcefile, &st) != 0 || (st.st_mode & S_IROTH) == 0)
+		return NULL;
+	*mode = (int) (st.st_mode & 07777);
+	return rec->sourcefile;
 }
 
 /*

@@ -173,6 +173,30 @@ apply_lock_timeout(void)
 }
 
 /*
+ * A WARNING, at start and after a reload that changes it, when the file
+ * that sets phsync.api_key can be read by other users of the machine.
+ */
+static void
+warn_exposed_key(void)
+{
+	static char warned[MAXPGPATH] = "";
+	int			mode = 0;
+	const char *file = settings_api_key_exposed(&mode);
+
+	if (file == NULL)
+		warned[0] = '\0';
+	else if (strcmp(file, warned) != 0)
+	{
+		strlcpy(warned, file, sizeof(warned));
+		ereport(WARNING,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("phsync.api_key is set in a file other users can read"),
+				 errdetail("The file is \"%s\", mode %04o.", file, mode),
+				 errhint("Set the key with ALTER SYSTEM SET phsync.api_key (postgresql.auto.conf is readable by the server's user only) and remove it from that file, or make the file unreadable to others (chmod o-r).")));
+	}
+}
+
+/*
  * Start: signals, the connection to phsync.database as phsync.role (or,
  * when the last attempt failed because it does not exist, a quiet wait for
  * it), and the session settings every run relies on.
@@ -218,6 +242,7 @@ worker_start(void)
 	apply_lock_timeout();
 	schedule_base = GetCurrentTimestamp();
 	shmem_set_schedule_base(schedule_base);
+	warn_exposed_key();
 }
 
 /*
@@ -859,6 +884,7 @@ phsync_worker_main(Datum main_arg)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 			apply_lock_timeout();
+			warn_exposed_key();
 			schedule_base = GetCurrentTimestamp();
 			shmem_set_schedule_base(schedule_base);
 		}

@@ -34,6 +34,8 @@
 
 /* how often to look again for a missing database or extension */
 #define POLL_MS 5000L
+/* a role found fine is checked again after this long (or a reload) */
+#define ROLE_RECHECK_USECS (60 * USECS_PER_SEC)
 /* the pause before starting again after a failure (with bgw_restart_time 1 s) */
 #define FAILED_START_PAUSE_MS 4000L
 /* the longest single sleep: bounds the effect of a jump of the clock */
@@ -327,22 +329,75 @@ wait_for_extension(void)
 
 /* what the worker's role lacked when last checked ("" : nothing) */
 static char role_problem_logged[PHSYNC_MAX_MESSAGE] = "";
+/* a reload happened since check_role() last looked */
+static bool role_reload_seen = false;
+
+/*
+ * check_role() found a problem: log it once, publish it, answer a pending
+ * request with it, and nap.
+ */
+static void
+role_wait(const char *problem, const char *fix)
+{
+	char	   *hint = psprintf("As a superuser: %s", fix);
+	PhsyncRequest request;
+
+	if (strcmp(problem, role_problem_logged) != 0)
+	{
+		/* an ERROR in the log, as a failed run's; the worker goes on */
+		PG_TRY();
+		{
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("%s", problem),
+					 errdetail("The phsync worker runs no sync until it has them."),
+					 errhint("%s", hint)));
+		}
+		PG_CATCH();
+		{
+			EmitErrorReport();
+			FlushErrorState();
+		}
+		PG_END_TRY();
+		strlcpy(role_problem_logged, problem, PHSYNC_MAX_MESSAGE);
+	}
+	shmem_set_role_problem(problem, hint);
+	if (shmem_take_request(&request))
+	{
+		PhsyncAnswer answer;
+
+		answer_error(&answer, ERRCODE_INSUFFICIENT_PRIVILEGE, problem, hint);
+		shmem_answer_request(&answer);
+	}
+	took_over = false;
+	shmem_set_next_due(0);
+	report_activity("waiting for phsync.role \"%s\" to get its privileges", phsync_role);
+	nap(POLL_MS);
+}
 
 /*
  * Step 1b: does the worker's role (phsync.role) have what it needs on
  * phsync's objects?  If not, log it once, as an ERROR line with the GRANTs
  * that fix it, publish it (sessions fail at once with it, the doctor
  * reports it), answer any request with it, and wait: a GRANT does not wake
- * the worker, so it checks again every few seconds.  Returns whether the
- * role is fine.
+ * the worker, so it checks again every few seconds.  A role found fine is
+ * checked again when the extension reappears, after a reload and once a
+ * minute, not at every turn of the loop.  Returns whether the role is fine.
  */
 static bool
 check_role(void)
 {
+	static TimestampTz checked_fine = 0;
+	TimestampTz now = GetCurrentTimestamp();
 	MemoryContext cxt = CurrentMemoryContext;
 	char	   *problem = NULL;
 	char	   *fix = NULL;
-	PhsyncRequest request;
+
+	if (role_reload_seen)
+		checked_fine = 0;
+	role_reload_seen = false;
+	if (took_over && checked_fine != 0 && now - checked_fine < ROLE_RECHECK_USECS)
+		return true;
 
 	PG_TRY();
 	{
@@ -369,42 +424,14 @@ check_role(void)
 							phsync_role)));
 		role_problem_logged[0] = '\0';
 		shmem_set_role_problem(NULL, NULL);
+		checked_fine = now;
 		return true;
 	}
-	if (strcmp(problem, role_problem_logged) != 0)
-	{
-		/* an ERROR in the log, as a failed run's; the worker goes on */
-		PG_TRY();
-		{
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("%s", problem),
-					 errdetail("The phsync worker runs no sync until it has them."),
-					 errhint("As a superuser: %s", fix)));
-		}
-		PG_CATCH();
-		{
-			EmitErrorReport();
-			FlushErrorState();
-		}
-		PG_END_TRY();
-		strlcpy(role_problem_logged, problem, PHSYNC_MAX_MESSAGE);
-	}
-	shmem_set_role_problem(problem, psprintf("As a superuser: %s", fix));
-	if (shmem_take_request(&request))
-	{
-		PhsyncAnswer answer;
-
-		answer_error(&answer, ERRCODE_INSUFFICIENT_PRIVILEGE, problem,
-					 psprintf("As a superuser: %s", fix));
-		shmem_answer_request(&answer);
-	}
-	took_over = false;
-	shmem_set_next_due(0);
-	report_activity("waiting for phsync.role \"%s\" to get its privileges", phsync_role);
-	nap(POLL_MS);
+	checked_fine = 0;
+	role_wait(problem, fix);
 	return false;
 }
+
 
 /*
  * Housekeeping: run fn(); if it fails (say, phsync.role lacks a right), a
@@ -885,6 +912,7 @@ phsync_worker_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 			apply_lock_timeout();
 			warn_exposed_key();
+			role_reload_seen = true;
 			schedule_base = GetCurrentTimestamp();
 			shmem_set_schedule_base(schedule_base);
 		}

@@ -68,8 +68,10 @@
 /*
  * A setting's record (its source file, say), by name; NULL when there is
  * none.  find_option() is exported from 16 on; 15 has the array only.
+ * For the files that include utils/guc_tables.h before phsync.h (its names
+ * would clash elsewhere).
  */
-#include "utils/guc_tables.h"
+#ifdef GUC_TABLES_H
 #if PG_VERSION_NUM >= 160000
 #define phsync_find_setting(name) find_option((name), false, true, ERROR)
 #else
@@ -85,5 +87,6 @@ phsync_find_setting(const char *name)
 	return NULL;
 }
 #endif
+#endif							/* GUC_TABLES_H */
 
 #endif							/* PHSYNC_COMPAT_H */

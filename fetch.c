@@ -13,10 +13,25 @@
  * is waited for.
  *
  * Slices.  The window is cut into slices of the cursor's range, each read
- * with its own keyset, up to phsync.max_concurrent_requests at once.  A
- * run starts with one slice; once a page comes back full (there is more
- * than one page of data), slices are added from the rest of the window,
- * and when none is left a slice still in progress is split in two.  For
+ * with its own keyset, up to phsync.max_concurrent_requests at once.
+ *
+ * A plan, where it pays (a cursor, pages of at least 10,000 rows, a window
+ * of at most 35 days): one grouped count of the window's rows per bucket
+ * (2,000 buckets at most), then slices cut where the counts add up to
+ * about 90% of a page each, or fewer rows, so that each of the concurrent
+ * requests gets one; together they cover the window, so nothing depends
+ * on the counts being exact.  A run of N rows then makes about
+ * ceil(N / page) requests and one count, however the rows are spread.
+ * The events preset counts first when its window is more than a day wide
+ * (instead of probing it a day at a time); otherwise the first page is
+ * asked for at once and the rest of the window is counted only if that
+ * page comes back full, so that a small run stays one request.
+ *
+ * Without a plan, a run starts with one slice; once a page comes back
+ * full (there is more than one page of data), slices are added from the
+ * rest of the window, and when none is left a slice still in progress is
+ * split in two.  A planned slice whose page still comes back full (rows
+ * arrived, or one bucket holds more than a page) is split the same way.  For
  * the built-in events query, whose requests also bound `timestamp`, a new
  * slice covers at most a day at first, widening while slices come back
  * nearly empty and narrowing when PostHog says a query is too big, so
@@ -42,6 +57,8 @@
  */
 #include "postgres.h"
 
+#include <math.h>
+
 #include "common/pg_prng.h"
 #include "miscadmin.h"
 #include "utils/memutils.h"
@@ -63,6 +80,12 @@
 #define FIRST_SLICE_USECS USECS_PER_DAY
 /* a slice in progress is split only when it has this much left */
 #define MIN_SPLIT_USECS (60 * USECS_PER_SEC)
+/* a window up to this long is planned from a count (a longer backfill adapts) */
+#define PLAN_MAX_USECS (35 * USECS_PER_DAY)
+/* the plan's count has at most this many buckets */
+#define PLAN_BUCKETS 2000
+/* a planned slice fills this share of a page: room for rows that arrive meanwhile */
+#define PLAN_FILL 0.9
 /* the row caps PostHog applies, silently: today's and older releases' */
 static const int64 known_caps[] = {10000, 50000};
 
@@ -108,6 +131,8 @@ typedef struct Fetch
 	TimestampTz next_start;		/* no slice covers [next_start, until) yet */
 	int64		width;			/* of a new slice; 0: the rest of the window */
 	bool		expand;			/* a page came back full: several slices */
+	bool		planned;		/* a plan was made (or tried): never twice */
+	bool		plan_pending;	/* the first page came back full: plan the rest */
 	int			inflight;		/* requests PostHog has not begun to answer */
 	int			open;			/* requests not judged yet (inflight or arriving) */
 	long		wait_ms;		/* nothing to do before this (budget, retries) */
@@ -276,6 +301,127 @@ split_slice(Fetch *f)
 	return half;
 }
 
+/* ---------- the plan ---------- */
+
+/*
+ * PostHog's count of q's rows per bucket of `bucket` microseconds from
+ * q->since: counts[0 .. n-1] (zero where PostHog lists no bucket).
+ * Returns false, counting nothing, when PostHog says the query is too big
+ * and may_ask_less allows the caller to ask for less.  Shared with verify.c.
+ */
+bool
+fetch_bucket_counts(PhsyncRunState *st, PhsyncQuery *q, const char *distinct_key,
+					int64 bucket, int64 *counts, int n, bool may_ask_less)
+{
+	PhsyncScan *scan = fetch_once(st, q, hogql_count_query(q, distinct_key), bucket, may_ask_less);
+	PhsyncRow  *row = row_alloc(2);
+	const char *encoded;
+
+	if (scan == NULL)
+		return false;
+	memset(counts, 0, sizeof(int64) * n);
+	while (scan_next_row(scan, &encoded))
+	{
+		int64		i;
+
+		if (!row_decode(encoded, row) || row->kinds[0] != PHSYNC_VALUE_NUMBER ||
+			row->kinds[1] != PHSYNC_VALUE_NUMBER)
+		{
+			scan_free(scan);
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+					 errmsg("PostHog sent a count row phsync cannot read")));
+		}
+		i = strtoll(row->values[0], NULL, 10);
+		if (i >= 0 && i < n)
+			counts[i] = strtoll(row->values[1], NULL, 10);
+	}
+	scan_free(scan);
+	return true;
+}
+
+/* is a plan of [from, until) worth a count? */
+static bool
+may_plan(Fetch *f, TimestampTz from)
+{
+	return !f->planned && f->q.cursor != NULL && f->st->page_size >= FIRST_PAGE &&
+		f->q.until - from > USECS_PER_SEC && f->q.until - from <= PLAN_MAX_USECS;
+}
+
+/*
+ * Plan [from, until) of the window (see the top of this file).  `first`,
+ * when not NULL, is the slice whose first page came back full, at
+ * position `from`: it keeps [its start, the first cut).  When PostHog finds
+ * the count too big the window is read without a plan.
+ */
+static void
+plan_window(Fetch *f, Slice *first, TimestampTz from)
+{
+	PhsyncRunState *st = f->st;
+	PhsyncQuery q = f->q;
+	int64		span = f->q.until - from;
+	int64		bucket = (span / PLAN_BUCKETS / USECS_PER_SEC + 1) * USECS_PER_SEC;
+	int			n = (int) (span / bucket + (span % bucket != 0));
+	int64	   *counts = palloc(sizeof(int64) * n);
+	int			page = st->cap > 0 ? Min(st->page_size, st->cap) : st->page_size;
+	int64		total = 0;
+	int64		per_slice;
+	int64		acc = 0;
+	int64		nslices;
+	int			made = 0;
+	TimestampTz start;
+	int			i;
+
+	f->planned = true;
+	q.since = from;
+	q.sliced = false;
+	if (!fetch_bucket_counts(st, &q, NULL, bucket, counts, n, true))
+	{
+		ereport(LOG,
+				(errmsg("phsync run %lld: PostHog says counting the window is too big; reading it without a plan",
+						(long long) st->run_id)));
+		return;
+	}
+	for (i = 0; i < n; i++)
+		total += counts[i];
+	f->next_start = f->q.until;
+	if (total == 0 && first == NULL)
+		return;					/* nothing there: no request at all */
+
+	/* pages of about PLAN_FILL of a page, or one per request at once */
+	nslices = (int64) ceil(total / (PLAN_FILL * page));
+	nslices = Max(nslices, Min(st->concurrency, (total + FIRST_PAGE - 1) / FIRST_PAGE));
+	nslices = Max(nslices, 1);
+	per_slice = (total + nslices - 1) / nslices;
+	st->limit = page;
+
+	start = first ? first->from : from;
+	for (i = 0; i < n; i++)
+	{
+		TimestampTz b = from + i * bucket;
+
+		if (acc > 0 && acc + counts[i] > per_slice)
+		{
+			if (first)
+				first->to = b;
+			else
+				(void) new_slice(f, start, b);
+			first = NULL;
+			made++;
+			start = b;
+			acc = 0;
+		}
+		acc += counts[i];
+	}
+	if (first == NULL)
+		(void) new_slice(f, start, f->q.until);
+	made++;
+	ereport(DEBUG1,
+			(errmsg("phsync run %lld: PostHog counts %lld rows from %s; %d slices of about %lld rows",
+					(long long) st->run_id, (long long) total, phsync_format_timestamp(from),
+					made, (long long) per_slice)));
+}
+
 /*
  * Start as many requests as the run may have in flight.
  */
@@ -283,8 +429,17 @@ static bool
 start_requests(Fetch *f)
 {
 	PhsyncRunState *st = f->st;
-	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz now;
 	bool		started = false;
+
+	if (f->plan_pending)
+	{
+		Slice	   *first = linitial(f->slices);
+
+		f->plan_pending = false;
+		plan_window(f, first, slice_position(first));
+	}
+	now = GetCurrentTimestamp();
 
 	/*
 	 * At most `concurrency` queries executing at PostHog (each holds one of
@@ -434,6 +589,11 @@ judge(Fetch *f, Request *r)
 			if (hogql_keyset_cursor(&s->next) >= s->to)
 				s->exhausted = true;
 			f->expand = true;
+			/* the first page of the only slice was full: plan the rest */
+			if (s->pages == 1 && !s->exhausted && list_length(f->slices) == 1 &&
+				s->from == f->q.since && s->to == f->q.until &&
+				may_plan(f, hogql_keyset_cursor(&s->next)))
+				f->plan_pending = true;
 			if (res.seconds < GROW_SECONDS && st->limit < st->page_size &&
 				(st->cap == 0 || st->limit < st->cap) && r->limit == st->limit)
 				st->limit = Min(st->limit * 2, st->cap ? Min(st->cap, st->page_size) : st->page_size);
@@ -794,6 +954,9 @@ fetch_window(PhsyncRunState *st, TimestampTz since, TimestampTz until)
 	f.width = hogql_bounds_timestamp(&f.q) ? FIRST_SLICE_USECS : 0;
 	if (st->limit == 0)
 		st->limit = Min(FIRST_PAGE, st->page_size);
+	/* the events preset would probe a wide window a day at a time: count it */
+	if (hogql_bounds_timestamp(&f.q) && until - since > FIRST_SLICE_USECS && may_plan(&f, since))
+		plan_window(&f, NULL, since);
 
 	while (f.next_start < until || f.slices != NIL)
 	{

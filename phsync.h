@@ -869,6 +869,8 @@ typedef struct PhsyncRunState
 extern void fetch_window(PhsyncRunState *st, TimestampTz since, TimestampTz until);
 extern PhsyncScan *fetch_once(PhsyncRunState *st, PhsyncQuery *q, const char *hogql,
 							  int64 bucket, bool may_ask_less);
+extern bool fetch_bucket_counts(PhsyncRunState *st, PhsyncQuery *q, const char *distinct_key,
+								int64 bucket, int64 *counts, int n, bool may_ask_less);
 
 /* ---------- verify.c ---------- */
 extern void verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to,

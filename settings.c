@@ -20,6 +20,7 @@
 #include "miscadmin.h"
 #include "pgtime.h"
 #include "utils/guc.h"
+#include "utils/guc_tables.h"
 #include "utils/varlena.h"
 
 #include "phsync.h"

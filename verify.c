@@ -71,15 +71,11 @@ count_posthog(PhsyncRunState *st, Buckets *b, TimestampTz to)
 
 	for (first = 0; first < b->n; first += per_request)
 	{
-		PhsyncScan *scan;
-		PhsyncRow  *row = row_alloc(2);
-		const char *encoded;
-
 		q.since = bucket_start(b, first);
 		q.until = Min(to, bucket_start(b, first + per_request));
 		q.sliced = false;
-		scan = fetch_once(st, &q, hogql_count_query(&q, distinct), b->width, per_request > 1);
-		if (scan == NULL)
+		if (!fetch_bucket_counts(st, &q, distinct, b->width, b->posthog + first,
+								 Min(per_request, b->n - first), per_request > 1))
 		{
 			/* too big for PostHog: fewer buckets a request, the same ones again */
 			per_request = Max(per_request / 2, 1);
@@ -89,24 +85,6 @@ count_posthog(PhsyncRunState *st, Buckets *b, TimestampTz to)
 			first -= per_request;
 			continue;
 		}
-		while (scan_next_row(scan, &encoded))
-		{
-			int64		i;
-
-			if (!row_decode(encoded, row) || row->kinds[0] != PHSYNC_VALUE_NUMBER ||
-				row->kinds[1] != PHSYNC_VALUE_NUMBER)
-			{
-				scan_free(scan);
-				ereport(ERROR,
-						(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-						 errmsg("PostHog sent a count row phsync cannot read")));
-			}
-			i = first + strtoll(row->values[0], NULL, 10);
-			if (i < first || i >= b->n)
-				continue;
-			b->posthog[i] = strtoll(row->values[1], NULL, 10);
-		}
-		scan_free(scan);
 		st->counters.pages++;
 	}
 }

@@ -29,9 +29,11 @@ fake_post($fake, '/generate', { count => 26000, seed => 19,
 	created_from => iso_ago($node, '3 hours'), step_ms => 300 });
 like(run_now($node), qr/^succeeded\|\d+\|26000\|26000$/, 'run_now: all 26,000 rows arrive through a 10,000-row cap');
 is(source_equals_target($node, $fake), 0, 'the target equals the source');
-like(slurp_file($node->logfile), qr/PostHog returned 10000 rows where 20000 were asked: it caps results at 10000 rows/,
+like(slurp_file($node->logfile), qr/PostHog returned 10000 rows where 50000 were asked: it caps results at 10000 rows/,
 	'the cap is learned from a page that stops at it, and logged');
-my @limits = map { $_->{body}{query}{query} =~ /LIMIT (\d+)\s*$/ ? $1 : () } @{ fake_requests($fake) };
+# pages (the plan's count, GROUP BY phsync_bucket, is not one)
+my @limits = map { $_->{body}{query}{query} =~ /LIMIT (\d+)\s*$/ ? $1 : () }
+  grep { $_->{body}{query}{query} !~ /GROUP BY phsync_bucket/ } @{ fake_requests($fake) };
 is(scalar(grep { $_ > 10000 } @limits), 1, 'once learned, no page asks for more than the cap');
 is(scalar(grep { $_->{rows} == 10000 } @{ fake_requests($fake) }) >= 2, 1, 'and capped pages were read as full');
 
@@ -93,5 +95,30 @@ is($node2->safe_psql('postgres', "SELECT count(*) FROM posthog_events WHERE crea
 	'every row of the burst is there');
 my @pages = map { $_->{rows} } grep { $_->{status} == 200 } @{ fake_requests($fake2) };
 ok(max(@pages) <= 50000, 'no page is larger than the cap: ' . join(' ', @pages));
+
+# ---------- a plan, not a geometric tail ----------
+# 120,000 rows over a day, unevenly: 20,000 spread over 22 hours, then a
+# burst of 100,000 in the last 50 minutes.  A window of more than a day is
+# counted first, then read in slices of about a page each.
+fake_post($fake2, '/reset', { data => JSON::PP::true });
+fake_post($fake2, '/generate', { count => 20000, seed => 22, created_from => iso_ago($node2, '23 hours'), step_ms => 3960 });
+fake_post($fake2, '/generate', { count => 100000, seed => 23, created_from => iso_ago($node2, '55 minutes'), step_ms => 30 });
+$node2->safe_psql('postgres', q{
+	SELECT phsync_create_table('events', 'uneven');
+	SELECT name FROM phsync_add_sync('uneven', 'uneven', preset => 'events');});
+fake_post($fake2, '/reset', {});
+my $day_from = iso_ago($node2, '24 hours 30 minutes');
+$bf = $node2->safe_psql('postgres', "SELECT id FROM phsync_backfill('uneven', '$day_from', now())");
+poll_until(sub { $node2->safe_psql('postgres', "SELECT status FROM phsync.runs WHERE id = $bf") eq 'succeeded' }, 120, 'uneven backfill');
+is($node2->safe_psql('postgres', "SELECT rows_received || ' ' || rows_inserted || ' ' || (SELECT count(DISTINCT uuid) FROM uneven) FROM phsync.runs WHERE id = $bf"),
+	'120000 120000 120000', 'the 120,000 unevenly spread rows arrive');
+my @asked = @{ fake_requests($fake2) };
+my @counts = grep { $_->{body}{query}{query} =~ /GROUP BY phsync_bucket/ } @asked;
+my @data = map { $_->{rows} } grep { $_->{body}{query}{query} !~ /GROUP BY phsync_bucket/ } @asked;
+note('requests for 120,000 uneven rows: one count, then pages of ' . join(' ', @data));
+ok(@asked <= 6, sprintf('in at most 6 requests: %d', scalar(@asked)));
+is(scalar(@counts), 1, 'one of them the grouped count, first') && is($asked[0]{body}{query}{query} =~ /GROUP BY phsync_bucket/ ? 1 : 0, 1, 'before any page');
+is(scalar(grep { $_ == 0 } @data), 0, 'no request comes back empty');
+ok(!(grep { $_->{status} != 200 } @asked), 'and none is refused');
 
 done_testing();

@@ -1985,28 +1985,8 @@ class Synthetic:
             return uuid_key(v)
         return v
 
-    def query(self, ast, tr, row_cap):
-        """(body bytes, rows, events_read)"""
-        if ast.get("node") != "SelectQuery":
-            raise HogQLError("the synthetic dataset only serves phsync's events query")
-        if ast.get("offset") is not None:
-            raise HogQLError(OFFSET_TEXT)
-        sel = [s.get("chain") for s in ast.get("select") or []]
-        sf = ast.get("select_from") or {}
-        if sel != [[c] for c in EVENT_COLUMNS] or (sf.get("table") or {}).get("chain") != ["events"] \
-                or sf.get("next_join") or ast.get("group_by") or ast.get("having") or ast.get("distinct"):
-            raise HogQLError("the synthetic dataset only serves SELECT %s FROM events WHERE ..."
-                             % ", ".join(EVENT_COLUMNS))
-        order = [(o["expr"].get("chain"), o.get("order")) for o in ast.get("order_by") or []]
-        if order != [(["created_at"], "ASC"), (["uuid"], "ASC")]:
-            raise HogQLError("the synthetic dataset only serves ORDER BY created_at, uuid")
-        limit = DEFAULT_LIMIT
-        if ast.get("limit") is not None:
-            limit = min(int(tr.const_value(ast["limit"])), row_cap)
-        where = ast.get("where")
-        pred = self.compile(where, tr)[1] if where is not None else (lambda i: True)
-        # bounds on created_at (bisect) and timestamp (cost) from the top-level conjuncts
-        src = Source("events", "t", {}, TABLES["events"])
+    def created_bounds(self, where, tr):
+        """The created_at bounds (µs, None: open) of the top-level conjuncts."""
         lo = hi = None
         conj = []
 
@@ -2028,6 +2008,56 @@ class Synthetic:
                     lo = v if lo is None else max(lo, v)
                 if c["op"] in ("<", "<=", "=="):
                     hi = v if hi is None else min(hi, v)
+        return lo, hi
+
+    def count_query(self, ast, tr):
+        """phsync's grouped count (its plan, verify): rows per bucket of
+        {bucket_seconds} from {since}, by created_at alone (phsync's bounds
+        on timestamp are days wide, and a synthetic timestamp is within 5 s
+        of its created_at), so that counting a million rows stays cheap."""
+        lo, hi = self.created_bounds(ast.get("where"), tr)
+        since_s = us_of(canon(tr.values["since"])) // 1000000
+        width = int(tr.values["bucket_seconds"])
+        start = bisect.bisect_left(self.created_us, lo) if lo is not None else 0
+        end = bisect.bisect_left(self.created_us, hi) if hi is not None else self.count
+        results = []
+        k = 0
+        while start < end:
+            edge = bisect.bisect_left(self.created_us, (since_s + (k + 1) * width) * 1000000, start, end)
+            if edge > start:
+                results.append([k, edge - start])
+            start = edge
+            k += 1
+        body = json.dumps({"columns": ["phsync_bucket", "phsync_count"], "is_cached": False,
+                           "results": results, "timezone": "UTC",
+                           "types": [["phsync_bucket", "Int64"], ["phsync_count", "UInt64"]]}).encode()
+        return body, len(results), sum(r[1] for r in results)
+
+    def query(self, ast, tr, row_cap):
+        """(body bytes, rows, events_read)"""
+        if ast.get("node") != "SelectQuery":
+            raise HogQLError("the synthetic dataset only serves phsync's events query")
+        if ast.get("offset") is not None:
+            raise HogQLError(OFFSET_TEXT)
+        if [s.get("alias") for s in ast.get("select") or []] == ["phsync_bucket", "phsync_count"]:
+            return self.count_query(ast, tr)
+        sel = [s.get("chain") for s in ast.get("select") or []]
+        sf = ast.get("select_from") or {}
+        if sel != [[c] for c in EVENT_COLUMNS] or (sf.get("table") or {}).get("chain") != ["events"] \
+                or sf.get("next_join") or ast.get("group_by") or ast.get("having") or ast.get("distinct"):
+            raise HogQLError("the synthetic dataset only serves SELECT %s FROM events WHERE ..."
+                             % ", ".join(EVENT_COLUMNS))
+        order = [(o["expr"].get("chain"), o.get("order")) for o in ast.get("order_by") or []]
+        if order != [(["created_at"], "ASC"), (["uuid"], "ASC")]:
+            raise HogQLError("the synthetic dataset only serves ORDER BY created_at, uuid")
+        limit = DEFAULT_LIMIT
+        if ast.get("limit") is not None:
+            limit = min(int(tr.const_value(ast["limit"])), row_cap)
+        where = ast.get("where")
+        pred = self.compile(where, tr)[1] if where is not None else (lambda i: True)
+        # bounds on created_at (bisect) and timestamp (cost) from the top-level conjuncts
+        src = Source("events", "t", {}, TABLES["events"])
+        lo, hi = self.created_bounds(where, tr)
         start = bisect.bisect_left(self.created_us, lo) if lo is not None else 0
         end = bisect.bisect_right(self.created_us, hi) if hi is not None else self.count
         picked = []

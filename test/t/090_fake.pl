@@ -340,6 +340,13 @@ ok(@$p2 == 100 && $p2->[0][7] gt $p1->[-1][7], 'synthetic: the keyset OR-chain g
 $r = fake_query($other, "$head\n  AND timestamp < toDateTime({ts_until})\nORDER BY created_at, uuid\nLIMIT 50000",
 	values => { %v, ts_until => $p1->[9][2] });
 is(scalar @{ $r->{json}{results} }, 9, 'synthetic: an upper bound on timestamp is evaluated');
+# phsync's grouped count (a plan), buckets of 10 minutes from the first row's second
+(my $first_s = $p1->[0][7]) =~ s/\.\d+Z$/Z/;
+$r = fake_query($other, "SELECT intDiv(toUnixTimestamp(toDateTime(created_at)) - toUnixTimestamp(toDateTime({since})), {bucket_seconds}) AS phsync_bucket, "
+	. "count() AS phsync_count\nFROM events\nWHERE created_at >= toDateTime({since}) AND created_at < toDateTime({until})\n"
+	. "  AND timestamp >= toDateTime({timestamp_since})\nGROUP BY phsync_bucket\nORDER BY phsync_bucket\nLIMIT 50000",
+	values => { %v, since => $first_s, bucket_seconds => 600 });
+is(join(',', map { "$_->[0]:$_->[1]" } @{ $r->{json}{results} }), '0:60,1:60,2:60,3:60,4:60', 'synthetic: the grouped count, bucket by bucket');
 is(fake_query($other, "SELECT uuid FROM events LIMIT 1")->{status}, 400, 'synthetic: other shapes get 400');
 is(fake_query($other, "SELECT uuid FROM events WHERE `a\`b` = 1")->{status}, 400, 'synthetic: the parser still decides');
 

@@ -283,6 +283,9 @@ split_slice(Fetch *f)
 
 		if (s->exhausted || !s->asked)
 			continue;
+		/* a planned slice is split only when a page of it came back full */
+		if (f->planned && s->page_span == 0)
+			continue;
 		left = s->to - slice_position(s);
 		/* worth it only when at least two more pages look left */
 		if (s->page_span > 0 && left < 2 * s->page_span)
@@ -396,6 +399,9 @@ plan_window(Fetch *f, Slice *first, TimestampTz from)
 	st->limit = page;
 
 	start = first ? first->from : from;
+	/* its range is cut anew: split it only if a page of it is full again */
+	if (first)
+		first->page_span = 0;
 	for (i = 0; i < n; i++)
 	{
 		TimestampTz b = from + i * bucket;

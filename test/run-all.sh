@@ -60,6 +60,10 @@ fi
 if [ $status -eq 0 ]; then
 	"$here/test/layers.sh" "$here" || status=$?
 fi
+# README.md under 300 lines; every link and anchor in README.md and docs/ resolves
+if [ $status -eq 0 ]; then
+	"$here/test/docs.pl" "$here" || status=$?
+fi
 
 if [ $status -ne 0 ]; then
 	[ -f "$work/regression.diffs" ] && cat "$work/regression.diffs"

@@ -1,5 +1,5 @@
-# The worker as a least-privilege role, created exactly as README.md says
-# (the block is read from the README): every kind of run works with those
+# The worker as a least-privilege role, created exactly as docs/security.md
+# says (the block is read from it): every kind of run works with those
 # grants, and a delegate's trigger gets the delegate's rights, not the
 # worker role's.
 use strict;
@@ -17,10 +17,10 @@ my $fake = start_fake(certs => $certs);
 my $node = phsync_node('worker_role', $fake, $certs, 'phsync.page_size' => '20', 'phsync.verify' => 'on');
 $node->safe_psql('postgres', q{CREATE EXTENSION phsync; SELECT phsync_create_table('events', 'public.posthog_events');});
 
-# the README's block, word for word
-my $readme = slurp_file("$FindBin::Bin/../../README.md");
-my ($grants) = $readme =~ /<!-- phsync.role grants: begin -->\n```sql\n(.*?)```\n<!-- phsync.role grants: end -->/s;
-ok($grants, 'README.md has the phsync.role grants');
+# the documentation's block, word for word
+my $security = slurp_file("$FindBin::Bin/../../docs/security.md");
+my ($grants) = $security =~ /<!-- phsync.role grants: begin -->\n```sql\n(.*?)```\n<!-- phsync.role grants: end -->/s;
+ok($grants, 'docs/security.md has the phsync.role grants');
 $node->safe_psql('postgres', $grants);
 $node->append_conf('postgresql.conf', "phsync.role = 'phsync_runner'\n");
 $node->restart;

@@ -164,10 +164,14 @@ my %got = map { my ($h, $ev, $n) = split /\|/; ("$h $ev" => $n) } split /\n/,
   $node->safe_psql('postgres', q{SELECT to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24') || '|' || event || '|' || n FROM hourly});
 is_deeply(\%got, \%want, 'the table holds PostHog\'s hourly counts, hour by hour and event by event');
 
-# ---------- the README's examples, as written ----------
-my $readme = slurp_file("$FindBin::Bin/../../README.md");
-my %example = $readme =~ /<!-- example: (\w+)[^>]*-->\n```sql\n(.*?)```\n<!-- \/example -->/gs;
-is(join(',', sort keys %example), 'daily,discovery,flatten,persons,query', 'the README\'s runnable examples');
+# ---------- the documentation's examples, as written ----------
+# README.md and every page of docs/, in that order
+my @pages = ("$FindBin::Bin/../../README.md", sort glob("$FindBin::Bin/../../docs/*.md"));
+my $readme = join("\n", map { slurp_file($_) } @pages);
+my @examples = $readme =~ /<!-- example: (\w+)[^>]*-->\n```sql\n(.*?)```\n<!-- \/example -->/gs;
+my %example = @examples;
+is(join(',', sort keys %example), 'daily,discovery,flatten,persons,query', 'the documentation\'s runnable examples');
+is(scalar(@examples) / 2, 5, 'each name once');
 my @hogql = $readme =~ /<!-- hogql[^>]*-->\n```sql\n(.*?)```\n<!-- \/example -->/gs;
 is(scalar(@hogql), 2, 'and its HogQL blocks');
 my $readme_node = phsync_node('readme', $fake, $certs);
@@ -179,7 +183,7 @@ $readme_node->safe_psql('postgres', qq{
 for my $name (qw(query discovery persons daily flatten))
 {
 	my ($ret, $out, $err) = $readme_node->psql('postgres', $example{$name});
-	is($ret, 0, "the README's $name example runs") or diag($err);
+	is($ret, 0, "the documentation's $name example runs") or diag($err);
 }
 ok($readme_node->safe_psql('postgres', 'SELECT count(*) FROM hourly') > 0, 'its hourly table fills');
 is($readme_node->safe_psql('postgres', q{SELECT status FROM phsync_run_now('daily')}), 'succeeded', 'its daily aggregate runs');
@@ -194,7 +198,7 @@ for my $i (0 .. $#hogql)
 	my $text = $hogql[$i] =~ s/^--[^\n]*\n//r;
 	my %values = map { $_ => $sample{$_} // '2026-11-01T00:00:00Z' } $text =~ /\{(\w+)\}/g;
 	my $res = fake_query($plain, $text, values => \%values);
-	is($res->{status}, 200, "README HogQL block $i is valid HogQL") or diag($res->{content});
+	is($res->{status}, 200, "the documentation's HogQL block $i is valid HogQL") or diag($res->{content});
 }
 
 done_testing();

@@ -152,14 +152,12 @@ like(psql_err("SELECT phsync_backfill('fast', now() - interval '1 hour', now())"
 	qr/ERROR:  phsync\.role "bare_runner" lacks USAGE on schema phsync; .*\nDETAIL:  The phsync worker runs no sync until it has them\.\nHINT:  As a superuser: GRANT USAGE ON SCHEMA phsync TO bare_runner; GRANT SELECT ON phsync\.runs TO bare_runner; GRANT SELECT ON phsync\.syncs TO bare_runner;/,
 	'phsync_backfill() fails at once with it, and the GRANTs that fix it');
 like(psql_err("SELECT phsync_run_now()"), qr/ERROR:  phsync\.role "bare_runner" lacks/, 'so does phsync_run_now()');
-# the README's block for a worker role
-$node->safe_psql('postgres', q{
-	GRANT USAGE ON SCHEMA phsync TO bare_runner;
-	GRANT SELECT, INSERT, UPDATE, DELETE ON phsync.runs, phsync.rejects TO bare_runner;
-	GRANT USAGE ON SEQUENCE phsync.runs_id_seq, phsync.rejects_id_seq TO bare_runner;
-	GRANT SELECT ON phsync.syncs TO bare_runner;
-	GRANT SELECT, INSERT, UPDATE ON phsync.verifications TO bare_runner;
-	GRANT SELECT, INSERT, DELETE ON phsync.cluster TO bare_runner;});
+# docs/security.md's block for a worker role, for this role (which exists)
+my ($grants) = slurp_file("$FindBin::Bin/../../docs/security.md")
+  =~ /<!-- phsync.role grants: begin -->\n```sql\n(.*?)```\n<!-- phsync.role grants: end -->/s;
+ok($grants && $grants =~ s/^CREATE ROLE phsync_runner LOGIN;\n//m, 'docs/security.md has the phsync.role grants');
+$grants =~ s/\bphsync_runner\b/bare_runner/g;
+$node->safe_psql('postgres', $grants);
 ok(poll_until(sub { $doctor->() =~ /^ok\|/ }, 30, 'granted'), 'after the GRANTs the worker goes on by itself');
 is($node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'phsync worker'"), $pid,
 	'the same worker process throughout: no restart loop');

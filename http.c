@@ -24,7 +24,7 @@
  * PostHog gzips its answers.  They are inflated here with ISA-L's igzip
  * rather than by libcurl's zlib: the same stream, checked against the
  * same CRC, at about 2.4 times the speed (zlib took a tenth of the
- * worker's CPU; see README, Performance).
+ * worker's CPU; see docs/performance.md).
  *
  *-------------------------------------------------------------------------
  */

@@ -247,7 +247,7 @@ roles_publish_owners(bool extension_here)
  * without which the worker can do nothing at all (read phsync's schema,
  * its syncs and its run history): then *problem names what it lacks and
  * *fix holds the GRANTs (as a superuser) that give it.  The other rights of
- * README's block are each needed by one kind of work only (writing a run,
+ * the block in docs/security.md are each needed by one kind of work only (writing a run,
  * retention, verification), which fails or warns on its own and lets the
  * rest go on.  A superuser lacks nothing.  Needs SPI connected.
  */

@@ -58,6 +58,15 @@
 #define phsync_qualified_name_list(s) stringToQualifiedNameList(s)
 #endif
 
+/* index entries of a new row (no ON CONFLICT): 16 added onlySummarizing */
+#if PG_VERSION_NUM >= 160000
+#define phsync_insert_index_tuples(rri, slot, estate) \
+	ExecInsertIndexTuples((rri), (slot), (estate), false, false, NULL, NIL, false)
+#else
+#define phsync_insert_index_tuples(rri, slot, estate) \
+	ExecInsertIndexTuples((rri), (slot), (estate), false, false, NULL, NIL)
+#endif
+
 /* is this process a background worker?  17 made it a function */
 #if PG_VERSION_NUM >= 170000
 #define phsync_am_background_worker() AmBackgroundWorkerProcess()

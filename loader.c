@@ -15,23 +15,38 @@
  * all new rows, they go in without ON CONFLICT, which costs an index probe
  * and a WAL record per row (see insert_plain()).
  *
+ * Without the executor.  Where COPY would skip it too (a plain table: no
+ * triggers, rules, row-level security, CHECK constraints, partition
+ * bound, or defaults for columns PostHog does not send), such a batch of
+ * new rows goes in with table_multi_insert() and its index entries, as
+ * COPY FROM does: one WAL record per page instead of one per row.  A
+ * duplicate key raises as the plain INSERT would (the batch then takes ON
+ * CONFLICT); a NULL in a NOT NULL column sends the batch to the plain
+ * INSERT, whose error the bad-row hunt reads.  Everything else takes the
+ * executor, so what other roles control runs as it always did.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
 #include "access/htup_details.h"
 #include "access/relation.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_index.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
@@ -67,6 +82,7 @@ struct PhsyncLoader
 	SPIPlanPtr	plain_plan;		/* the same without ON CONFLICT */
 	SPIPlanPtr	single_plan;	/* INSERT of one row (bad-row hunting) */
 	bool		optimistic;		/* the last batch met no conflict: try plain */
+	bool		direct_logged;	/* the first batch without the executor was logged */
 	StringInfoData *seen;		/* tracking: per unique key column, every
 								 * key received, NUL-separated */
 	int64		nseen;
@@ -566,12 +582,126 @@ is_conflict(int sqlerrcode)
 	return sqlerrcode == ERRCODE_UNIQUE_VIOLATION || sqlerrcode == ERRCODE_EXCLUSION_VIOLATION;
 }
 
+/*
+ * May the converted batch go in without the executor (see the top of this
+ * file)?  Asked of the relation at each batch: its definition may change
+ * between transactions.
+ */
+static bool
+direct_ok(PageValues *pv, Relation rel, int nrows)
+{
+	PhsyncLoader *loader = pv->loader;
+	TupleDesc	desc = RelationGetDescr(rel);
+	bool	   *sent = palloc0(sizeof(bool) * desc->natts);
+	bool		ok = true;
+	int			c,
+				r;
+
+	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relispartition ||
+		rel->trigdesc != NULL || rel->rd_rel->relhasrules || rel->rd_rel->relrowsecurity ||
+		(desc->constr && desc->constr->num_check > 0) ||
+		pg_class_aclcheck(RelationGetRelid(rel), GetUserId(), ACL_INSERT) != ACLCHECK_OK)
+		return false;
+	for (c = 0; c < loader->ncolumns; c++)
+		sent[loader->target->cols[loader->colmap[c]].attnum - 1] = true;
+	for (c = 0; c < desc->natts && ok; c++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, c);
+
+		if (att->attisdropped)
+			continue;
+		if (!sent[c])
+			ok = !att->atthasdef && !att->attidentity && !att->attgenerated && !att->attnotnull;
+		else if (att->attgenerated)
+			ok = false;
+	}
+	/* a NULL for a NOT NULL column: the executor's error, for the bad-row hunt */
+	for (c = 0; c < loader->ncolumns && ok; c++)
+	{
+		if (!TupleDescAttr(desc, loader->target->cols[loader->colmap[c]].attnum - 1)->attnotnull)
+			continue;
+		for (r = 0; r < nrows && ok; r++)
+			ok = pv->nulls[r * loader->ncolumns + c] != 'n';
+	}
+	pfree(sent);
+	return ok;
+}
+
+/*
+ * Insert the converted batch as COPY FROM does: table_multi_insert(), then
+ * each row's index entries (a duplicate key raises).  False when the
+ * target is not plain enough (direct_ok()).
+ */
+static bool
+insert_direct(PageValues *pv, int nrows)
+{
+	PhsyncLoader *loader = pv->loader;
+	Relation	rel = table_open(loader->target->relid, RowExclusiveLock);
+	TupleDesc	desc = RelationGetDescr(rel);
+	EState	   *estate;
+	ResultRelInfo *rri;
+	TupleTableSlot **slots;
+	BulkInsertState bistate;
+	int			r,
+				c;
+
+	if (!direct_ok(pv, rel, nrows))
+	{
+		table_close(rel, NoLock);
+		return false;
+	}
+	estate = CreateExecutorState();
+	rri = makeNode(ResultRelInfo);
+	InitResultRelInfo(rri, rel, 1, NULL, 0);
+	ExecOpenIndices(rri, false);
+	slots = palloc(sizeof(TupleTableSlot *) * nrows);
+	for (r = 0; r < nrows; r++)
+	{
+		TupleTableSlot *slot = MakeSingleTupleTableSlot(desc, table_slot_callbacks(rel));
+
+		ExecClearTuple(slot);
+		memset(slot->tts_isnull, true, sizeof(bool) * desc->natts);
+		for (c = 0; c < loader->ncolumns; c++)
+		{
+			int			att = loader->target->cols[loader->colmap[c]].attnum - 1;
+
+			slot->tts_values[att] = pv->values[r * loader->ncolumns + c];
+			slot->tts_isnull[att] = pv->nulls[r * loader->ncolumns + c] == 'n';
+		}
+		ExecStoreVirtualTuple(slot);
+		slots[r] = slot;
+	}
+	bistate = GetBulkInsertState();
+	table_multi_insert(rel, slots, nrows, GetCurrentCommandId(true), 0, bistate);
+	FreeBulkInsertState(bistate);
+	for (r = 0; r < nrows; r++)
+	{
+		ResetPerTupleExprContext(estate);
+		if (rri->ri_NumIndices > 0)
+			(void) phsync_insert_index_tuples(rri, slots[r], estate);
+		ExecDropSingleTupleTableSlot(slots[r]);
+	}
+	ExecCloseIndices(rri);
+	FreeExecutorState(estate);
+	table_close(rel, NoLock);
+	CommandCounterIncrement();
+	if (!loader->direct_logged)
+		elog(DEBUG1, "phsync: rows go into %s with table_multi_insert(), without the executor",
+			 loader->target->display);
+	loader->direct_logged = true;
+	return true;
+}
+
 /* one execution of the plain INSERT on the converted batch */
 static void
 exec_plain(void *arg)
 {
 	PageValues *pv = (PageValues *) arg;
-	int			ret = phsync_spi_exec_plan(pv->loader->plain_plan, pv->values, pv->nulls, false, 0);
+	int			ret;
+
+	if (insert_direct(pv, pv->loader->batch_rows))
+		return;
+	ret = phsync_spi_exec_plan(pv->loader->plain_plan, pv->values, pv->nulls, false, 0);
 
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "insert into %s failed: %s", pv->loader->target->display,

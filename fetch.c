@@ -19,7 +19,8 @@
  * of at most 35 days): one grouped count of the window's rows per bucket
  * (2,000 buckets at most), then slices cut where the counts add up to
  * about 90% of a page each, or fewer rows, so that each of the concurrent
- * requests gets one; together they cover the window, so nothing depends
+ * requests gets one and the last round of them is full; together they
+ * cover the window, so nothing depends
  * on the counts being exact.  A run of N rows then makes about
  * ceil(N / page) requests and one count, however the rows are spread.
  * The events preset counts first when its window is more than a day wide
@@ -395,6 +396,9 @@ plan_window(Fetch *f, Slice *first, TimestampTz from)
 	nslices = (int64) ceil(total / (PLAN_FILL * page));
 	nslices = Max(nslices, Min(st->concurrency, (total + FIRST_PAGE - 1) / FIRST_PAGE));
 	nslices = Max(nslices, 1);
+	/* whole rounds of concurrent requests: none left to run alone at the end */
+	if (nslices > st->concurrency)
+		nslices = (nslices + st->concurrency - 1) / st->concurrency * st->concurrency;
 	per_slice = (total + nslices - 1) / nslices;
 	st->limit = page;
 
@@ -406,7 +410,8 @@ plan_window(Fetch *f, Slice *first, TimestampTz from)
 	{
 		TimestampTz b = from + i * bucket;
 
-		if (acc > 0 && acc + counts[i] > per_slice)
+		/* the last of the nslices takes the rest (no slice of a few rows at the end) */
+		if (acc > 0 && acc + counts[i] > per_slice && made < nslices - 1)
 		{
 			if (first)
 				first->to = b;

@@ -21,6 +21,8 @@ cleanup() {
 	if [ "${PHSYNC_DEMO_KEEP:-0}" != 1 ]; then
 		as_pg pg_ctl -D "$demo/data" -m fast stop >/dev/null 2>&1 || true
 		[ -n "$fake_pid" ] && kill "$fake_pid" 2>/dev/null || true
+		# a data directory and a CA's private key: nothing stays behind
+		rm -rf "$demo"
 	fi
 }
 trap cleanup EXIT

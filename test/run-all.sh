@@ -78,6 +78,14 @@ if [ $status -ne 0 ]; then
 fi
 if [ "$(id -u)" = 0 ] && [ -z "${PHSYNC_TAP_TESTS:-}" ] && [ "$pg_config" = "$debian_pg_config" ]; then
 	"$here/test/package.sh"
+	# the newcomer's command: rows arrive, and nothing is left in /tmp
+	before=$(ls -d /tmp/phsync-demo.* 2>/dev/null | sort || true)
+	demo_out=$("$here/test/demo.sh" 2>&1) || { echo "$demo_out"; echo "phsync: test/demo.sh FAILED"; exit 1; }
+	after=$(ls -d /tmp/phsync-demo.* 2>/dev/null | sort || true)
+	if ! grep -q '^rows_inserted *| *[1-9]' <<<"$demo_out" || [ "$before" != "$after" ]; then
+		echo "$demo_out"; echo "phsync: test/demo.sh loaded no rows or left /tmp/phsync-demo.* behind"; exit 1
+	fi
+	echo "phsync: test/demo.sh loaded rows and cleaned up"
 fi
 # the copy the tests ran in (a cluster per test) is kept only when they fail
 [ "$work" != "$here" ] && rm -rf "$work"

@@ -24,8 +24,8 @@ sub compile_line
 }
 my $user = compile_line();
 like($user, qr/-Wall -Wextra/, 'a user\'s build compiles with -Wall -Wextra');
-unlike($user, qr/-Werror/, 'but without -Werror');
-like(compile_line(PHSYNC_WERROR => '1'), qr/-Werror/, 'the project\'s own builds (PHSYNC_WERROR=1) with it');
+unlike($user, qr/-Werror(?![=\w])/, 'but without -Werror (PostgreSQL\'s own -Werror=vla aside)');
+like(compile_line(PHSYNC_WERROR => '1'), qr/-Werror(?![=\w])/, 'the project\'s own builds (PHSYNC_WERROR=1) with it');
 
 for my $page ('README.md', 'docs/install.md')
 {

@@ -25,12 +25,14 @@ $node->safe_psql('postgres', qq{
 	GRANT USAGE ON FOREIGN SERVER posthog TO alice;
 	SET log_statement = 'none';
 	CREATE USER MAPPING FOR alice SERVER posthog OPTIONS (api_key '$API_KEY');});
-# 6,000 events, then one without an event name (the targets' NOT NULL
-# refuses it): a first chunk of 5,000 good rows, a second with the bad one
+# 6,000 events over 100 minutes, and one without an event name (the targets' NOT NULL
+# refuses it), 25 minutes ago: a first chunk of 5,000 good rows, then a
+# second with the bad one among the last good ones (so that its hour is
+# always inside the range verified below)
 fake_post($fake, '/generate', { count => 6000, seed => 36, created_from => iso_ago($node, '2 hours'), step_ms => 1000 });
 fake_post($fake, '/events', [ { raw => 1, uuid => '00000000-0000-4000-8000-000000000036', event => undef, properties => '{}',
-	timestamp => iso_ago($node, '5 minutes'), distinct_id => 'x', person_id => undef, elements_chain => '',
-	created_at => iso_ago($node, '5 minutes') } ]);
+	timestamp => iso_ago($node, '25 minutes'), distinct_id => 'x', person_id => undef, elements_chain => '',
+	created_at => iso_ago($node, '25 minutes') } ]);
 
 $node->safe_psql('postgres', q{
 	SET ROLE alice;

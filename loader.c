@@ -654,6 +654,11 @@ insert_direct(PageValues *pv, int nrows)
 	rri = makeNode(ResultRelInfo);
 	InitResultRelInfo(rri, rel, 1, NULL, 0);
 	ExecOpenIndices(rri, false);
+	/*
+	 * The slots share an unpinned copy of the descriptor: a thousand pins of
+	 * the relation's own would each be a resource owner entry.
+	 */
+	desc = CreateTupleDescCopy(desc);
 	slots = palloc(sizeof(TupleTableSlot *) * nrows);
 	for (r = 0; r < nrows; r++)
 	{
@@ -683,6 +688,7 @@ insert_direct(PageValues *pv, int nrows)
 	}
 	ExecCloseIndices(rri);
 	FreeExecutorState(estate);
+	FreeTupleDesc(desc);
 	table_close(rel, NoLock);
 	CommandCounterIncrement();
 	if (!loader->direct_logged)

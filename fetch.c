@@ -18,8 +18,11 @@
  * A plan, where it pays (a cursor, pages of at least 10,000 rows, a window
  * of at most 35 days): one grouped count of the window's rows per bucket
  * (2,000 buckets at most), then slices cut where the counts add up to
- * about 90% of a page each, or fewer rows, so that each of the concurrent
- * requests gets one and the last round of them is full; together they
+ * equal shares of about 90% of a page each, or fewer rows, so that each of
+ * the concurrent requests gets one and the last round of them is full
+ * (inside a bucket its rows are taken as evenly spread, and the range of
+ * buckets holding more than half a slice each is counted once more,
+ * finer); together they
  * cover the window, so nothing depends
  * on the counts being exact.  A run of N rows then makes about
  * ceil(N / page) requests and one count, however the rows are spread.
@@ -358,28 +361,66 @@ may_plan(Fetch *f, TimestampTz from)
  * position `from`: it keeps [its start, the first cut).  When PostHog finds
  * the count too big the window is read without a plan.
  */
+/* a bucket of a plan's count: rows in [from, to) */
+typedef struct PlanBucket
+{
+	TimestampTz from;
+	TimestampTz to;
+	int64		rows;
+} PlanBucket;
+
+/*
+ * PostHog's count of [from, until) in at most PLAN_BUCKETS buckets of whole
+ * seconds: *n buckets, palloc'd; NULL when PostHog says it is too big.
+ */
+static PlanBucket *
+count_range(Fetch *f, TimestampTz from, TimestampTz until, int *n)
+{
+	PhsyncQuery q = f->q;
+	int64		span = until - from;
+	int64		width = (span / PLAN_BUCKETS / USECS_PER_SEC + 1) * USECS_PER_SEC;
+	int			nb = (int) (span / width + (span % width != 0));
+	int64	   *counts = palloc(sizeof(int64) * nb);
+	PlanBucket *b;
+	int			i;
+
+	q.since = from;
+	q.until = until;
+	q.sliced = false;
+	if (!fetch_bucket_counts(f->st, &q, NULL, width, counts, nb, true))
+		return NULL;
+	b = palloc(sizeof(PlanBucket) * nb);
+	for (i = 0; i < nb; i++)
+	{
+		b[i].from = from + i * width;
+		b[i].to = Min(b[i].from + width, until);
+		b[i].rows = counts[i];
+	}
+	pfree(counts);
+	*n = nb;
+	return b;
+}
+
 static void
 plan_window(Fetch *f, Slice *first, TimestampTz from)
 {
 	PhsyncRunState *st = f->st;
-	PhsyncQuery q = f->q;
-	int64		span = f->q.until - from;
-	int64		bucket = (span / PLAN_BUCKETS / USECS_PER_SEC + 1) * USECS_PER_SEC;
-	int			n = (int) (span / bucket + (span % bucket != 0));
-	int64	   *counts = palloc(sizeof(int64) * n);
+	int			n;
+	PlanBucket *b;
 	int			page = st->cap > 0 ? Min(st->page_size, st->cap) : st->page_size;
 	int64		total = 0;
 	int64		per_slice;
 	int64		acc = 0;
 	int64		nslices;
 	int			made = 0;
+	int			lo = -1;
+	int			hi = -1;
 	TimestampTz start;
 	int			i;
 
 	f->planned = true;
-	q.since = from;
-	q.sliced = false;
-	if (!fetch_bucket_counts(st, &q, NULL, bucket, counts, n, true))
+	b = count_range(f, from, f->q.until, &n);
+	if (b == NULL)
 	{
 		ereport(LOG,
 				(errmsg("phsync run %lld: PostHog says counting the window is too big; reading it without a plan",
@@ -387,7 +428,7 @@ plan_window(Fetch *f, Slice *first, TimestampTz from)
 		return;
 	}
 	for (i = 0; i < n; i++)
-		total += counts[i];
+		total += b[i].rows;
 	f->next_start = f->q.until;
 	if (total == 0 && first == NULL)
 		return;					/* nothing there: no request at all */
@@ -400,29 +441,70 @@ plan_window(Fetch *f, Slice *first, TimestampTz from)
 	if (nslices > st->concurrency)
 		nslices = (nslices + st->concurrency - 1) / st->concurrency * st->concurrency;
 	per_slice = (total + nslices - 1) / nslices;
+
+	/*
+	 * Buckets of more than half a slice (a burst, or a wide window's rows in
+	 * a few minutes) would be cut blind: count their range again, finer.
+	 */
+	for (i = 0; nslices > 1 && i < n; i++)
+		if (b[i].rows > per_slice / 2 && b[i].to - b[i].from > USECS_PER_SEC)
+		{
+			if (lo < 0)
+				lo = i;
+			hi = i;
+		}
+	if (lo >= 0)
+	{
+		int			nfine;
+		PlanBucket *fine = count_range(f, b[lo].from, b[hi].to, &nfine);
+
+		if (fine)
+		{
+			PlanBucket *all = palloc(sizeof(PlanBucket) * (n - (hi - lo + 1) + nfine));
+
+			memcpy(all, b, sizeof(PlanBucket) * lo);
+			memcpy(all + lo, fine, sizeof(PlanBucket) * nfine);
+			memcpy(all + lo + nfine, b + hi + 1, sizeof(PlanBucket) * (n - hi - 1));
+			n = n - (hi - lo + 1) + nfine;
+			b = all;
+			total = 0;
+			for (i = 0; i < n; i++)
+				total += b[i].rows;
+			per_slice = (total + nslices - 1) / nslices;
+		}
+	}
 	st->limit = page;
 
 	start = first ? first->from : from;
 	/* its range is cut anew: split it only if a page of it is full again */
 	if (first)
 		first->page_span = 0;
-	for (i = 0; i < n; i++)
-	{
-		TimestampTz b = from + i * bucket;
 
-		/* the last of the nslices takes the rest (no slice of a few rows at the end) */
-		if (acc > 0 && acc + counts[i] > per_slice && made < nslices - 1)
+	/*
+	 * Cut k falls where the counts reach k / nslices of the total; inside a
+	 * bucket the rows are taken as evenly spread, so that a bucket holding
+	 * more than a slice (a burst, or a window wide for its rows) is still cut.
+	 * The last slice takes the rest.
+	 */
+	for (i = 0; i < n && made < nslices - 1; i++)
+	{
+		while (made < nslices - 1 && acc + b[i].rows > per_slice * (made + 1))
 		{
+			int64		want = per_slice * (made + 1) - acc;
+			TimestampTz cut = b[i].from +
+				(TimestampTz) ((double) (b[i].to - b[i].from) * want / b[i].rows);
+
+			if (cut <= start || cut >= f->q.until)
+				break;
 			if (first)
-				first->to = b;
+				first->to = cut;
 			else
-				(void) new_slice(f, start, b);
+				(void) new_slice(f, start, cut);
 			first = NULL;
 			made++;
-			start = b;
-			acc = 0;
+			start = cut;
 		}
-		acc += counts[i];
+		acc += b[i].rows;
 	}
 	if (first == NULL)
 		(void) new_slice(f, start, f->q.until);

@@ -2737,8 +2737,9 @@ def make_handler(state, kind):
         def log_message(self, fmt, *args):
             pass
 
-        def send_bytes(self, status, data, headers=None, fault=None):
-            truncate = fault.truncate if fault else None
+        def encode(self, data, fault=None):
+            """(body bytes, gzipped?) of an answer, faults applied: the work of
+            PostHog's serializer and its gzip, done before the first byte."""
             for a, b in (fault.bytes_replace if fault else []):
                 data = data.replace(a.encode("utf-8"), b.encode("utf-8", "surrogatepass"))
             gz = (state.config["gzip"] or (fault and fault.gzip_crc)) and \
@@ -2750,6 +2751,16 @@ def make_handler(state, kind):
                 if fault and fault.gzip_crc:
                     # the trailer: CRC-32 (4 bytes), then the length
                     data = data[:-8] + bytes(b ^ 0x5A for b in data[-8:-4]) + data[-4:]
+            return data, gz
+
+        def encode_json(self, obj, fault=None):
+            # surrogatepass: a test can make us send invalid UTF-8, as a broken
+            # upstream might
+            return self.encode(json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass"), fault)
+
+        def send_encoded(self, status, encoded, headers=None, fault=None):
+            data, gz = encoded
+            truncate = fault.truncate if fault else None
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             if gz:
@@ -2769,11 +2780,11 @@ def make_handler(state, kind):
                 return
             self.wfile.write(data)
 
+        def send_bytes(self, status, data, headers=None, fault=None):
+            self.send_encoded(status, self.encode(data, fault), headers, fault)
+
         def send_json(self, status, obj, headers=None, fault=None):
-            # surrogatepass: a test can make us send invalid UTF-8, as a broken
-            # upstream might
-            data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
-            self.send_bytes(status, data, headers, fault)
+            self.send_encoded(status, self.encode_json(obj, fault), headers, fault)
 
         def read_body(self):
             n = int(self.headers.get("Content-Length") or 0)
@@ -2964,19 +2975,24 @@ def make_handler(state, kind):
                 return 504, lambda: self.error(504, TIMEOUT_TEXT, "server_error", "query_timeout")
             if c["cost_sleep"] and fl.sleep(charge / state.clock.scale):
                 raise Cancelled()
+            send_fault = None if isinstance(result, bytes) else fault
+            if isinstance(result, bytes):
+                encoded = self.encode(result)
+            else:
+                state.store(project, body, result)
+                if fault and fault.row_patch:
+                    patches = fault.row_patch
+                    for p in (patches if isinstance(patches, list) else [patches]):
+                        if p["index"] < len(result["results"]):
+                            result["results"][p["index"]] = p["row"]
+                encoded = self.encode_json(result, fault)
+            # the latency model is PostHog's time to its first byte: rendering
+            # and gzipping the answer happen within it, as PostHog's do
             want = (float(c["latency_base_ms"]) / 1000.0 + float(c["latency_per_row_us"]) * nrows / 1e6)
             if want > 0 and fl.sleep(want - (time.perf_counter() - t0)):
                 raise Cancelled()
             rec["ready"] = time.time()     # PostHog's work is done; sending starts
-            if isinstance(result, bytes):
-                return 200, lambda: self.send_bytes(200, result)
-            state.store(project, body, result)
-            if fault and fault.row_patch:
-                patches = fault.row_patch
-                for p in (patches if isinstance(patches, list) else [patches]):
-                    if p["index"] < len(result["results"]):
-                        result["results"][p["index"]] = p["row"]
-            return 200, lambda: self.send_json(200, result, fault=fault)
+            return 200, lambda: self.send_encoded(200, encoded, fault=send_fault)
 
         # ----- control -----
         def control(self, method):

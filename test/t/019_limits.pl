@@ -121,4 +121,26 @@ is(scalar(@counts), 1, 'one of them the grouped count, first') && is($asked[0]{b
 is(scalar(grep { $_ == 0 } @data), 0, 'no request comes back empty');
 ok(!(grep { $_->{status} != 200 } @asked), 'and none is refused');
 
+# A burst in a wide window: 60,000 rows within 10 minutes of a 30-day
+# backfill fall into one bucket of the count (21 minutes wide), which cannot
+# be cut; phsync counts that bucket again, finer, and cuts the burst in two
+# even halves: two counts, two pages, neither full.
+fake_post($fake2, '/reset', { data => JSON::PP::true });
+fake_post($fake2, '/generate', { count => 60000, seed => 24, created_from => iso_ago($node2, '3 days'), step_ms => 10 });
+$node2->safe_psql('postgres', q{
+	SELECT phsync_create_table('events', 'burst');
+	SELECT name FROM phsync_add_sync('burst', 'burst', preset => 'events');});
+fake_post($fake2, '/reset', {});
+$bf = $node2->safe_psql('postgres', "SELECT id FROM phsync_backfill('burst', now() - interval '30 days', now())");
+poll_until(sub { $node2->safe_psql('postgres', "SELECT status FROM phsync.runs WHERE id = $bf") eq 'succeeded' }, 120, 'burst backfill');
+is($node2->safe_psql('postgres', "SELECT rows_received || ' ' || (SELECT count(DISTINCT uuid) FROM burst) FROM phsync.runs WHERE id = $bf"),
+	'60000 60000', 'the 60,000 rows of the burst arrive');
+@asked = @{ fake_requests($fake2) };
+@counts = grep { $_->{body}{query}{query} =~ /GROUP BY phsync_bucket/ } @asked;
+@data = map { $_->{rows} } grep { $_->{body}{query}{query} !~ /GROUP BY phsync_bucket/ } @asked;
+note('requests for a burst of 60,000: ' . join(' ', map { $_->{rows} } @asked));
+is(scalar(@counts), 2, 'two counts: the window, then the burst\'s bucket finer');
+is(scalar(@data), 2, 'then two pages');
+ok(!(grep { $_ < 25000 || $_ > 35000 } @data), 'of about half the burst each: ' . join(' ', @data));
+
 done_testing();

@@ -20,6 +20,7 @@
 #include <netdb.h>
 #include <sys/socket.h>
 
+#include "common/pg_prng.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
@@ -228,16 +229,19 @@ ask_posthog(Doctor *d, const char *item, PhsyncEndpoint *endpoint, PhsyncQuery *
 	PhsyncHttpError e;
 	char	   *body;
 	char	   *volatile timezone = NULL;
+	/* each query its own id: PostHog cancels by it (phsync-doctor-... to find them) */
+	char	   *client_id = psprintf("phsync-doctor-%d-%016llx", MyProcPid,
+									 (unsigned long long) pg_prng_uint64(&pg_global_prng_state));
 
 	q->until = GetCurrentTimestamp();
 	q->since = q->until - USECS_PER_HOUR;
-	body = hogql_request_body(q, hogql, NULL, 0, "phsync doctor", "phsync-doctor");
+	body = hogql_request_body(q, hogql, NULL, 0, "phsync doctor", client_id);
 
 	http = http_open(endpoint);
 	http_set_timeout(http, DOCTOR_TIMEOUT_MS);
 	PG_TRY();
 	{
-		PhsyncTransfer *t = http_request(http, body, "phsync-doctor", &res);
+		PhsyncTransfer *t = http_request(http, body, client_id, &res);
 
 		if (res.ok)
 			timezone = scan_columns(http_scan(t))->timezone;

@@ -662,8 +662,12 @@ judge(Fetch *f, Request *r)
 		int64		nrows = scan_rows(scan);
 		MemoryContext old = MemoryContextSwitchTo(f->cxt);
 
-		if (r->cols == NULL)
-			r->cols = scan_columns(scan);
+		/*
+		 * Read the columns again from the whole answer: PostHog sends "types"
+		 * and "timezone" after the rows, so those read at its first chunk
+		 * may lack them, and the keyset is typed by them.
+		 */
+		r->cols = scan_columns(scan);
 		if (r->cols->timezone && st->timezone == NULL)
 			st->timezone = MemoryContextStrdup(st->cxt, r->cols->timezone);
 		st->counters.pages++;

@@ -160,6 +160,14 @@ looks_like_timestamp(const char *s)
 		s[7] == '-' && (s[10] == 'T' || s[10] == ' ') && s[13] == ':';
 }
 
+/* "2026-01-02" followed by the JSON string's closing quote: a Date */
+static bool
+looks_like_date(const char *s)
+{
+	return strlen(s) >= 11 && isdigit((unsigned char) s[0]) && s[4] == '-' &&
+		s[7] == '-' && s[10] == '"';
+}
+
 /*
  * Append placeholder {name}, wrapped in the conversion its column's type
  * needs so that ClickHouse compares like with like.
@@ -191,6 +199,8 @@ append_typed_placeholder(StringInfo buf, const char *name, const char *chtype,
 			fn = "toUUID";
 		else if (looks_like_timestamp(s))
 			fn = "toDateTime";
+		else if (looks_like_date(s))
+			fn = "toDate";
 	}
 	if (fn)
 		appendStringInfo(buf, "%s({%s})", fn, name);

@@ -139,6 +139,12 @@ any subset later; GET /config shows them).  Defaults are PostHog's:
   gzip true                 answers gzipped when the client accepts it, as
                             PostHog's query POSTs are (GZIP_POST_RESPONSE_ALLOW_LIST
                             in posthog/settings/web.py); false: never
+  types_first false         true: "columns", "types" and "timezone" before
+                            "results" (a reader must not count on it:
+                            PostHog's own order puts them after)
+  send_types true           false: "types" is null (the model allows it)
+  send_pause_ms 0           a 200's body is sent in pieces of 16 kB, this
+                            long apart (a slow network)
   cache_seconds 21600       (fake s) a request whose "refresh" is not
                             "force_blocking" (or force_async/true) gets the
                             answer of an identical earlier query (same query
@@ -271,12 +277,68 @@ DEFAULT_CONFIG = {
     "latency_per_row_us": 0.0,
     "cache_seconds": 21600.0,
     "gzip": True,
+    "types_first": False,
+    "send_types": True,
+    "send_pause_ms": 0,
 }
 # PostHog's ExecutionMode values for "refresh" (True/False are the legacy forms)
 REFRESH_MODES = {"async", "lazy_async", "blocking", "force_async", "force_blocking", "force_cache",
                  True, False, None}
 FRESH_MODES = {"force_blocking", "force_async", True}
 PROJECT_KEYS = {"timezone"}
+
+
+# ---------- PostHog's response ----------
+
+# The fields of CachedHogQLQueryResponse, as posthog/schema.py defines them
+# at PostHog/posthog commit f89852a7ace14828250dd108d959ceff8dd1dafa (the
+# model is extra="forbid"; True: required).  posthog/api/query.py returns
+# model_dump(by_alias=True): every field, in this order, None as null, so
+# that "types" and "timezone" come after "results".
+CACHED_HOGQL_QUERY_RESPONSE = [
+    ("cache_key", True), ("cache_target_age", False), ("calculation_trigger", False),
+    ("clickhouse", False), ("columns", False), ("error", False), ("explain", False),
+    ("hasMore", False), ("hogql", False), ("is_cached", True), ("last_refresh", True),
+    ("limit", False), ("metadata", False), ("modifiers", False),
+    ("next_allowed_client_refresh", True), ("offset", False), ("query", False),
+    ("query_metadata", False), ("query_status", False), ("resolved_date_range", False),
+    ("results", True), ("timezone", True), ("timings", False), ("types", False),
+]
+RESULTS_MARK = "\u0000phsync-fake-results\u0000"
+
+
+def posthog_response(config, cache_key, timezone, columns, types, results, **fields):
+    """A 200 body as PostHog's query runner builds it (query_runner.py: the
+    calculation's fields, then is_cached, last_refresh,
+    next_allowed_client_refresh (a minute later), cache_key, timezone and
+    cache_target_age), in the model's field order, or with columns, types
+    and timezone first when the fake's types_first is set."""
+    now = dt.datetime.now(UTC)
+    body = {name: None for name, _ in CACHED_HOGQL_QUERY_RESPONSE}
+    body.update({
+        "cache_key": "cache_" + format(abs(hash(cache_key)), "x"),
+        "cache_target_age": (now + dt.timedelta(hours=6)).isoformat().replace("+00:00", "Z"),
+        "columns": columns, "is_cached": False,
+        "last_refresh": now.isoformat().replace("+00:00", "Z"),
+        "next_allowed_client_refresh": (now + dt.timedelta(minutes=1)).isoformat().replace("+00:00", "Z"),
+        "results": results, "timezone": timezone,
+        "timings": [{"k": "./query", "t": 0.01}, {"k": ".", "t": 0.02}], "types": types,
+    })
+    body.update(fields)
+    if not config.get("send_types", True):
+        body["types"] = None
+    if config.get("types_first"):
+        first = {k: body.pop(k) for k in ("columns", "types", "timezone")}
+        first.update(body)
+        body = first
+    return body
+
+
+def posthog_response_bytes(config, cache_key, timezone, columns, types, rows_json):
+    """The same, with the rows already rendered (a list of JSON texts)."""
+    text = json.dumps(posthog_response(config, cache_key, timezone, columns, types, RESULTS_MARK))
+    head, tail = text.split(json.dumps(RESULTS_MARK))
+    return head.encode() + b"[" + b",".join(rows_json) + b"]" + tail.encode()
 
 
 # ---------- time ----------
@@ -2028,9 +2090,9 @@ class Synthetic:
                 results.append([k, edge - start])
             start = edge
             k += 1
-        body = json.dumps({"columns": ["phsync_bucket", "phsync_count"], "is_cached": False,
-                           "results": results, "timezone": "UTC",
-                           "types": [["phsync_bucket", "Int64"], ["phsync_count", "UInt64"]]}).encode()
+        body = posthog_response_bytes(tr.config, tr.text, "UTC", ["phsync_bucket", "phsync_count"],
+                                      [["phsync_bucket", "Int64"], ["phsync_count", "UInt64"]],
+                                      [json.dumps(r).encode() for r in results])
         return body, len(results), sum(r[1] for r in results)
 
     def query(self, ast, tr, row_cap):
@@ -2069,11 +2131,9 @@ class Synthetic:
         tlo, thi = tr.bounds(where, src)
         a = bisect.bisect_left(self.created_us, us_of(tlo)) if tlo else 0
         b = bisect.bisect_right(self.created_us, us_of(thi) + 5000000) if thi else self.count
-        body = (b'{"columns":' + json.dumps(EVENT_COLUMNS).encode() +
-                b',"types":' + json.dumps([[c, TABLES["events"].cols[c].type_for("UTC")]
-                                           for c in EVENT_COLUMNS]).encode() +
-                b',"is_cached":false,"timezone":"UTC","results":[' +
-                b",".join(self.rows[k] for k in picked) + b"]}")
+        body = posthog_response_bytes(tr.config, tr.text, "UTC", EVENT_COLUMNS,
+                                      [[c, TABLES["events"].cols[c].type_for("UTC")] for c in EVENT_COLUMNS],
+                                      [self.rows[k] for k in picked])
         return body, len(picked), max(0, b - a)
 
     def export_copy(self, path):
@@ -2666,6 +2726,7 @@ class ServerState:
         modifiers = query.get("modifiers") or {}
         tzname = project.timezone if modifiers.get("convertToProjectTimezone", True) else "UTC"
         tr = Translator(values, tzname)
+        tr.config, tr.text = self.config, text
         row_cap = int(self.config["row_cap"])
         if project.synthetic is not None:
             body, n, read = project.synthetic.query(ast, tr, row_cap)
@@ -2679,20 +2740,19 @@ class ServerState:
         for lo, hi in tr.scans:
             read += project.events_between(lo, hi)
         names = [c[0] for c in cols]
-        result = {"columns": names, "hogql": text, "is_cached": False, "timezone": project.timezone,
-                  "query_status": None, "error": None}
+        more = {}
         if not tr.had_limit:
-            result["hasMore"] = len(rows) > DEFAULT_LIMIT
+            more = {"hasMore": len(rows) > DEFAULT_LIMIT, "limit": DEFAULT_LIMIT, "offset": 0}
             rows = rows[:DEFAULT_LIMIT]
-            result["limit"] = DEFAULT_LIMIT
-            result["offset"] = 0
         types = []
         for i, (name, t, _) in enumerate(cols):
             if not t or t in ("Nullable(Nothing)", "Nothing") or "Nothing" in t:
                 t = type_of(name, [r[i] for r in rows])
             types.append(t)
-        result["types"] = [[n, t] for n, t in zip(names, types)]
-        result["results"] = [[render_value(v, t) for v, t in zip(r, types)] for r in rows]
+        result = posthog_response(self.config, project.id + text, project.timezone, names,
+                                  [[n, t] for n, t in zip(names, types)],
+                                  [[render_value(v, t) for v, t in zip(r, types)] for r in rows],
+                                  hogql=text, query=text, **more)
         return result, len(rows), read
 
 
@@ -2777,6 +2837,14 @@ def make_handler(state, kind):
                 self.wfile.write(data[:truncate])
                 self.wfile.flush()
                 self.close_connection = True
+                return
+            pause = float(state.config.get("send_pause_ms") or 0) / 1000.0
+            if pause > 0 and status == 200:
+                # a slow network: the answer in pieces
+                for i in range(0, len(data), 16384):
+                    self.wfile.write(data[i:i + 16384])
+                    self.wfile.flush()
+                    time.sleep(pause)
                 return
             self.wfile.write(data)
 

@@ -312,27 +312,38 @@ split_slice(Fetch *f)
 
 /*
  * PostHog's count of q's rows per bucket of `bucket` microseconds from
- * q->since: counts[0 .. n-1] (zero where PostHog lists no bucket).
- * Returns false, counting nothing, when PostHog says the query is too big
- * and may_ask_less allows the caller to ask for less.  Shared with verify.c.
+ * q->since: counts[0 .. n-1] (zero where PostHog lists no bucket), and
+ * when sums is not NULL the sums of its distinct keys' hashes
+ * (hogql_count_query()).  Returns false, counting nothing, when PostHog
+ * says the query is too big and may_ask_less allows the caller to ask for
+ * less.  Shared with verify.c.
  */
 bool
 fetch_bucket_counts(PhsyncRunState *st, PhsyncQuery *q, const char *distinct_key,
-					int64 bucket, int64 *counts, int n, bool may_ask_less)
+					int64 bucket, int64 *counts, int64 *sums, int n, bool may_ask_less)
 {
-	PhsyncScan *scan = fetch_once(st, q, hogql_count_query(q, distinct_key), bucket, may_ask_less);
-	PhsyncRow  *row = row_alloc(2);
+	PhsyncScan *scan = fetch_once(st, q, hogql_count_query(q, distinct_key, sums != NULL),
+								  bucket, may_ask_less);
+	int			ncols = sums ? 3 : 2;
+	PhsyncRow  *row = row_alloc(ncols);
 	const char *encoded;
 
 	if (scan == NULL)
 		return false;
 	memset(counts, 0, sizeof(int64) * n);
+	if (sums)
+		memset(sums, 0, sizeof(int64) * n);
 	while (scan_next_row(scan, &encoded))
 	{
 		int64		i;
+		int			c;
 
-		if (!row_decode(encoded, row) || row->kinds[0] != PHSYNC_VALUE_NUMBER ||
-			row->kinds[1] != PHSYNC_VALUE_NUMBER)
+		if (!row_decode(encoded, row))
+			c = 0;
+		else
+			for (c = 0; c < ncols && row->kinds[c] == PHSYNC_VALUE_NUMBER; c++)
+				;
+		if (c < ncols)
 		{
 			scan_free(scan);
 			ereport(ERROR,
@@ -341,7 +352,11 @@ fetch_bucket_counts(PhsyncRunState *st, PhsyncQuery *q, const char *distinct_key
 		}
 		i = strtoll(row->values[0], NULL, 10);
 		if (i >= 0 && i < n)
+		{
 			counts[i] = strtoll(row->values[1], NULL, 10);
+			if (sums)
+				sums[i] = strtoll(row->values[2], NULL, 10);
+		}
 	}
 	scan_free(scan);
 	return true;
@@ -387,7 +402,7 @@ count_range(Fetch *f, TimestampTz from, TimestampTz until, int *n)
 	q.since = from;
 	q.until = until;
 	q.sliced = false;
-	if (!fetch_bucket_counts(f->st, &q, NULL, width, counts, nb, true))
+	if (!fetch_bucket_counts(f->st, &q, NULL, width, counts, NULL, nb, true))
 		return NULL;
 	b = palloc(sizeof(PlanBucket) * nb);
 	for (i = 0; i < nb; i++)

@@ -322,13 +322,18 @@ hogql_build(PhsyncQuery *q, PhsyncKeyset *after)
  * The HogQL that counts the rows of the window per bucket: bucket n covers
  * [since + n * {bucket_seconds}, since + (n + 1) * {bucket_seconds}).
  * With a one-column key, distinct keys are counted (PostHog may hold the
- * same event twice; the target holds it once).
+ * same event twice; the target holds it once); with keysum, also the sum
+ * of the distinct keys' hashes (the first four bytes of the MD5 of the
+ * key's text, read as a little-endian UInt32: verify.c computes the same
+ * in PostgreSQL), so that a bucket whose rows changed and whose count did
+ * not is found.
  */
 char *
-hogql_count_query(PhsyncQuery *q, const char *distinct_key)
+hogql_count_query(PhsyncQuery *q, const char *distinct_key, bool keysum)
 {
 	StringInfoData buf;
 
+	Assert(!keysum || distinct_key);
 	initStringInfo(&buf);
 	appendStringInfoString(&buf, "SELECT intDiv(toUnixTimestamp(toDateTime(");
 	append_ident(&buf, q->cursor);
@@ -337,10 +342,17 @@ hogql_count_query(PhsyncQuery *q, const char *distinct_key)
 	{
 		appendStringInfoString(&buf, "count(DISTINCT ");
 		append_ident(&buf, distinct_key);
-		appendStringInfoString(&buf, ") AS phsync_count\n");
+		appendStringInfoString(&buf, ") AS phsync_count");
 	}
 	else
-		appendStringInfoString(&buf, "count() AS phsync_count\n");
+		appendStringInfoString(&buf, "count() AS phsync_count");
+	if (keysum)
+	{
+		appendStringInfoString(&buf, ", sum(DISTINCT reinterpretAsUInt32(MD5(toString(");
+		append_ident(&buf, distinct_key);
+		appendStringInfoString(&buf, ")))) AS phsync_keysum");
+	}
+	appendStringInfoChar(&buf, '\n');
 	append_from_where(&buf, q);
 	appendStringInfoString(&buf, "\nGROUP BY phsync_bucket\nORDER BY phsync_bucket\nLIMIT 50000");
 	return buf.data;

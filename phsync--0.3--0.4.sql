@@ -225,6 +225,17 @@ COMMENT ON COLUMN phsync.default_sync.schedule IS 'its own schedule (cron or int
 SELECT pg_catalog.pg_extension_config_dump('phsync.default_sync', '');
 GRANT SELECT ON phsync.default_sync TO PUBLIC;
 
+-- ---------- exact verification (0.4) ----------
+
+-- a bucket with as many rows as PostHog's and other keys is 'different'
+ALTER TABLE phsync.verifications DROP CONSTRAINT verifications_status_check;
+ALTER TABLE phsync.verifications ADD CONSTRAINT verifications_status_check
+	CHECK (status IN ('ok', 'missing', 'extra', 'different', 'repaired'));
+COMMENT ON COLUMN phsync.verifications.status IS 'ok, missing (fewer rows here), extra (more rows here), different (as many rows, other keys), repaired (fetched again, and equal now)';
+ALTER TABLE phsync.verifications ADD COLUMN posthog_checksum bigint, ADD COLUMN local_checksum bigint;
+COMMENT ON COLUMN phsync.verifications.posthog_checksum IS 'sum of the hashes of PostHog''s distinct keys in the bucket (see docs/syncs.md#verification); NULL: counts only';
+COMMENT ON COLUMN phsync.verifications.local_checksum IS 'the same sum over the target''s keys';
+
 -- ---------- owners see their own syncs and runs (0.4) ----------
 
 /*

@@ -177,7 +177,9 @@ CREATE TABLE phsync.verifications (
 	bucket_until	timestamptz NOT NULL,
 	posthog_count	bigint NOT NULL,
 	local_count		bigint NOT NULL,
-	status			text NOT NULL CHECK (status IN ('ok', 'missing', 'extra', 'repaired')),
+	status			text NOT NULL CHECK (status IN ('ok', 'missing', 'extra', 'different', 'repaired')),
+	posthog_checksum bigint,
+	local_checksum	bigint,
 	PRIMARY KEY (run_id, bucket)
 );
 
@@ -187,7 +189,9 @@ COMMENT ON COLUMN phsync.verifications.bucket IS 'start of the bucket (inclusive
 COMMENT ON COLUMN phsync.verifications.bucket_until IS 'end of the bucket (exclusive)';
 COMMENT ON COLUMN phsync.verifications.posthog_count IS 'rows PostHog has in the bucket (distinct keys when the key has one column)';
 COMMENT ON COLUMN phsync.verifications.local_count IS 'rows the target has in the bucket';
-COMMENT ON COLUMN phsync.verifications.status IS 'ok, missing (fewer rows here), extra (more rows here), repaired (missing rows fetched again)';
+COMMENT ON COLUMN phsync.verifications.posthog_checksum IS 'sum of the hashes of PostHog''s distinct keys in the bucket (see docs/syncs.md#verification); NULL: counts only';
+COMMENT ON COLUMN phsync.verifications.local_checksum IS 'the same sum over the target''s keys';
+COMMENT ON COLUMN phsync.verifications.status IS 'ok, missing (fewer rows here), extra (more rows here), different (as many rows, other keys), repaired (fetched again, and equal now)';
 
 -- sync definitions and verification results are user data: keep them in pg_dump output
 SELECT pg_catalog.pg_extension_config_dump('phsync.syncs', '');

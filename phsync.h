@@ -496,7 +496,7 @@ typedef struct PhsyncQuery
 
 extern bool hogql_bounds_timestamp(PhsyncQuery *q);
 extern char *hogql_build(PhsyncQuery *q, PhsyncKeyset *after);
-extern char *hogql_count_query(PhsyncQuery *q, const char *distinct_key);
+extern char *hogql_count_query(PhsyncQuery *q, const char *distinct_key, bool keysum);
 extern char *hogql_adhoc_body(const char *hogql, const char *values_json, const char *name,
 							  const char *client_query_id);
 extern char *hogql_request_body(PhsyncQuery *q, const char *hogql,
@@ -653,6 +653,7 @@ typedef enum PhsyncBucketStatus
 	PHSYNC_BUCKET_OK,
 	PHSYNC_BUCKET_MISSING,
 	PHSYNC_BUCKET_EXTRA,
+	PHSYNC_BUCKET_DIFFERENT,	/* the same count, other rows */
 	PHSYNC_BUCKET_REPAIRED
 } PhsyncBucketStatus;
 
@@ -681,7 +682,8 @@ extern bool runlog_next_queued(int64 *run_id, bool *manual, char **sync, Timesta
 extern List *sync_runnable_by(List *syncs, Oid requester);
 extern void runlog_fail_queued(int64 run_id, const char *error);
 extern void runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
-							int64 posthog, int64 local, PhsyncBucketStatus status);
+							int64 posthog, int64 local, const int64 *posthog_sum,
+							const int64 *local_sum, PhsyncBucketStatus status);
 extern void runlog_set_mismatches(int64 run_id, int mismatches);
 extern void runlog_set_window(int64 run_id, TimestampTz from, TimestampTz until);
 extern void runlog_progress(int64 run_id, PhsyncCounters *c);
@@ -870,7 +872,8 @@ extern void fetch_window(PhsyncRunState *st, TimestampTz since, TimestampTz unti
 extern PhsyncScan *fetch_once(PhsyncRunState *st, PhsyncQuery *q, const char *hogql,
 							  int64 bucket, bool may_ask_less);
 extern bool fetch_bucket_counts(PhsyncRunState *st, PhsyncQuery *q, const char *distinct_key,
-								int64 bucket, int64 *counts, int n, bool may_ask_less);
+								int64 bucket, int64 *counts, int64 *sums, int n,
+								bool may_ask_less);
 
 /* ---------- verify.c ---------- */
 extern void verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to,

@@ -69,6 +69,8 @@ bucket_status_name(PhsyncBucketStatus status)
 			return "missing";
 		case PHSYNC_BUCKET_EXTRA:
 			return "extra";
+		case PHSYNC_BUCKET_DIFFERENT:
+			return "different";
 		case PHSYNC_BUCKET_REPAIRED:
 			return "repaired";
 	}
@@ -401,10 +403,13 @@ runlog_reject(int64 run_id, const char *target, Datum columns, const char *row,
  */
 void
 runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
-				int64 posthog, int64 local, PhsyncBucketStatus status)
+				int64 posthog, int64 local, const int64 *posthog_sum,
+				const int64 *local_sum, PhsyncBucketStatus status)
 {
-	Oid			types[6] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8OID, INT8OID, TEXTOID};
-	Datum		values[6];
+	Oid			types[8] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8OID, INT8OID, TEXTOID,
+	INT8OID, INT8OID};
+	Datum		values[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', 'n', 'n'};
 
 	values[0] = Int64GetDatum(run_id);
 	values[1] = TimestampTzGetDatum(bucket);
@@ -412,10 +417,19 @@ runlog_verified(int64 run_id, TimestampTz bucket, TimestampTz until,
 	values[3] = Int64GetDatum(posthog);
 	values[4] = Int64GetDatum(local);
 	values[5] = CStringGetTextDatum(bucket_status_name(status));
-	runlog_exec("INSERT INTO phsync.verifications (run_id, bucket, bucket_until, posthog_count, local_count, status) "
-				"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (run_id, bucket) DO UPDATE "
+	values[6] = values[7] = (Datum) 0;
+	if (posthog_sum)
+	{
+		values[6] = Int64GetDatum(*posthog_sum);
+		values[7] = Int64GetDatum(*local_sum);
+		nulls[6] = nulls[7] = ' ';
+	}
+	runlog_exec("INSERT INTO phsync.verifications (run_id, bucket, bucket_until, posthog_count, local_count, status, "
+				"posthog_checksum, local_checksum) "
+				"VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (run_id, bucket) DO UPDATE "
 				"SET posthog_count = EXCLUDED.posthog_count, local_count = EXCLUDED.local_count, "
-				"status = EXCLUDED.status", 6, types, values, NULL, 1);
+				"status = EXCLUDED.status, posthog_checksum = EXCLUDED.posthog_checksum, "
+				"local_checksum = EXCLUDED.local_checksum", 8, types, values, nulls, 1);
 }
 
 /*

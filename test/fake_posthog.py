@@ -220,6 +220,7 @@ import bisect
 import datetime as dt
 import functools
 import gzip
+import hashlib
 import http.server
 import json
 import math
@@ -746,6 +747,24 @@ def f_to_string(v):
     return str(v)
 
 
+def f_md5(v):
+    """MD5(s): a FixedString(16), kept here as its hex"""
+    if v is None:
+        return None
+    return hashlib.md5(str(v).encode("utf-8")).hexdigest()
+
+
+def f_u32_le(v):
+    """reinterpretAsUInt32 of a FixedString (hex here): its first 4 bytes, little-endian"""
+    if v is None:
+        return None
+    return int.from_bytes(bytes.fromhex(v)[:4], "little")
+
+
+def key_hash_u32(s):
+    return f_u32_le(f_md5(s))
+
+
 def chuuid_key(s):
     s = s.lower()
     return (s[19:], s[:18]) if len(s) == 36 else ("", s)
@@ -815,7 +834,7 @@ def setup_connection(db):
         ("ch_prop", -1, f_prop), ("ch_json_extract_string", -1, f_json_extract_string),
         ("ch_json_extract_raw", -1, f_json_extract_raw), ("ch_json_has", -1, f_json_has),
         ("ch_uuid", 1, f_to_uuid), ("ch_ilike", 2, f_ilike), ("ch_match", 2, f_match),
-        ("ch_to_string", 1, f_to_string),
+        ("ch_to_string", 1, f_to_string), ("ch_md5", 1, f_md5), ("ch_u32_le", 1, f_u32_le),
     ]
     for name, n, fn in fns:
         db.create_function(name, n, fn, deterministic=True)
@@ -1672,6 +1691,18 @@ def fn_to_string(tr, n, raw, ctx):
     return E("ch_to_string(%s)" % a.sql, "String", agg=a.agg)
 
 
+def fn_md5(tr, n, raw, ctx):
+    a = _args(tr, raw, ctx, 1)[0]
+    return E("ch_md5(%s)" % a.sql, "FixedString(16)", agg=a.agg)
+
+
+def fn_reinterpret_u32(tr, n, raw, ctx):
+    a = _args(tr, raw, ctx, 1)[0]
+    if a.type != "FixedString(16)":
+        raise HogQLError("the fake evaluates reinterpretAsUInt32 of MD5() only")
+    return E("ch_u32_le(%s)" % a.sql, "UInt32", agg=a.agg)
+
+
 def fn_cast(sqltype, chtype):
     def f(tr, n, raw, ctx):
         a = _args(tr, raw, ctx, 1)[0]
@@ -1805,6 +1836,7 @@ FUNCTIONS = {
     "JSONExtractRaw": fn_json("ch_json_extract_raw", "String"),
     "JSONHas": fn_json("ch_json_has", "UInt8"),
     "toUUID": fn_to_uuid, "toString": fn_to_string,
+    "MD5": fn_md5, "reinterpretAsUInt32": fn_reinterpret_u32,
     "toInt": fn_cast("INTEGER", "Nullable(Int64)"), "toInt64": fn_cast("INTEGER", "Int64"),
     "toFloat": fn_cast("REAL", "Nullable(Float64)"), "toFloat64": fn_cast("REAL", "Float64"),
     "coalesce": fn_simple("coalesce", None, 1, 100), "ifNull": fn_simple("coalesce", None, 2, 2),
@@ -1915,6 +1947,7 @@ class Synthetic:
         self.created_us = array.array("q")
         self.ts_us = array.array("q")
         self.uuid_keys = bytearray()
+        self.key_hash = array.array("L")    # key_hash_u32() of each uuid
         self.rows = []
         self.first = self.last = None
         names = ["$pageview", "$autocapture", "$pageleave", "signed_up", "purchase", "$identify"]
@@ -1934,6 +1967,7 @@ class Synthetic:
             self.created_us.append((created - EPOCH) // dt.timedelta(microseconds=1))
             self.ts_us.append((tsd - EPOCH) // dt.timedelta(microseconds=1))
             self.uuid_keys += uuid_key(u)
+            self.key_hash.append(key_hash_u32(u))
             if i == 0:
                 self.first = c
             self.last = c
@@ -2082,16 +2116,20 @@ class Synthetic:
         width = int(tr.values["bucket_seconds"])
         start = bisect.bisect_left(self.created_us, lo) if lo is not None else 0
         end = bisect.bisect_left(self.created_us, hi) if hi is not None else self.count
+        keysum = len(ast.get("select") or []) == 3
         results = []
         k = 0
         while start < end:
             edge = bisect.bisect_left(self.created_us, (since_s + (k + 1) * width) * 1000000, start, end)
             if edge > start:
-                results.append([k, edge - start])
+                results.append([k, edge - start] +
+                               ([sum(set(self.key_hash[start:edge]))] if keysum else []))
             start = edge
             k += 1
-        body = posthog_response_bytes(tr.config, tr.text, "UTC", ["phsync_bucket", "phsync_count"],
-                                      [["phsync_bucket", "Int64"], ["phsync_count", "UInt64"]],
+        names = ["phsync_bucket", "phsync_count"] + (["phsync_keysum"] if keysum else [])
+        types = [["phsync_bucket", "Int64"], ["phsync_count", "UInt64"]] + \
+            ([["phsync_keysum", "UInt64"]] if keysum else [])
+        body = posthog_response_bytes(tr.config, tr.text, "UTC", names, types,
                                       [json.dumps(r).encode() for r in results])
         return body, len(results), sum(r[1] for r in results)
 
@@ -2101,7 +2139,8 @@ class Synthetic:
             raise HogQLError("the synthetic dataset only serves phsync's events query")
         if ast.get("offset") is not None:
             raise HogQLError(OFFSET_TEXT)
-        if [s.get("alias") for s in ast.get("select") or []] == ["phsync_bucket", "phsync_count"]:
+        if [s.get("alias") for s in ast.get("select") or []] in (["phsync_bucket", "phsync_count"],
+                                                                 ["phsync_bucket", "phsync_count", "phsync_keysum"]):
             return self.count_query(ast, tr)
         sel = [s.get("chain") for s in ast.get("select") or []]
         sf = ast.get("select_from") or {}

@@ -184,6 +184,19 @@ loader_track_keys(PhsyncLoader *loader)
 	MemoryContextSwitchTo(old);
 }
 
+/* forget the keys tracked so far (a repair, range by range) */
+void
+loader_reset_seen(PhsyncLoader *loader)
+{
+	int			j;
+
+	if (loader == NULL || loader->seen == NULL)
+		return;
+	for (j = 0; j < loader->target->nuniq; j++)
+		resetStringInfo(&loader->seen[j]);
+	loader->nseen = 0;
+}
+
 static void
 track_keys(PhsyncLoader *loader, const char **rows, int count)
 {

@@ -23,6 +23,8 @@ COMMENT ON FUNCTION @extschema@.phsync_run_now(text) IS
 -- ---------- a schedule per sync; the default sync's switch; health (0.4) ----------
 
 ALTER TABLE phsync.syncs ADD COLUMN schedule text;
+ALTER TABLE phsync.syncs ADD COLUMN deletions text NOT NULL DEFAULT 'keep' CHECK (deletions IN ('keep', 'mirror'));
+COMMENT ON COLUMN phsync.syncs.deletions IS 'keep, or mirror: a repair deletes the rows PostHog no longer has in the verified range, and a preset read whole those PostHog no longer lists';
 COMMENT ON COLUMN phsync.syncs.schedule IS 'when scheduled runs run it: five cron fields or an interval, in phsync.timezone; NULL: phsync.run_at and phsync.interval';
 
 /*
@@ -35,12 +37,12 @@ FROM (SELECT pg_catalog.format('GRANT %s ON %s TO %s;', a.privilege_type, o.new_
 							   CASE WHEN a.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
 									ELSE a.grantee::pg_catalog.regrole::pg_catalog.text END) AS stmt
 	  FROM (SELECT p.proacl AS acl, p.proowner AS owner,
-				   'FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text)' AS new_name
+				   'FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text)' AS new_name
 			FROM pg_catalog.pg_proc p
 			WHERE p.oid OPERATOR(pg_catalog.=) '@extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[])'::pg_catalog.regprocedure
 			UNION ALL
 			SELECT p.proacl, p.proowner,
-				   'FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text)'
+				   'FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text, text)'
 			FROM pg_catalog.pg_proc p
 			WHERE p.oid OPERATOR(pg_catalog.=) '@extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[])'::pg_catalog.regprocedure
 			UNION ALL
@@ -64,13 +66,13 @@ CREATE FUNCTION @extschema@.phsync_add_sync(
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
 	enabled boolean DEFAULT true, verify boolean DEFAULT NULL, server text DEFAULT NULL,
-	events text[] DEFAULT NULL, schedule text DEFAULT NULL)
+	events text[] DEFAULT NULL, schedule text DEFAULT NULL, deletions text DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_add_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text) IS
+COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text) IS
 	'adds a sync (a preset or a HogQL query into a target table); scheduled runs run every enabled sync';
 
 CREATE FUNCTION @extschema@.phsync_alter_sync(
@@ -79,17 +81,17 @@ CREATE FUNCTION @extschema@.phsync_alter_sync(
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
 	enabled boolean DEFAULT NULL, verify boolean DEFAULT NULL,
 	reread_all boolean DEFAULT false, server text DEFAULT NULL, events text[] DEFAULT NULL,
-	schedule text DEFAULT NULL)
+	schedule text DEFAULT NULL, deletions text DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_alter_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text) IS
+COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text, text) IS
 	'changes a sync; arguments left NULL keep their value (reread_all => true sets lookback to NULL: re-read everything; schedule => '''' follows the global schedule again); the default sync takes enabled and schedule';
 
-REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text, text) FROM PUBLIC;
 
 CREATE FUNCTION @extschema@.phsync_run_now(sync text, wait boolean)
 RETURNS SETOF phsync.runs
@@ -294,8 +296,8 @@ $phsync$;
 GRANT USAGE ON SCHEMA phsync TO phsync_user;
 GRANT SELECT ON phsync.syncs, phsync.runs, phsync.rejects, phsync.verifications, phsync.status TO phsync_user;
 GRANT EXECUTE ON FUNCTION
-	@extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text),
-	@extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text),
+	@extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text),
+	@extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text, text),
 	@extschema@.phsync_drop_sync(text),
 	@extschema@.phsync_run_now(text),
 	@extschema@.phsync_run_now(text, boolean),

@@ -152,11 +152,13 @@ CREATE TABLE phsync.syncs (
 	owner			pg_catalog.regrole NOT NULL DEFAULT pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER)),
 	server			name,
 	events			text[],
-	schedule		text
+	schedule		text,
+	deletions		text NOT NULL DEFAULT 'keep' CHECK (deletions IN ('keep', 'mirror'))
 );
 
 COMMENT ON TABLE phsync.syncs IS 'syncs added with phsync_add_sync(); the sync named default comes from the phsync.* settings';
 COMMENT ON COLUMN phsync.syncs.name IS 'the sync''s name: lower-case letters, digits and underscores';
+COMMENT ON COLUMN phsync.syncs.deletions IS 'keep, or mirror: a repair deletes the rows PostHog no longer has in the verified range, and a preset read whole those PostHog no longer lists';
 COMMENT ON COLUMN phsync.syncs.enabled IS 'whether scheduled runs and phsync_run_now() run it';
 COMMENT ON COLUMN phsync.syncs.created_at IS 'when it was added';
 COMMENT ON COLUMN phsync.syncs.owner IS 'the role that added it, by OID: runs act on the target as this role (a superuser''s sync into another role''s table: as that table''s owner)';
@@ -207,13 +209,13 @@ CREATE FUNCTION @extschema@.phsync_add_sync(
 	query text DEFAULT NULL, preset text DEFAULT NULL, "cursor" text DEFAULT NULL,
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
 	enabled boolean DEFAULT true, verify boolean DEFAULT NULL, server text DEFAULT NULL,
-	events text[] DEFAULT NULL, schedule text DEFAULT NULL)
+	events text[] DEFAULT NULL, schedule text DEFAULT NULL, deletions text DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_add_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text) IS
+COMMENT ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text) IS
 	'adds a sync (a preset or a HogQL query into a target table); scheduled runs run every enabled sync';
 
 CREATE FUNCTION @extschema@.phsync_alter_sync(
@@ -222,13 +224,13 @@ CREATE FUNCTION @extschema@.phsync_alter_sync(
 	conflict text DEFAULT NULL, lookback interval DEFAULT NULL,
 	enabled boolean DEFAULT NULL, verify boolean DEFAULT NULL,
 	reread_all boolean DEFAULT false, server text DEFAULT NULL, events text[] DEFAULT NULL,
-	schedule text DEFAULT NULL)
+	schedule text DEFAULT NULL, deletions text DEFAULT NULL)
 RETURNS phsync.syncs
 AS 'MODULE_PATHNAME', 'phsync_alter_sync'
 LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 
-COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text) IS
+COMMENT ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text, text) IS
 	'changes a sync; arguments left NULL keep their value (reread_all => true sets lookback to NULL: re-read everything; schedule => '''' follows the global schedule again); the default sync takes enabled and schedule';
 
 CREATE FUNCTION @extschema@.phsync_drop_sync(name text)
@@ -391,8 +393,8 @@ COMMENT ON COLUMN phsync.status.last_rows_rejected IS 'rows its last finished ru
 COMMENT ON COLUMN phsync.status.schedule IS 'its own schedule; NULL: phsync.run_at and phsync.interval';
 COMMENT ON COLUMN phsync.status.target_problem IS 'why the target is not read (it does not exist, is not a table, the sync''s owner may not write it...); NULL when it is fine';
 
-REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.phsync_drop_sync(text) FROM PUBLIC;
 
 CREATE FUNCTION @extschema@.phsync_cancel(run_id bigint)
@@ -582,8 +584,8 @@ $phsync$;
 GRANT USAGE ON SCHEMA phsync TO phsync_user;
 GRANT SELECT ON phsync.syncs, phsync.runs, phsync.rejects, phsync.verifications, phsync.status TO phsync_user;
 GRANT EXECUTE ON FUNCTION
-	@extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text),
-	@extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text),
+	@extschema@.phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text),
+	@extschema@.phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text, text),
 	@extschema@.phsync_drop_sync(text),
 	@extschema@.phsync_run_now(text),
 	@extschema@.phsync_run_now(text, boolean),

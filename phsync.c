@@ -856,6 +856,7 @@ sync_args(FunctionCallInfo fcinfo, PhsyncSyncArgs *args, int server_arg)
 	args->has_events = !PG_ARGISNULL(server_arg + 1);
 	args->events = text_array_arg(fcinfo, server_arg + 1, "events");
 	args->schedule = text_arg(fcinfo, server_arg + 2);
+	args->deletions = text_arg(fcinfo, server_arg + 3);
 }
 
 static TupleDesc
@@ -882,7 +883,7 @@ phsync_add_sync(PG_FUNCTION_ARGS)
 	TupleDesc	tupdesc = result_tupdesc(fcinfo);
 	Datum		result;
 
-	sync_args(fcinfo, &args, 9);	/* server, events, schedule */
+	sync_args(fcinfo, &args, 9);	/* server, events, schedule, deletions */
 	require_arg(fcinfo, 1, "target");
 	phsync_spi_connect();
 	result = sync_add(&args, tupdesc);

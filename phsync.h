@@ -106,6 +106,8 @@ extern int	phsync_history_days;
 extern bool phsync_progress_notices;
 extern char *phsync_timezone;
 extern bool phsync_verify_yesterday;
+extern bool phsync_mirror_deletions;	/* phsync.deletions = mirror */
+extern double phsync_max_delete_fraction;
 extern int	phsync_max_syncs;
 extern int	phsync_max_queued_runs;
 extern int	phsync_max_verify_buckets;
@@ -760,7 +762,12 @@ extern RangeVar *target_rangevar(const char *name);
 extern PhsyncTarget *target_examine(const PhsyncTargetSpec *spec, PhsyncProblem *problem);
 extern pg_noreturn void target_raise(const PhsyncProblem *problem);
 extern int	target_column(PhsyncTarget *target, const char *name);
-extern int64 target_absent(PhsyncTarget *target, PhsyncAbsent mode, Datum *keys);
+extern int64 target_absent(PhsyncTarget *target, PhsyncAbsent mode, Datum *keys,
+						   const TimestampTz *from, const TimestampTz *to, bool count_only,
+						   int64 *total);
+extern int64 target_mirror_deletions(PhsyncTarget *target, Datum *keys, const TimestampTz *from,
+									 const TimestampTz *to, int64 scope, int64 run_id,
+									 const char *what);
 extern void target_create(PhsyncPreset preset, const char *name, const char *cursor,
 						  List *properties);
 extern bool target_watermark(PhsyncTarget *target, TimestampTz *from,
@@ -785,6 +792,7 @@ typedef struct PhsyncSync
 	char	   *server;			/* foreign server; NULL: the phsync.* settings */
 	List	   *events;			/* events preset: only these event names (NIL: all) */
 	char	   *schedule;		/* its own schedule; NULL: the global one */
+	bool		mirror;			/* deletions => 'mirror' */
 	TimestampTz created_at;		/* 0 for the default sync */
 } PhsyncSync;
 
@@ -807,6 +815,7 @@ typedef struct PhsyncSyncArgs
 	bool		has_events;
 	List	   *events;			/* empty: every event */
 	char	   *schedule;		/* '' : back to the global schedule */
+	char	   *deletions;		/* keep or mirror */
 } PhsyncSyncArgs;
 
 extern bool sync_is_default(const PhsyncSync *sync);
@@ -830,6 +839,7 @@ typedef struct PhsyncLoader PhsyncLoader;
 extern Datum value_datum(PhsyncRow *row, int c, Oid typid, int32 typmod, FmgrInfo *input,
 					   Oid typioparam, const char *colname, bool *isnull);
 extern void loader_track_keys(PhsyncLoader *loader);
+extern void loader_reset_seen(PhsyncLoader *loader);
 extern Datum *loader_seen_keys(PhsyncLoader *loader, PhsyncTarget *target);
 extern PhsyncLoader *loader_create(PhsyncTarget *target, PhsyncColumns *cols,
 								   bool update, PhsyncBadRow on_bad_row);

@@ -122,9 +122,13 @@ run_prepare(PhsyncRunState *st)
 		foreach(lc, sync->events)
 			q->events[foreach_current_index(lc)] = pstrdup(lfirst(lc));
 	}
-	/* a preset read whole notices what PostHog no longer has */
-	st->track_keys = q->cursor == NULL && preset_info(sync->preset) &&
-		preset_info(sync->preset)->absent != PHSYNC_ABSENT_KEEP;
+	/*
+	 * A preset read whole notices what PostHog no longer has (with
+	 * deletions => 'mirror', also one re-read whole by its cursor: persons)
+	 */
+	st->track_keys = preset_info(sync->preset) &&
+		((q->cursor == NULL && preset_info(sync->preset)->absent != PHSYNC_ABSENT_KEEP) ||
+		 (sync->mirror && (q->cursor == NULL || sync->reread_all)));
 	if (sync->preset == PHSYNC_CUSTOM)
 		q->base = sync->query_file ? hogql_read_query_file(sync->query_file) : sync->query;
 
@@ -193,15 +197,30 @@ release(PhsyncRunState *st)
 
 /*
  * After a whole re-read of a preset: what the target has and PostHog no
- * longer does is flagged deleted (definitions) or deleted (memberships).
+ * longer does is flagged deleted (definitions) or deleted (memberships);
+ * with deletions => 'mirror', deleted whatever the preset, within the
+ * window read when the preset has a cursor, and only as far as
+ * phsync.max_delete_fraction allows (target_mirror_deletions()).  Only
+ * after a complete read: an error, a cap or a page cut short ends the run
+ * before this.
  */
 static void
-mark_absent(PhsyncRunState *st)
+mark_absent(PhsyncRunState *st, TimestampTz since, TimestampTz until)
 {
-	PhsyncAbsent mode = preset_info(st->sync->preset)->absent;
+	PhsyncAbsent mode = st->sync->mirror ? PHSYNC_ABSENT_DELETE : preset_info(st->sync->preset)->absent;
 	MemoryContext cxt = xact_begin();
-	int64		n = target_absent(st->target, mode, loader_seen_keys(st->loader, st->target));
+	Datum	   *keys = loader_seen_keys(st->loader, st->target);
+	bool		ranged = st->target->cursor >= 0;
+	int64		n;
 
+	if (st->sync->mirror)
+	{
+		n = target_mirror_deletions(st->target, keys, ranged ? &since : NULL, ranged ? &until : NULL,
+									-1, st->run_id, ranged ? "in the window read" : "read whole");
+		n = Max(n, 0);
+	}
+	else
+		n = target_absent(st->target, mode, keys, NULL, NULL, false, NULL);
 	if (mode == PHSYNC_ABSENT_FLAG)
 		st->counters.updated += n;
 	else
@@ -246,8 +265,9 @@ run_body(PhsyncRunState *st, PhsyncJob *job)
 
 	if (since < until)
 		fetch_window(st, since, until);
-	if (st->track_keys)
-		mark_absent(st);
+	/* only after a read: no keys seen is not "PostHog has none" */
+	if (st->track_keys && since < until)
+		mark_absent(st, since, until);
 
 	ereport(phsync_log_runs == PHSYNC_LOG_RUNS_ALL ? LOG : DEBUG1,
 			(errmsg("phsync run %lld (sync %s) into %s: %s to %s, %d pages, %lld rows received, %lld inserted, %lld updated, %lld deleted, %lld rejected, %d retries, %d throttle waits, %.1f s",

@@ -52,6 +52,8 @@ int			phsync_history_days = 90;
 bool		phsync_progress_notices = true;
 char	   *phsync_timezone = NULL;
 bool		phsync_verify_yesterday = true;
+bool		phsync_mirror_deletions = false;
+double		phsync_max_delete_fraction = 0.1;
 int			phsync_max_syncs = 100;
 int			phsync_max_queued_runs = 100;
 int			phsync_max_verify_buckets = 1000;
@@ -59,6 +61,19 @@ int			phsync_max_backfill_range = 5 * 366 * 24 * 60;
 int			phsync_lock_timeout = 60 * 1000;
 bool		phsync_enabled = true;
 int			phsync_log_runs = PHSYNC_LOG_RUNS_ALL;
+
+static int	phsync_deletions_setting = 0;
+static const struct config_enum_entry deletions_options[] = {
+	{"keep", 0, false},
+	{"mirror", 1, false},
+	{NULL, 0, false}
+};
+
+static void
+assign_deletions(int newval, void *extra)
+{
+	phsync_mirror_deletions = newval == 1;
+}
 
 static const struct config_enum_entry log_runs_options[] = {
 	{"all", PHSYNC_LOG_RUNS_ALL, false},
@@ -572,6 +587,18 @@ settings_define(void)
 							 "Whether scheduled runs of the default sync also verify the previous day.",
 							 "Only with the built-in events query; added syncs have their own verify flag.",
 							 &phsync_verify_yesterday, true,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("phsync.deletions",
+							 "What the default sync does with rows PostHog no longer has: keep or mirror.",
+							 "mirror: a repair deletes the rows PostHog no longer has in the range it verified.",
+							 &phsync_deletions_setting, 0, deletions_options,
+							 PGC_SIGHUP, 0, NULL, assign_deletions, NULL);
+
+	DefineCustomRealVariable("phsync.max_delete_fraction",
+							 "The largest share of a bucket (or of a table read whole) that mirroring deletions may delete in one run.",
+							 "A repair or a whole re-read that would delete more deletes nothing and says so.",
+							 &phsync_max_delete_fraction, 0.1, 0.0, 1.0,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	DefineCustomBoolVariable("phsync.enabled",

@@ -52,6 +52,7 @@ typedef struct PhsyncSyncDef
 	char	   *server;			/* NULL: the settings */
 	List	   *events;			/* NIL: every event */
 	char	   *schedule;		/* NULL: the global schedule */
+	char	   *deletions;		/* keep or mirror */
 } PhsyncSyncDef;
 
 /* the lookback of an added sync, unless it says otherwise */
@@ -98,6 +99,7 @@ sync_default(void)
 	s->lookback = (int64) phsync_lookback * USECS_PER_SEC;
 	s->enabled = true;
 	s->verify = phsync_verify_yesterday && s->preset == PHSYNC_EVENTS;
+	s->mirror = phsync_mirror_deletions;
 	return s;
 }
 
@@ -311,7 +313,7 @@ sync_list(const char *only, bool enabled_only)
 	values[0] = only ? CStringGetTextDatum(only) : (Datum) 0;
 	if (phsync_spi_exec("SELECT name, target, preset, query, cursor_column, conflict, "
 						"pg_catalog.date_part('epoch', lookback), enabled, verify, owner::pg_catalog.oid, server, events, "
-						"schedule, created_at FROM phsync.syncs WHERE $1 IS NULL OR name = $1 ORDER BY name",
+						"schedule, created_at, deletions FROM phsync.syncs WHERE $1 IS NULL OR name = $1 ORDER BY name",
 						1, types, values, nulls, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read phsync.syncs");
 
@@ -349,6 +351,7 @@ sync_list(const char *only, bool enabled_only)
 		s->events = text_array_list(tup, desc, 12);
 		s->schedule = text_or_null(tup, desc, 13);
 		s->created_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 14, &isnull));
+		s->mirror = strcmp(text_or_null(tup, desc, 15), "mirror") == 0;
 		if (s->enabled || !enabled_only || only != NULL)
 			result = lappend(result, s);
 		MemoryContextSwitchTo(old);
@@ -573,6 +576,19 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 		(void) schedule_next(&parsed, GetCurrentTimestamp());	/* never runs? */
 	}
 
+	/* what a repair or a whole re-read does with rows PostHog no longer has */
+	if (args->deletions)
+	{
+		if (strcmp(args->deletions, "keep") != 0 && strcmp(args->deletions, "mirror") != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid deletions mode \"%s\"", args->deletions),
+					 errhint("Use keep (rows PostHog no longer has stay) or mirror (a repair or a whole re-read deletes them).")));
+		d->deletions = pstrdup(args->deletions);
+	}
+	else if (old == NULL)
+		d->deletions = "keep";
+
 	/* the PostHog project: a server ('' for the settings) */
 	if (args->server)
 		d->server = args->server[0] ? pstrdup(args->server) : NULL;
@@ -615,8 +631,8 @@ sync_fetch_def(const char *name)
 	bool		isnull;
 
 	catalog_exec("SELECT name, target, preset, query, cursor_column, conflict, "
-				 "lookback::pg_catalog.text, enabled, verify, owner::pg_catalog.oid, server, events, schedule "
-				 "FROM phsync.syncs "
+				 "lookback::pg_catalog.text, enabled, verify, owner::pg_catalog.oid, server, events, schedule, "
+				 "deletions FROM phsync.syncs "
 				 "WHERE name = $1 FOR UPDATE",
 				 1, types, values, NULL, false);
 	if (SPI_processed == 0)
@@ -637,6 +653,7 @@ sync_fetch_def(const char *name)
 	d->server = SPI_getvalue(tup, desc, 11);
 	d->events = text_array_list(tup, desc, 12);
 	d->schedule = text_or_null(tup, desc, 13);
+	d->deletions = text_or_null(tup, desc, 14);
 	return d;
 }
 
@@ -646,12 +663,12 @@ sync_fetch_def(const char *name)
 static Datum
 sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
 {
-	Oid			types[13] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-	TEXTOID, BOOLOID, BOOLOID, OIDOID, TEXTOID, TEXTARRAYOID, TEXTOID};
-	Datum		values[13];
-	char		nulls[13] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', d->cursor ? ' ' : 'n', ' ',
+	Oid			types[14] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+	TEXTOID, BOOLOID, BOOLOID, OIDOID, TEXTOID, TEXTARRAYOID, TEXTOID, TEXTOID};
+	Datum		values[14];
+	char		nulls[14] = {' ', ' ', d->preset ? ' ' : 'n', d->query ? ' ' : 'n', d->cursor ? ' ' : 'n', ' ',
 	d->lookback ? ' ' : 'n', ' ', ' ', ' ', d->server ? ' ' : 'n', d->events ? ' ' : 'n',
-	d->schedule ? ' ' : 'n'};
+	d->schedule ? ' ' : 'n', ' '};
 
 	values[0] = CStringGetTextDatum(d->name);
 	values[1] = CStringGetTextDatum(d->target);
@@ -666,15 +683,17 @@ sync_store(const PhsyncSyncDef *d, bool insert, TupleDesc tupdesc)
 	values[10] = d->server ? CStringGetTextDatum(d->server) : (Datum) 0;
 	values[11] = d->events ? text_list_array(d->events) : (Datum) 0;
 	values[12] = d->schedule ? CStringGetTextDatum(d->schedule) : (Datum) 0;
+	values[13] = CStringGetTextDatum(d->deletions);
 	catalog_exec(insert ?
 				 "INSERT INTO phsync.syncs (name, target, preset, query, cursor_column, conflict, "
-				 "lookback, enabled, verify, owner, server, events, schedule) "
+				 "lookback, enabled, verify, owner, server, events, schedule, deletions) "
 				 "VALUES ($1, $2, $3, $4, $5, $6, $7::pg_catalog.interval, $8, $9, $10::pg_catalog.regrole, "
-				 "$11::pg_catalog.name, $12, $13) RETURNING *" :
+				 "$11::pg_catalog.name, $12, $13, $14) RETURNING *" :
 				 "UPDATE phsync.syncs SET target = $2, preset = $3, query = $4, cursor_column = $5, "
 				 "conflict = $6, lookback = $7::pg_catalog.interval, enabled = $8, verify = $9, "
-				 "server = $11::pg_catalog.name, events = $12, schedule = $13 WHERE name = $1 RETURNING *",
-				 13, types, values, nulls, false);
+				 "server = $11::pg_catalog.name, events = $12, schedule = $13, deletions = $14 "
+				 "WHERE name = $1 RETURNING *",
+				 14, types, values, nulls, false);
 	if (SPI_processed != 1)
 		elog(ERROR, "could not write sync \"%s\" into phsync.syncs", d->name);
 	return PointerGetDatum(SPI_returntuple(SPI_tuptable->vals[0], tupdesc));
@@ -753,8 +772,8 @@ default_alter(const PhsyncSyncArgs *args, TupleDesc tupdesc)
 	char		nulls[2] = {' ', ' '};
 	PhsyncSync *def = sync_default();
 	PhsyncSchedule parsed;
-	Datum		row[14];
-	bool		rownulls[14];
+	Datum		row[15];
+	bool		rownulls[15];
 	int			i;
 
 	for (i = 0; i < (int) lengthof(settings_fields); i++)
@@ -766,13 +785,14 @@ default_alter(const PhsyncSyncArgs *args, TupleDesc tupdesc)
 					 errhint("Set %s and reload; phsync_alter_sync('default', ...) changes only enabled and schedule.",
 							 settings_fields[i].setting) :
 					 errhint("The default sync skips rows already there; phsync_alter_sync('default', ...) changes only enabled and schedule.")));
-	if (args->has_verify || args->reread_all || args->has_events)
+	if (args->has_verify || args->reread_all || args->has_events || args->deletions)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("the sync named \"default\" is configured by the phsync.* settings in postgresql.conf"),
 				 errhint("Set %s and reload; phsync_alter_sync('default', ...) changes only enabled and schedule.",
 						 args->has_verify ? "phsync.verify" :
-						 args->reread_all ? "phsync.lookback" : "phsync.query_file")));
+						 args->reread_all ? "phsync.lookback" :
+						 args->deletions ? "phsync.deletions" : "phsync.query_file")));
 	if (!superuser())
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
@@ -800,7 +820,7 @@ default_alter(const PhsyncSyncArgs *args, TupleDesc tupdesc)
 
 	/* the default sync, shaped as a row of phsync.syncs */
 	memset(rownulls, true, sizeof(rownulls));
-	Assert(tupdesc->natts == 14);
+	Assert(tupdesc->natts == 15);
 	row[0] = CStringGetTextDatum(DEFAULT_SYNC);
 	row[1] = CStringGetTextDatum(def->target);
 	row[2] = CStringGetTextDatum("events");
@@ -813,6 +833,8 @@ default_alter(const PhsyncSyncArgs *args, TupleDesc tupdesc)
 	rownulls[0] = rownulls[1] = rownulls[4] = rownulls[5] = rownulls[7] = rownulls[8] = rownulls[10] = false;
 	rownulls[2] = def->preset != PHSYNC_EVENTS;
 	rownulls[13] = def->schedule == NULL;
+	row[14] = CStringGetTextDatum(def->mirror ? "mirror" : "keep");
+	rownulls[14] = false;
 	shmem_wake_worker_at_commit();
 	return HeapTupleGetDatum(heap_form_tuple(tupdesc, row, rownulls));
 }

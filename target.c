@@ -519,16 +519,24 @@ target_create(PhsyncPreset preset, const char *name, const char *cursor, List *p
  * After a whole re-read: the target's rows whose key is not among `keys`
  * (a text[] per unique key column, in target->uniq's order) are gone from
  * PostHog.  Flag them (deleted = true) or delete them; returns how many.
- * As the role the sync acts as, under SECURITY_RESTRICTED_OPERATION (the
- * target's triggers run).  Needs SPI connected, in a transaction.
+ * With from and to, only rows whose cursor is in [*from, *to) (the range
+ * that was read); with count_only, they are counted, not changed (and the
+ * total of rows in that range or table goes to *total).  As the role the
+ * sync acts as, under SECURITY_RESTRICTED_OPERATION (the target's triggers
+ * run).  Needs SPI connected, in a transaction.
  */
 int64
-target_absent(PhsyncTarget *target, PhsyncAbsent mode, Datum *keys)
+target_absent(PhsyncTarget *target, PhsyncAbsent mode, Datum *keys,
+			  const TimestampTz *from, const TimestampTz *to, bool count_only,
+			  int64 *total)
 {
 	StringInfoData sql;
 	StringInfoData match;
 	StringInfoData names;
-	Oid		   *types = palloc(sizeof(Oid) * Max(target->nuniq, 1));
+	StringInfoData range;
+	Oid		   *types = palloc(sizeof(Oid) * (target->nuniq + 2));
+	Datum	   *values = palloc(sizeof(Datum) * (target->nuniq + 2));
+	int			nargs = target->nuniq;
 	PhsyncAsRole save;
 	int			ret;
 	int			j;
@@ -537,35 +545,98 @@ target_absent(PhsyncTarget *target, PhsyncAbsent mode, Datum *keys)
 		return 0;
 	initStringInfo(&match);
 	initStringInfo(&names);
+	initStringInfo(&range);
 	for (j = 0; j < target->nuniq; j++)
 	{
 		PhsyncColumn *col = &target->cols[target->uniq[j]];
 
 		types[j] = TEXTARRAYOID;
+		values[j] = keys[j];
 		appendStringInfo(&names, "%sk%d", j ? ", " : "", j);
 		appendStringInfo(&match, "%st.%s OPERATOR(pg_catalog.=) CAST(u.k%d AS %s)",
 						 j ? " AND " : "", quote_identifier(col->name), j,
 						 format_type_be(col->typid));
 	}
+	if (from)
+	{
+		const char *c = quote_identifier(target->cols[target->cursor].name);
+
+		Assert(target->cursor >= 0 && to);
+		types[nargs] = TIMESTAMPTZOID;
+		values[nargs] = TimestampTzGetDatum(*from);
+		types[nargs + 1] = TIMESTAMPTZOID;
+		values[nargs + 1] = TimestampTzGetDatum(*to);
+		appendStringInfo(&range, " AND t.%s OPERATOR(pg_catalog.>=) $%d AND t.%s OPERATOR(pg_catalog.<) $%d",
+						 c, nargs + 1, c, nargs + 2);
+		nargs += 2;
+	}
 	initStringInfo(&sql);
-	if (mode == PHSYNC_ABSENT_FLAG)
-		appendStringInfo(&sql, "UPDATE %s AS t SET deleted = true WHERE t.deleted IS NOT TRUE AND ",
+	if (count_only)
+		appendStringInfo(&sql, "SELECT pg_catalog.count(*) FILTER (WHERE NOT EXISTS (SELECT FROM ROWS FROM (");
+	else if (mode == PHSYNC_ABSENT_FLAG)
+		appendStringInfo(&sql, "UPDATE %s AS t SET deleted = true WHERE t.deleted IS NOT TRUE AND NOT EXISTS (SELECT FROM ROWS FROM (",
 						 target->display);
 	else
-		appendStringInfo(&sql, "DELETE FROM %s AS t WHERE ", target->display);
-	appendStringInfoString(&sql, "NOT EXISTS (SELECT FROM ROWS FROM (");
+		appendStringInfo(&sql, "DELETE FROM %s AS t WHERE NOT EXISTS (SELECT FROM ROWS FROM (", target->display);
 	for (j = 0; j < target->nuniq; j++)
 		appendStringInfo(&sql, "%spg_catalog.unnest($%d)", j ? ", " : "", j + 1);
 	appendStringInfo(&sql, ") AS u(%s) WHERE %s)", names.data, match.data);
+	if (count_only)
+		appendStringInfo(&sql, "), pg_catalog.count(*) FROM %s AS t WHERE true%s", target->display, range.data);
+	else
+		appendStringInfoString(&sql, range.data);
 
 	Assert(phsync_spi_connected());
 	as_role_begin(target->writer, true, &save);
-	ret = phsync_spi_exec(sql.data, target->nuniq, types, keys, NULL, false, 0);
+	ret = phsync_spi_exec(sql.data, nargs, types, values, NULL, count_only, 0);
 	as_role_end(&save);
+	if (count_only)
+	{
+		bool		isnull;
+
+		if (ret != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "could not count rows gone from PostHog in %s", target->display);
+		*total = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+		return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	}
 	if (ret != SPI_OK_UPDATE && ret != SPI_OK_DELETE)
 		elog(ERROR, "could not mark rows gone from PostHog in %s: %s", target->display,
 			 SPI_result_code_string(ret));
 	return (int64) SPI_processed;
+}
+
+/*
+ * Mirror PostHog's deletions: delete the rows of [*from, *to) (or the
+ * whole table, when from is NULL) whose key is not among `keys`, the keys
+ * of a complete read of that range, unless they are more than
+ * phsync.max_delete_fraction of the rows there (or of `scope` rows, when
+ * it is not negative: the verified bucket a repaired range is part of):
+ * then nothing is deleted, a WARNING says so, and -1 is returned.  `what`
+ * names the range for it.
+ */
+int64
+target_mirror_deletions(PhsyncTarget *target, Datum *keys, const TimestampTz *from,
+						const TimestampTz *to, int64 scope, int64 run_id, const char *what)
+{
+	int64		total;
+	int64		gone = target_absent(target, PHSYNC_ABSENT_DELETE, keys, from, to, true, &total);
+
+	if (gone == 0)
+		return 0;
+	if (scope >= 0)
+		total = scope;
+	if ((double) gone > phsync_max_delete_fraction * (double) total)
+	{
+		ereport(WARNING,
+				(errmsg("phsync run %lld: not deleting the %lld rows of %s %s that PostHog no longer has",
+						(long long) run_id, (long long) gone, target->display, what),
+				 errdetail("They are more than phsync.max_delete_fraction (%g) of the %lld rows %s.",
+						   phsync_max_delete_fraction, (long long) total,
+						   scope >= 0 ? "of the verified bucket" : "there"),
+				 errhint("If PostHog did delete them, raise phsync.max_delete_fraction for one run and repair again.")));
+		return -1;
+	}
+	return target_absent(target, PHSYNC_ABSENT_DELETE, keys, from, to, false, NULL);
 }
 
 /*

@@ -219,7 +219,7 @@ compare(Buckets *b, int i)
  */
 static void
 repair_range(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 rows,
-			 bool sums, int depth)
+			 bool sums, int64 scope, int depth)
 {
 	int			page = st->cap > 0 ? Min(st->page_size, st->cap) : st->page_size;
 	Buckets		b;
@@ -233,7 +233,22 @@ repair_range(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 rows,
 				(errmsg("phsync run %lld: repairing sync %s from %s to %s",
 						(long long) st->run_id, st->sync->name,
 						phsync_format_timestamp(from), phsync_format_timestamp(to))));
+		loader_reset_seen(st->loader);
 		fetch_window(st, from, to);
+		if (st->sync->mirror)
+		{
+			/* the read was complete (else an error): what it lacks is gone */
+			int64		n;
+
+			cxt = xact_begin();
+			n = target_mirror_deletions(st->target, loader_seen_keys(st->loader, st->target),
+										&from, &to, scope, st->run_id,
+										psprintf("from %s to %s", phsync_format_timestamp(from),
+												 phsync_format_timestamp(to)));
+
+			st->counters.deleted += Max(n, 0);
+			xact_commit(cxt);
+		}
 		return;
 	}
 	/* parts of whole seconds (PostHog's buckets are) */
@@ -252,7 +267,9 @@ repair_range(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 rows,
 			continue;
 		while (last + 1 < b.n && compare(&b, last + 1) != PHSYNC_BUCKET_OK)
 			n += b.posthog[++last];
-		repair_range(st, bucket_start(&b, i), bucket_start(&b, last + 1), n, sums, depth + 1);
+		/* every part differs: counting finer would not narrow it */
+		repair_range(st, bucket_start(&b, i), bucket_start(&b, last + 1), n, sums, scope,
+					 i == 0 && last == b.n - 1 ? NARROW_DEPTH : depth + 1);
 		i = last;
 	}
 }
@@ -298,18 +315,25 @@ verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 bucket,
 	for (i = 0; i < b.n; i++)
 		b.status[i] = compare(&b, i);
 
+	/* mirroring deletions: a repaired range's keys are kept while it is read */
+	if (repair && st->sync->mirror)
+		st->track_keys = true;
 	requests = st->counters.requests;
 	for (i = 0; repair && i < b.n; i++)
 	{
 		int			last = i;
 		int64		n = b.posthog[i];
+		int64		scope = b.local[i];
 
 		if (b.status[i] == PHSYNC_BUCKET_OK)
 			continue;
 		/* one range for a run of differing buckets */
 		while (last + 1 < b.n && b.status[last + 1] != PHSYNC_BUCKET_OK)
+		{
 			n += b.posthog[++last];
-		repair_range(st, bucket_start(&b, i), bucket_start(&b, last + 1), n, sums, 0);
+			scope += b.local[last];
+		}
+		repair_range(st, bucket_start(&b, i), bucket_start(&b, last + 1), n, sums, scope, 0);
 		i = last;
 	}
 	requests = st->counters.requests - requests;

@@ -1885,6 +1885,8 @@ class Fault:
                after it is rendered (b may hold a raw NUL or, as a lone
                surrogate, bytes that are not UTF-8: a server that breaks
                JSON's rules)
+    pass: true: no failure (the requests it counts are answered for real,
+          so that the failure queued after it meets a later request)
     count: how many requests it applies to (default 1)
     """
 
@@ -1904,6 +1906,7 @@ class Fault:
         self.content_encoding = spec.get("content_encoding")
         self.bytes_replace = spec.get("bytes_replace") or []
         self.count = spec.get("count", 1)
+        self.pass_through = spec.get("pass", False)
 
 
 def us_of(canonical):
@@ -3029,6 +3032,8 @@ def make_handler(state, kind):
             max_exec = float(c["max_execution_seconds"] if state.limits_apply()
                              else c["max_execution_seconds_hogql"])
             fault = state.next_fault()
+            if fault and fault.pass_through:
+                fault = None        # {"pass": true, "count": n}: the next n answers are real
             if fault and fault.delay_ms:
                 # the query can hold its slot no longer than its execution limit
                 delay = fault.delay_ms / 1000.0

@@ -68,7 +68,7 @@ like(psql_err("SELECT phsync_add_sync('p', 'pg_catalog.pg_authid', query => 'SEL
 	qr/ERROR:  target pg_catalog.pg_authid is a system or phsync table/, 'a system catalog is refused as a target');
 $node->safe_psql('postgres', q{
 	CREATE ROLE sync_admin LOGIN;
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text) TO sync_admin;
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text) TO sync_admin;
 	GRANT SELECT ON keyed TO sync_admin;
 	CREATE SERVER elsewhere FOREIGN DATA WRAPPER phsync OPTIONS (host 'http://127.0.0.1:9', project_id '1');
 	CREATE USER MAPPING FOR sync_admin SERVER elsewhere OPTIONS (api_key 'phx_sync_admin');

@@ -35,8 +35,8 @@ sub super { return $node->safe_psql('postgres', "SELECT rolsuper FROM pg_roles W
 sub last_of { return $node->safe_psql('postgres', "SELECT status || ': ' || coalesce(error, '') FROM phsync.runs WHERE sync = '$_[0]' ORDER BY id DESC LIMIT 1"); }
 
 my $delegate_grants = q{
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text),
-	                          phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text),
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text),
+	                          phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text, text),
 	                          phsync_drop_sync(text), phsync_run_now(text),
 	                          phsync_backfill(text, timestamptz, timestamptz),
 	                          phsync_verify(text, timestamptz, timestamptz, interval, boolean),

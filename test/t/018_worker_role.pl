@@ -59,7 +59,7 @@ $node->safe_psql('postgres', server_sql($fake, $certs, public_mapping => 1));
 $node->safe_psql('postgres', q{
 	CREATE ROLE mallory LOGIN;
 	CREATE SCHEMA AUTHORIZATION mallory;
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text),
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text),
 	                          phsync_run_now(text) TO mallory;
 	SET ROLE mallory;
 	SELECT phsync_create_table('events', 'mallory.bait');

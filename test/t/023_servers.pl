@@ -74,8 +74,8 @@ $node->safe_psql('postgres', qq{
 		OPTIONS (host '$url', project_id '2', ca_file '$ca', max_concurrent_requests '1', page_size '7');
 	GRANT USAGE ON FOREIGN SERVER posthog_us, posthog_eu TO alice;
 	GRANT CREATE ON SCHEMA public TO alice;
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text),
-	                          phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text),
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text),
+	                          phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text, text),
 	                          phsync_run_now(text)
 	      TO alice;});
 # the keys: not through the statement log (as for a postgres_fdw password)

@@ -95,7 +95,7 @@ $node->safe_psql('postgres', qq{
 	GRANT EXECUTE ON FUNCTION phsync_query(text, text, jsonb), phsync_query_json(text, text, jsonb),
 	                          phsync_describe(text, text, jsonb), phsync_tables(text),
 	                          phsync_create_table(text, text, text[], text, text, jsonb) TO carol, dave;
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text) TO carol;
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text) TO carol;
 	GRANT CREATE ON SCHEMA public TO carol;
 	SET log_statement = 'none';
 	CREATE USER MAPPING FOR carol SERVER posthog OPTIONS (api_key '$API_KEY');});

@@ -31,8 +31,8 @@ sub as_role
 	return $ret == 0 ? "OK: $out" : $err;
 }
 my $grants = q{
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text),
-	                          phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text),
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text),
+	                          phsync_alter_sync(text, text, text, text, text, text, interval, boolean, boolean, boolean, text, text[], text, text),
 	                          phsync_drop_sync(text), phsync_run_now(text), phsync_create_table(text, text, text[])
 	      TO %s;
 	CREATE SCHEMA AUTHORIZATION %s;

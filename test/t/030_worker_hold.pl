@@ -31,7 +31,7 @@ $node->safe_psql('postgres', qq{
 	CREATE ROLE alice LOGIN;
 	CREATE SCHEMA AUTHORIZATION alice;
 	GRANT USAGE ON FOREIGN SERVER posthog TO alice;
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text),
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text),
 	                          phsync_run_now(text), phsync_cancel(bigint), phsync_create_table(text, text, text[]) TO alice;
 	SET log_statement = 'none';
 	CREATE USER MAPPING FOR alice SERVER posthog OPTIONS (api_key '$API_KEY');

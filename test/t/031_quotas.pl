@@ -26,7 +26,7 @@ my $grants = q{
 	CREATE ROLE %1$s LOGIN;
 	CREATE SCHEMA AUTHORIZATION %1$s;
 	GRANT USAGE ON FOREIGN SERVER posthog TO %1$s;
-	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text),
+	GRANT EXECUTE ON FUNCTION phsync_add_sync(text, text, text, text, text, text, interval, boolean, boolean, text, text[], text, text),
 	                          phsync_run_now(text), phsync_backfill(text, timestamptz, timestamptz),
 	                          phsync_create_table(text, text, text[]) TO %1$s;
 	SET log_statement = 'none';

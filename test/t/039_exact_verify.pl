@@ -87,4 +87,64 @@ like(slurp_file($node->logfile, $log_from), qr/phsync run \d+: repairing 1 bucke
 like(slurp_file($node->logfile, $log_from), qr/repairing sync ev from \S+T\d\d:00:00Z to \S+T\d\d:00:00Z/,
 	'each range read again is an hour of the day');
 
+# ---------- deletions => 'mirror' ----------
+is($node->safe_psql('postgres', q{SELECT deletions FROM phsync.syncs WHERE name = 'ev'}), 'keep', 'deletions are kept by default');
+my ($ret, $out, $err) = $node->psql('postgres', q{SELECT phsync_alter_sync('ev', deletions => 'all')});
+like($err, qr/ERROR:  invalid deletions mode "all"\nHINT:  Use keep .* or mirror/, 'an unknown deletions mode: clear error');
+($ret, $out, $err) = $node->psql('postgres', q{SELECT phsync_alter_sync('default', deletions => 'mirror')});
+like($err, qr/HINT:  Set phsync.deletions and reload/, 'the default sync\'s is the setting phsync.deletions');
+$node->safe_psql('postgres', q{SELECT phsync_alter_sync('ev', deletions => 'mirror')});
+is($verify->(', repair => true'), join(',', $day->(0) . ' 2000 2000 ok', $day->(1) . ' 2000 2000 repaired', $day->(2) . ' 2000 2000 ok'),
+	'mirror: the repair deletes the event PostHog no longer has, and the day is equal again');
+is($node->safe_psql('postgres', "SELECT count(*) FROM ev WHERE uuid = '$gone->[0]'"), '0', 'the deleted event is gone here too');
+is($node->safe_psql('postgres', q{SELECT rows_deleted || ' ' || rows_inserted FROM phsync.runs ORDER BY id DESC LIMIT 1}), '1 0',
+	'counted in phsync.runs.rows_deleted');
+is($verify->(''), join(',', map { $day->($_) . ' 2000 2000 ok' } 0 .. 2), 'and verification finds the three days equal');
+
+# nothing is deleted on a failed answer: the re-read of the differing hour fails
+my @day3 = grep { substr($_->[7], 0, 10) eq $day->(2) } @{ fake_get($fake, '/source') };
+fake_post($fake, '/delete', { uuids => [ $day3[100][0] ] });
+fake_post($fake, '/faults', [ { pass => JSON::PP::true, count => 2 }, { status => 400, detail => 'Injected failure' } ]);
+($ret, $out, $err) = $node->psql('postgres', qq{SELECT count(*) FROM phsync_verify($range, repair => true)});
+like($err, qr/Injected failure/, 'a repair whose read fails fails');
+is($node->safe_psql('postgres', "SELECT count(*) FROM ev WHERE uuid = '$day3[100][0]'"), '1', 'and deletes nothing');
+is($node->safe_psql('postgres', q{SELECT status || ' ' || rows_deleted FROM phsync.runs ORDER BY id DESC LIMIT 1}), 'failed 0',
+	'its run failed, with no row deleted');
+
+# more than phsync.max_delete_fraction (10%) of a day: the repair stops and says so
+fake_post($fake, '/delete', { uuids => [ map { $day3[$_][0] } 200 .. 449 ] });
+my $n3 = scalar(@day3) - 251;
+$log_from = -s $node->logfile;
+is($verify->(', repair => true'), join(',', $day->(0) . ' 2000 2000 ok', $day->(1) . ' 2000 2000 ok', $day->(2) . " $n3 2000 extra"),
+	'251 of a day\'s 2,000 rows gone: the day stays extra');
+like(slurp_file($node->logfile, $log_from), qr/WARNING:  phsync run \d+: not deleting the 251 rows of public.ev from \S+ to \S+ that PostHog no longer has\n.*DETAIL:  They are more than phsync.max_delete_fraction \(0.1\) of the 2000 rows of the verified bucket./,
+	'a WARNING says how many it did not delete, and why');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM ev}), '6000', 'nothing was deleted');
+set_conf($node, 'phsync.max_delete_fraction' => '0.2');
+is($verify->(', repair => true'), join(',', $day->(0) . ' 2000 2000 ok', $day->(1) . ' 2000 2000 ok', $day->(2) . " $n3 $n3 repaired"),
+	'with phsync.max_delete_fraction = 0.2 the repair deletes them');
+is($node->safe_psql('postgres', q{SELECT rows_deleted FROM phsync.runs ORDER BY id DESC LIMIT 1}), '251', 'all 251');
+is(source_equals_target($node, $fake, 'ev'), 0, 'the table equals PostHog\'s events again');
+
+# ---------- persons: kept, or mirrored by the whole re-read ----------
+my @people = map { sprintf('00000000-0000-4000-8000-%012d', $_) } 1 .. 20;
+fake_post($fake, '/persons', [ map { { id => $_, created_at => iso_ago($node, '2 days'), properties => {} } } @people ]);
+$node->safe_psql('postgres', q{
+	SELECT phsync_create_table('persons', 'people_kept');
+	SELECT phsync_create_table('persons', 'people_mirrored');
+	SELECT name FROM phsync_add_sync('people_kept', 'people_kept', preset => 'persons');
+	SELECT name FROM phsync_add_sync('people_mirrored', 'people_mirrored', preset => 'persons', deletions => 'mirror');});
+is($node->safe_psql('postgres', q{SELECT string_agg(status || ' ' || rows_inserted, ',' ORDER BY sync) FROM phsync_run_now() WHERE sync LIKE 'people%'}),
+	'succeeded 20,succeeded 20', 'both persons syncs copy the 20 persons');
+fake_post($fake, '/persons/delete', { ids => [ @people[3, 7] ] });
+is($node->safe_psql('postgres', q{SELECT string_agg(sync || ' ' || rows_deleted, ',' ORDER BY sync) FROM phsync_run_now() WHERE sync LIKE 'people%'}),
+	'people_kept 0,people_mirrored 2', 'two persons deleted in PostHog: the mirroring sync deletes them, the other keeps them');
+is($node->safe_psql('postgres', q{SELECT (SELECT count(*) FROM people_kept) || ' ' || (SELECT count(*) FROM people_mirrored)}), '20 18',
+	'20 kept, 18 mirrored');
+fake_post($fake, '/persons/delete', { ids => [ @people[0 .. 4] ] });
+$log_from = -s $node->logfile;
+is($node->safe_psql('postgres', q{SELECT rows_deleted FROM phsync_run_now('people_mirrored')}), '0',
+	'4 more of 18 (over phsync.max_delete_fraction, 0.2): none deleted');
+like(slurp_file($node->logfile, $log_from), qr/not deleting the 4 rows of public.people_mirrored in the window read that PostHog no longer has\n.*DETAIL:  They are more than phsync.max_delete_fraction \(0.2\) of the 18 rows there./, 'and the log says so');
+
 done_testing();

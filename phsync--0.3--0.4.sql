@@ -235,7 +235,7 @@ ALTER TABLE phsync.verifications ADD CONSTRAINT verifications_status_check
 	CHECK (status IN ('ok', 'missing', 'extra', 'different', 'repaired'));
 COMMENT ON COLUMN phsync.verifications.status IS 'ok, missing (fewer rows here), extra (more rows here), different (as many rows, other keys), repaired (fetched again, and equal now)';
 ALTER TABLE phsync.verifications ADD COLUMN posthog_checksum bigint, ADD COLUMN local_checksum bigint;
-COMMENT ON COLUMN phsync.verifications.posthog_checksum IS 'sum of the hashes of PostHog''s distinct keys in the bucket (see docs/syncs.md#verification); NULL: counts only';
+COMMENT ON COLUMN phsync.verifications.posthog_checksum IS 'sum of the hashes of PostHog''s distinct keys in the bucket (see docs/syncs.md#verifying-completeness); NULL: counts only';
 COMMENT ON COLUMN phsync.verifications.local_checksum IS 'the same sum over the target''s keys';
 
 -- ---------- owners see their own syncs and runs (0.4) ----------

@@ -191,7 +191,7 @@ COMMENT ON COLUMN phsync.verifications.bucket IS 'start of the bucket (inclusive
 COMMENT ON COLUMN phsync.verifications.bucket_until IS 'end of the bucket (exclusive)';
 COMMENT ON COLUMN phsync.verifications.posthog_count IS 'rows PostHog has in the bucket (distinct keys when the key has one column)';
 COMMENT ON COLUMN phsync.verifications.local_count IS 'rows the target has in the bucket';
-COMMENT ON COLUMN phsync.verifications.posthog_checksum IS 'sum of the hashes of PostHog''s distinct keys in the bucket (see docs/syncs.md#verification); NULL: counts only';
+COMMENT ON COLUMN phsync.verifications.posthog_checksum IS 'sum of the hashes of PostHog''s distinct keys in the bucket (see docs/syncs.md#verifying-completeness); NULL: counts only';
 COMMENT ON COLUMN phsync.verifications.local_checksum IS 'the same sum over the target''s keys';
 COMMENT ON COLUMN phsync.verifications.status IS 'ok, missing (fewer rows here), extra (more rows here), different (as many rows, other keys), repaired (fetched again, and equal now)';
 

@@ -23,6 +23,12 @@ COMMENT ON FUNCTION @extschema@.phsync_run_now(text) IS
 -- ---------- a schedule per sync; the default sync's switch; health (0.4) ----------
 
 ALTER TABLE phsync.syncs ADD COLUMN schedule text;
+ALTER TABLE phsync.syncs DROP CONSTRAINT syncs_preset_check;
+ALTER TABLE phsync.syncs ADD CONSTRAINT syncs_preset_check
+	CHECK (preset IN ('events', 'persons', 'groups', 'sessions', 'cohorts',
+					  'feature_flags', 'experiments', 'surveys', 'cohort_people',
+					  'person_distinct_ids'));
+COMMENT ON COLUMN phsync.syncs.preset IS 'built-in query: events, persons, groups, sessions, cohorts, feature_flags, experiments, surveys, cohort_people or person_distinct_ids (NULL with a custom query)';
 ALTER TABLE phsync.syncs ADD COLUMN deletions text NOT NULL DEFAULT 'keep' CHECK (deletions IN ('keep', 'mirror'));
 COMMENT ON COLUMN phsync.syncs.deletions IS 'keep, or mirror: a repair deletes the rows PostHog no longer has in the verified range, and a preset read whole those PostHog no longer lists';
 COMMENT ON COLUMN phsync.syncs.schedule IS 'when scheduled runs run it: five cron fields or an interval, in phsync.timezone; NULL: phsync.run_at and phsync.interval';

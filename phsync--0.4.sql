@@ -140,7 +140,8 @@ CREATE TABLE phsync.syncs (
 					CHECK (name ~ '^[a-z_][a-z0-9_]{0,62}$' AND name OPERATOR(pg_catalog.<>) 'default'),
 	target			text NOT NULL,
 	preset			text CHECK (preset IN ('events', 'persons', 'groups', 'sessions', 'cohorts',
-										   'feature_flags', 'experiments', 'surveys', 'cohort_people')),
+										   'feature_flags', 'experiments', 'surveys', 'cohort_people',
+										   'person_distinct_ids')),
 	query			text,
 	cursor_column	text,
 	conflict		text NOT NULL DEFAULT 'nothing' CHECK (conflict IN ('nothing', 'update')),
@@ -163,7 +164,7 @@ COMMENT ON COLUMN phsync.syncs.enabled IS 'whether scheduled runs and phsync_run
 COMMENT ON COLUMN phsync.syncs.created_at IS 'when it was added';
 COMMENT ON COLUMN phsync.syncs.owner IS 'the role that added it, by OID: runs act on the target as this role (a superuser''s sync into another role''s table: as that table''s owner)';
 COMMENT ON COLUMN phsync.syncs.target IS 'target table, schema-qualified';
-COMMENT ON COLUMN phsync.syncs.preset IS 'built-in query: events, persons, groups, sessions, cohorts, feature_flags, experiments, surveys or cohort_people (NULL with a custom query)';
+COMMENT ON COLUMN phsync.syncs.preset IS 'built-in query: events, persons, groups, sessions, cohorts, feature_flags, experiments, surveys, cohort_people or person_distinct_ids (NULL with a custom query)';
 COMMENT ON COLUMN phsync.syncs.query IS 'custom HogQL query (NULL with a preset)';
 COMMENT ON COLUMN phsync.syncs.cursor_column IS 'timestamp or date column whose max() is the watermark; NULL for a preset read whole on every run';
 COMMENT ON COLUMN phsync.syncs.events IS 'events preset: only these event names (NULL: every event)';

@@ -180,7 +180,8 @@ typedef enum PhsyncPreset
 	PHSYNC_FEATURE_FLAGS,
 	PHSYNC_EXPERIMENTS,
 	PHSYNC_SURVEYS,
-	PHSYNC_COHORT_PEOPLE
+	PHSYNC_COHORT_PEOPLE,
+	PHSYNC_PERSON_DISTINCT_IDS
 } PhsyncPreset;
 
 /* what a whole re-read does with target rows PostHog no longer has */

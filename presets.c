@@ -146,6 +146,19 @@ static const PresetColumn cohort_people_columns[] = {
 };
 static const char *const cohort_people_key[] = {"cohort_id", "person_id", NULL};
 
+/*
+ * which person each distinct id belongs to today: PostHog's own
+ * person_distinct_ids (posthog/hogql/database/schema/person_distinct_ids.py)
+ * is this argMax over raw_person_distinct_ids, without the version
+ */
+static const PresetColumn person_distinct_ids_columns[] = {
+	{"distinct_id", "text", NULL},
+	{"person_id", "uuid", NULL},
+	{"version", "bigint", NULL},
+	{NULL, NULL, NULL}
+};
+static const char *const person_distinct_ids_key[] = {"distinct_id", NULL};
+
 static const PresetInfo presets[] = {
 	{PHSYNC_EVENTS, "events", "events", events_columns, events_key, "created_at",
 	false, false, true, "timestamp", 7, 1, PHSYNC_ABSENT_KEEP, true, "properties"},
@@ -168,6 +181,12 @@ static const PresetInfo presets[] = {
 		"(SELECT cohort_id, person_id FROM cohort_people\n"
 		" UNION ALL SELECT cohort_id, person_id FROM static_cohort_people) AS phsync_members",
 		cohort_people_columns, cohort_people_key, NULL,
+	true, true, false, NULL, 0, 0, PHSYNC_ABSENT_DELETE, false, NULL},
+	{PHSYNC_PERSON_DISTINCT_IDS, "person_distinct_ids",
+		"(SELECT pdi.distinct_id AS distinct_id, argMax(pdi.person_id, pdi.version) AS person_id,\n"
+		" max(pdi.version) AS version FROM raw_person_distinct_ids AS pdi GROUP BY pdi.distinct_id\n"
+		" HAVING argMax(pdi.is_deleted, pdi.version) = 0) AS phsync_pdi",
+		person_distinct_ids_columns, person_distinct_ids_key, NULL,
 	true, true, false, NULL, 0, 0, PHSYNC_ABSENT_DELETE, false, NULL},
 };
 

@@ -175,6 +175,13 @@ first one by default):
                         removes one)
   POST /persons/delete  {"ids": [...]}
   GET  /persons         every person, formatted as the API would return it
+  POST /distinct_ids    [{"distinct_id", "person_id", "version"?, "is_deleted"?}]:
+                        rows of raw_person_distinct_ids (version: one more
+                        than the distinct id's last, unless given)
+  POST /persons/merge   {"from": id, "into": id}: as PostHog merges persons,
+                        every distinct id of "from" gets a new version that
+                        points to "into", and "from" is deleted; events keep
+                        the person_id written on them
   POST /groups          add or replace groups (list of {"index", "key",
                         "created_at", "properties", "updated_at"?})
   POST /groups/delete   {"groups": [[index, key], ...]}
@@ -889,6 +896,15 @@ TABLES = {t.name: t for t in [
         Col("id", "UUID"), Col("created_at", "DateTime64(3, {tz})"),
         Col("properties", "String", json_=True), Col("is_identified", "Int8", schema="boolean"),
     ]),
+    # person_distinct_ids is PostHog's argMax of this by version, without
+    # the deleted (posthog/hogql/database/schema/person_distinct_ids.py)
+    Table("raw_person_distinct_ids", "raw_person_distinct_ids", [
+        Col("distinct_id", "String"), Col("person_id", "UUID"), Col("version", "Int64"),
+        Col("is_deleted", "Int8", schema="boolean"),
+    ]),
+    Table("person_distinct_ids", "person_distinct_ids_current", [
+        Col("distinct_id", "String"), Col("person_id", "UUID"),
+    ]),
     Table("groups", "groups", [
         Col("index", "UInt8"), Col("key", "String"), Col("created_at", "DateTime64(3, {tz})"),
         Col("updated_at", "DateTime({tz})"), Col("properties", "String", json_=True),
@@ -952,6 +968,12 @@ CREATE INDEX events_session ON events ("$session_id");
 CREATE TABLE persons (
     id TEXT COLLATE CHUUID PRIMARY KEY, created_at TEXT NOT NULL,
     is_identified INTEGER, properties TEXT);
+CREATE TABLE raw_person_distinct_ids (
+    distinct_id TEXT NOT NULL, person_id TEXT COLLATE CHUUID NOT NULL, version INTEGER NOT NULL,
+    is_deleted INTEGER NOT NULL DEFAULT 0);
+CREATE VIEW person_distinct_ids_current AS
+SELECT distinct_id, ch_argmax(person_id, version) AS person_id FROM raw_person_distinct_ids
+GROUP BY distinct_id HAVING ch_argmax(is_deleted, version) = 0;
 CREATE TABLE groups (
     "index" INTEGER NOT NULL, key TEXT NOT NULL, created_at TEXT, updated_at TEXT,
     properties TEXT, PRIMARY KEY ("index", key));
@@ -2312,6 +2334,26 @@ class Project:
             self.db.commit()
         return len(rows)
 
+    def add_distinct_ids(self, rows):
+        with self.lock:
+            for r in rows:
+                v = r.get("version")
+                if v is None:
+                    v = (self.db.execute("SELECT max(version) FROM raw_person_distinct_ids WHERE distinct_id = ?",
+                                         (r["distinct_id"],)).fetchone()[0] or 0) + 1
+                self.db.execute("INSERT INTO raw_person_distinct_ids VALUES (?,?,?,?)",
+                                (r["distinct_id"], str(r["person_id"]), int(v), 1 if r.get("is_deleted") else 0))
+            self.db.commit()
+        return len(rows)
+
+    def merge_persons(self, from_id, into_id):
+        with self.lock:
+            ids = [r[0] for r in self.db.execute(
+                "SELECT distinct_id FROM person_distinct_ids_current WHERE person_id = ?", (from_id,))]
+        self.add_distinct_ids([{"distinct_id": d, "person_id": into_id} for d in ids])
+        self.delete_persons([from_id])
+        return len(ids)
+
     def delete_persons(self, ids):
         with self.lock:
             n = self.db.executemany("DELETE FROM persons WHERE id = ?", [(i,) for i in ids]).rowcount
@@ -3142,6 +3184,8 @@ def make_handler(state, kind):
                 ("POST", "/generate"): lambda: ok({"inserted": project.generate(arg)}),
                 ("POST", "/persons"): lambda: ok({"inserted": project.add_persons(arg)}),
                 ("POST", "/persons/delete"): lambda: ok({"deleted": project.delete_persons(arg["ids"])}),
+                ("POST", "/distinct_ids"): lambda: ok({"added": project.add_distinct_ids(arg)}),
+                ("POST", "/persons/merge"): lambda: ok({"moved": project.merge_persons(arg["from"], arg["into"])}),
                 ("GET", "/persons"): lambda: ok(project.persons()),
                 ("POST", "/delete"): lambda: ok({"deleted": project.delete_events(arg["uuids"])}),
                 ("GET", "/source"): lambda: ok(project.source()),

@@ -256,6 +256,9 @@ def main():
     ap.add_argument("--no-4n", action="store_true", help="skip the 4N run")
     ap.add_argument("--year-rows", type=int, default=1_000_000,
                     help="events in the simulated one-year backfill (0: skip it)")
+    ap.add_argument("--verify-rows", type=int, default=0,
+                    help="events over 30 days, copied, then one of them deleted here: verify and repair the "
+                    "30 days against reading them (0: skip it)")
     ap.add_argument("--timeline", action="store_true", help="print the requests of the run at N")
     ap.add_argument("--perf", help="record a profile of the worker during the run at N into this file "
                     "(and of COPY's backend into FILE.copy)")
@@ -454,6 +457,49 @@ phsync.verify = off
             year = (m, ywall, ycpu, ybusy, len(yreqs), yreq, yrows, len(ok_reqs), len(throttled),
                     per_hour, per_minute)
 
+        verify = None
+        if args.verify_rows:
+            m = args.verify_rows
+            print(f"== verification: {m} events over 30 days, copied, then one deleted here", flush=True)
+            cur.execute("DROP TABLE IF EXISTS posthog_events, copy_events, naive_events")
+            vfirst = synthetic(fake, m, 4, 30 * 86400 * 1000 // m)
+            cur.execute("SELECT phsync_create_table('events', 'public.posthog_events')")
+            cur.execute("SELECT date_trunc('day', %s::timestamptz), date_trunc('day', %s::timestamptz) + interval '31 days'",
+                        (vfirst, vfirst))
+            v_from, v_to = cur.fetchone()
+
+            def timed(sql, params):
+                fake.reset()
+                t0 = time.perf_counter()
+                cur.execute(sql, params)
+                rid = cur.fetchone()[0]
+                while True:
+                    cur.execute("SELECT status, requests, rows_received, rows_inserted FROM phsync.runs WHERE id = %s",
+                                (rid,))
+                    row = cur.fetchone()
+                    if row[0] not in ("queued", "running"):
+                        break
+                    time.sleep(0.2)
+                if row[0] != "succeeded":
+                    sys.exit(f"verification benchmark: run {rid} {row[0]}")
+                return time.perf_counter() - t0, row[1], row[2], row[3], rid
+
+            read = timed("SELECT id FROM phsync_backfill('default', %s, %s)", (v_from, v_to))
+            cur.execute("DELETE FROM posthog_events WHERE uuid = (SELECT uuid FROM posthog_events "
+                        "ORDER BY created_at OFFSET %s LIMIT 1) RETURNING created_at", (m // 2,))
+            gone_at = cur.fetchone()[0]
+            t0 = time.perf_counter()
+            fake.reset()
+            cur.execute("SELECT count(*) FILTER (WHERE status = 'repaired'), count(*) FILTER (WHERE status <> 'ok') "
+                        "FROM phsync_verify('default', %s, %s, repair => true)", (v_from, v_to))
+            repaired, differ = cur.fetchone()
+            vwall = time.perf_counter() - t0
+            cur.execute("SELECT requests, rows_received, rows_inserted FROM phsync.runs ORDER BY id DESC LIMIT 1")
+            vreq, vrecv, vins = cur.fetchone()
+            cur.execute("SELECT count(*) FROM posthog_events")
+            vcount = cur.fetchone()[0]
+            verify = (m, read, vwall, vreq, vrecv, vins, repaired, differ, vcount, gone_at)
+
         mb = payload / 1e6
         print()
         print(f"phsync benchmark: N = {n} events, {mb:.0f} MB as COPY text ({payload / n:.0f} B/row), "
@@ -505,8 +551,14 @@ phsync.verify = off
                   f"{yrows / max(nok, 1):.0f} rows per request, {ywall:.1f} s wall; "
                   f"most requests in any hour {per_hour} (PostHog allows 2,400), in any minute {per_minute} "
                   f"(PostHog allows 240); PostHog busy {ybusy:.1f} s, worker CPU {ycpu:.1f} s")
+        if verify:
+            m, read, vwall, vreq, vrecv, vins, repaired, differ, vcount, gone_at = verify
+            print(f"30 days of {m} events: reading them {read[0]:.1f} s, {read[1]} requests, {read[2]} rows; "
+                  f"one deleted here ({gone_at}): verify with repair {vwall:.1f} s, {vreq} requests, "
+                  f"{vrecv} rows read again, {vins} inserted, {repaired} bucket repaired of {differ} that differed")
         ok = got == n and diff == 0 and (r4 is None or got4 == 4 * n) and \
-            (year is None or (year[6] == year[0] and year[8] == 0))
+            (year is None or (year[6] == year[0] and year[8] == 0)) and \
+            (verify is None or (verify[8] == verify[0] and verify[5] == 1 and verify[6] == 1))
         print(f"check: phsync table has {got} rows, {diff} differ from COPY's"
               + (f"; 4N table has {got4} rows" if r4 else "")
               + (f"; the year has {year[6]} rows" if year else "") + (": OK" if ok else ": MISMATCH"))

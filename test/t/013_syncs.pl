@@ -30,7 +30,7 @@ $node->safe_psql('postgres', q{
 	CREATE TABLE loose (id uuid, created_at timestamptz, is_identified boolean, properties jsonb);
 	CREATE TABLE keyed (id uuid PRIMARY KEY, created_at timestamptz, is_identified boolean, properties jsonb);});
 like(psql_err("SELECT phsync_add_sync('p', 'keyed', preset => 'people')"),
-	qr/ERROR:  unknown preset "people"\nHINT:  The presets are events, persons, groups, sessions, cohorts, feature_flags, experiments, surveys and cohort_people; anything else needs query => a HogQL query\./,
+	qr/ERROR:  unknown preset "people"\nHINT:  The presets are events, persons, groups, sessions, cohorts, feature_flags, experiments, surveys, cohort_people and person_distinct_ids; anything else needs query => a HogQL query\./,
 	'unknown preset refused');
 # the install script's CHECK on phsync.syncs.preset names the library's presets (presets.c), in its order
 {
@@ -39,7 +39,7 @@ like(psql_err("SELECT phsync_add_sync('p', 'keyed', preset => 'people')"),
 	my $def = $node->safe_psql('postgres', q{SELECT pg_get_constraintdef(oid) FROM pg_constraint
 		WHERE conrelid = 'phsync.syncs'::regclass AND pg_get_constraintdef(oid) LIKE '%preset%ANY%'});
 	my @sql = $def =~ /'(\w+)'::text/g;
-	is(join(' ', @sql), 'events persons groups sessions cohorts feature_flags experiments surveys cohort_people',
+	is(join(' ', @sql), 'events persons groups sessions cohorts feature_flags experiments surveys cohort_people person_distinct_ids',
 		'the install script\'s CHECK on phsync.syncs.preset lists the presets') or diag($def);
 	is_deeply(\@sql, \@lib, '... the library\'s, in its order');
 }

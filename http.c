@@ -351,9 +351,14 @@ transfer_write(char *data, size_t size, size_t nmemb, void *userdata)
 	PhsyncTransfer *t = (PhsyncTransfer *) userdata;
 	size_t		len = size * nmemb;
 
-	/* the reader is behind: keep these bytes for later (curl does) */
+	/*
+	 * The reader is behind: keep these bytes for later (curl does).  Only
+	 * while it has rows to take: it resumes the transfer when it has taken
+	 * them (http_resume()), and a transfer paused with nothing to take would
+	 * never be resumed (the block that holds the last row stays).
+	 */
 	if (t->status == 200 && scan_buffered(t->scan) >= pause_bytes(t) &&
-		scan_member(t->scan, "columns") != NULL)
+		scan_pending(t->scan) > 0 && scan_member(t->scan, "columns") != NULL)
 	{
 		t->paused = true;
 		return CURL_WRITEFUNC_PAUSE;
@@ -800,7 +805,8 @@ http_poll(PhsyncHttp *http, long timeout_ms)
 void
 http_resume(PhsyncTransfer *t)
 {
-	if (!t->paused || t->done || scan_buffered(t->scan) >= pause_bytes(t) / 2)
+	if (!t->paused || t->done ||
+		(scan_buffered(t->scan) >= pause_bytes(t) / 2 && scan_pending(t->scan) > 0))
 		return;
 	t->paused = false;
 	t->last_data = GetCurrentTimestamp();

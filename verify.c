@@ -14,9 +14,10 @@
  * reinterpretAsUInt32(MD5(toString(key))) in HogQL, the same bytes of
  * md5(key::text) here; each side sums its distinct keys' hashes.  A
  * repair counts a differing bucket again in NARROW_PARTS parts, and those
- * parts that differ in turn, until what differs holds at most a page;
- * only that is read again.  The results go to phsync.verifications, the
- * number of differing buckets to phsync.runs.
+ * parts that differ in turn, until what differs holds at most a page (and
+ * at most NARROW_ROWS: what one request reads); only that is read again.
+ * The results go to phsync.verifications, the number of differing buckets
+ * to phsync.runs.
  *
  *-------------------------------------------------------------------------
  */
@@ -38,8 +39,9 @@
 /* parts a differing bucket is counted again in, and how deep */
 #define NARROW_PARTS 24
 #define NARROW_DEPTH 4
-/* narrowed no further than this */
+/* narrowed no further than this, nor below this many rows (one request) */
 #define NARROW_MIN_USECS (60 * USECS_PER_SEC)
+#define NARROW_ROWS 10000
 
 typedef struct Buckets
 {
@@ -227,7 +229,7 @@ repair_range(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 rows,
 	MemoryContext cxt;
 	int			i;
 
-	if (rows <= page || depth >= NARROW_DEPTH || to - from <= NARROW_MIN_USECS)
+	if (rows <= Min(page, NARROW_ROWS) || depth >= NARROW_DEPTH || to - from <= NARROW_MIN_USECS)
 	{
 		ereport(LOG,
 				(errmsg("phsync run %lld: repairing sync %s from %s to %s",

@@ -277,6 +277,36 @@ repair_range(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 rows,
 }
 
 /*
+ * After a repair: count the target again, from the first bucket that
+ * differed to the last (not the whole range: the target's checksums cost a
+ * read of every row).  In a transaction with SPI connected.
+ */
+static void
+recount(PhsyncRunState *st, Buckets *b)
+{
+	int			lo = -1;
+	int			hi = -1;
+	int			i;
+	Buckets		sub;
+
+	for (i = 0; i < b->n; i++)
+		if (b->status[i] != PHSYNC_BUCKET_OK)
+		{
+			if (lo < 0)
+				lo = i;
+			hi = i;
+		}
+	if (lo < 0)
+		return;
+	buckets_init(&sub, bucket_start(b, lo), bucket_start(b, hi + 1), b->width, hi - lo + 1,
+				 b->local_sum != NULL);
+	count_local(st, &sub, sub.to);
+	memcpy(b->local + lo, sub.local, sizeof(int64) * sub.n);
+	if (b->local_sum)
+		memcpy(b->local_sum + lo, sub.local_sum, sizeof(int64) * sub.n);
+}
+
+/*
  * Verify [from, to) of the run's sync in buckets of `bucket`
  * microseconds; with repair, fetch the buckets that differ again and count
  * anew.
@@ -342,7 +372,7 @@ verify_run(PhsyncRunState *st, TimestampTz from, TimestampTz to, int64 bucket,
 
 	cxt = xact_begin();
 	if (repair)
-		count_local(st, &b, to);
+		recount(st, &b);
 	for (i = 0; i < b.n; i++)
 	{
 		PhsyncBucketStatus now = compare(&b, i);

@@ -21,9 +21,10 @@ my $node = phsync_node('exact', $fake, $certs, 'phsync.page_size' => '1000',
 	'phsync.initial_since' => hours_ago(5 * 24));
 my $d0 = $node->safe_psql('postgres',
 	q{SELECT to_char(date_trunc('day', now() AT TIME ZONE 'UTC') - interval '4 days', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')});
-my $day = sub {
-	$node->safe_psql('postgres', "SELECT to_char(('$d0'::timestamptz + interval '$_[0] days') AT TIME ZONE 'UTC', 'YYYY-MM-DD')");
-};
+# the three days, as YYYY-MM-DD
+my @days = split /\n/, $node->safe_psql('postgres',
+	"SELECT to_char(d AT TIME ZONE 'UTC', 'YYYY-MM-DD') FROM generate_series('$d0'::timestamptz, '$d0'::timestamptz + interval '2 days', '1 day') d");
+my $day = sub { $days[ $_[0] ] };
 # 6,000 events over three days, one every 43.2 s: 2,000 a day
 fake_post($fake, '/generate', { count => 6000, seed => 39, created_from => $d0, step_ms => 43200 });
 $node->safe_psql('postgres', q{

@@ -20,7 +20,6 @@
 #include <netdb.h>
 #include <sys/socket.h>
 
-#include "common/pg_prng.h"
 #include "commands/dbcommands.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
@@ -230,8 +229,7 @@ ask_posthog(Doctor *d, const char *item, PhsyncEndpoint *endpoint, PhsyncQuery *
 	char	   *body;
 	char	   *volatile timezone = NULL;
 	/* each query its own id: PostHog cancels by it (phsync-doctor-... to find them) */
-	char	   *client_id = psprintf("phsync-doctor-%d-%016llx", MyProcPid,
-									 (unsigned long long) pg_prng_uint64(&pg_global_prng_state));
+	char	   *client_id = http_client_id("phsync-doctor");
 
 	q->until = GetCurrentTimestamp();
 	q->since = q->until - USECS_PER_HOUR;

@@ -33,6 +33,7 @@
 #include <curl/curl.h>
 #include <isa-l/igzip_lib.h>
 
+#include "common/pg_prng.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
@@ -471,6 +472,17 @@ transfer_free(PhsyncTransfer *t)
 	scan_free(t->scan);
 	/* the request held the key: do not leave it in freed memory */
 	pfree(t);
+}
+
+/*
+ * A client_query_id of a session's own request: prefix, the backend's pid
+ * and a random number (PostHog cancels by it; a prefix finds the kind).
+ */
+char *
+http_client_id(const char *prefix)
+{
+	return psprintf("%s-%d-%016llx", prefix, MyProcPid,
+					(unsigned long long) pg_prng_uint64(&pg_global_prng_state));
 }
 
 /*

@@ -106,7 +106,7 @@ extern int	phsync_history_days;
 extern bool phsync_progress_notices;
 extern char *phsync_timezone;
 extern bool phsync_verify_yesterday;
-extern bool phsync_mirror_deletions;	/* phsync.deletions = mirror */
+extern int	phsync_mirror_deletions;	/* phsync.deletions = mirror */
 extern double phsync_max_delete_fraction;
 extern int	phsync_max_syncs;
 extern int	phsync_max_queued_runs;
@@ -545,6 +545,7 @@ typedef struct PhsyncHttpError
 extern PhsyncHttp *http_open(const PhsyncEndpoint *endpoint);
 extern void http_close(PhsyncHttp *http);
 extern void http_set_timeout(PhsyncHttp *http, long timeout_ms);
+extern char *http_client_id(const char *prefix);
 extern PhsyncTransfer *http_start(PhsyncHttp *http, const char *body,
 								  const char *client_query_id);
 extern void http_poll(PhsyncHttp *http, long timeout_ms);

@@ -26,7 +26,6 @@
 #include "access/htup_details.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
-#include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
@@ -75,8 +74,7 @@ ask_body(void *arg, char **client_id)
 {
 	AskBody    *b = (AskBody *) arg;
 
-	*client_id = psprintf("phsync-query-%d-%016llx", MyProcPid,
-						  (unsigned long long) pg_prng_uint64(&pg_global_prng_state));
+	*client_id = http_client_id("phsync-query");
 	return hogql_adhoc_body(b->hogql, b->values_json, b->name, *client_id);
 }
 

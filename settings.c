@@ -52,7 +52,7 @@ int			phsync_history_days = 90;
 bool		phsync_progress_notices = true;
 char	   *phsync_timezone = NULL;
 bool		phsync_verify_yesterday = true;
-bool		phsync_mirror_deletions = false;
+int			phsync_mirror_deletions = 0;	/* phsync.deletions, an enum: 1 is mirror */
 double		phsync_max_delete_fraction = 0.1;
 int			phsync_max_syncs = 100;
 int			phsync_max_queued_runs = 100;
@@ -62,18 +62,12 @@ int			phsync_lock_timeout = 60 * 1000;
 bool		phsync_enabled = true;
 int			phsync_log_runs = PHSYNC_LOG_RUNS_ALL;
 
-static int	phsync_deletions_setting = 0;
+/* phsync.deletions: keep (false) or mirror (true) */
 static const struct config_enum_entry deletions_options[] = {
-	{"keep", 0, false},
-	{"mirror", 1, false},
+	{"keep", false, false},
+	{"mirror", true, false},
 	{NULL, 0, false}
 };
-
-static void
-assign_deletions(int newval, void *extra)
-{
-	phsync_mirror_deletions = newval == 1;
-}
 
 static const struct config_enum_entry log_runs_options[] = {
 	{"all", PHSYNC_LOG_RUNS_ALL, false},
@@ -592,8 +586,8 @@ settings_define(void)
 	DefineCustomEnumVariable("phsync.deletions",
 							 "What the default sync does with rows PostHog no longer has: keep or mirror.",
 							 "mirror: a repair deletes the rows PostHog no longer has in the range it verified.",
-							 &phsync_deletions_setting, 0, deletions_options,
-							 PGC_SIGHUP, 0, NULL, assign_deletions, NULL);
+							 &phsync_mirror_deletions, false, deletions_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	DefineCustomRealVariable("phsync.max_delete_fraction",
 							 "The largest share of a bucket (or of a table read whole) that mirroring deletions may delete in one run.",

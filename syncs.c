@@ -449,6 +449,21 @@ sync_check_name(const char *name)
 }
 
 /*
+ * A mode given as one of two words: a copy of it, or an error with hint.
+ */
+static char *
+check_mode(const char *what, const char *value, const char *one, const char *other,
+		   const char *hint)
+{
+	if (strcmp(value, one) != 0 && strcmp(value, other) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid %s mode \"%s\"", what, value),
+				 errhint("%s", hint)));
+	return pstrdup(value);
+}
+
+/*
  * The definition args describes, complete and checked: args' fields that
  * are not given (NULL) keep old's value (when changing a sync), or take
  * the defaults of the sync's preset (when adding one).  Errors say what is
@@ -508,14 +523,8 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 	preset = preset_lookup(d->preset);
 
 	if (args->conflict)
-	{
-		if (strcmp(args->conflict, "nothing") != 0 && strcmp(args->conflict, "update") != 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("invalid conflict mode \"%s\"", args->conflict),
-					 errhint("Use nothing (skip rows already there) or update (rewrite rows whose values changed).")));
-		d->conflict = pstrdup(args->conflict);
-	}
+		d->conflict = check_mode("conflict", args->conflict, "nothing", "update",
+								 "Use nothing (skip rows already there) or update (rewrite rows whose values changed).");
 	else if (old == NULL)
 		d->conflict = (preset && preset->update) ? "update" : "nothing";
 
@@ -578,14 +587,8 @@ sync_resolve(const PhsyncSyncArgs *args, const PhsyncSyncDef *old)
 
 	/* what a repair or a whole re-read does with rows PostHog no longer has */
 	if (args->deletions)
-	{
-		if (strcmp(args->deletions, "keep") != 0 && strcmp(args->deletions, "mirror") != 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("invalid deletions mode \"%s\"", args->deletions),
-					 errhint("Use keep (rows PostHog no longer has stay) or mirror (a repair or a whole re-read deletes them).")));
-		d->deletions = pstrdup(args->deletions);
-	}
+		d->deletions = check_mode("deletions", args->deletions, "keep", "mirror",
+								  "Use keep (rows PostHog no longer has stay) or mirror (a repair or a whole re-read deletes them).");
 	else if (old == NULL)
 		d->deletions = "keep";
 

@@ -157,25 +157,20 @@ count_local(PhsyncRunState *st, Buckets *b, TimestampTz to)
 	uint64		r;
 
 	Assert(phsync_spi_connected());
-	if (b->local_sum)
-	{
-		const char *key = quote_identifier(st->target->cols[st->target->uniq[0]].name);
-
-		/* the little-endian UInt32 of md5's first four bytes, as HogQL's */
-		sql = psprintf("SELECT pg_catalog.floor(pg_catalog.date_part('epoch', t.%s::pg_catalog.timestamptz OPERATOR(pg_catalog.-) $1) "
-					   "OPERATOR(pg_catalog./) $3)::pg_catalog.int8, pg_catalog.count(*), "
-					   "pg_catalog.sum(DISTINCT CAST(pg_catalog.concat('x00000000', pg_catalog.substr(m.h, 7, 2), "
-					   "pg_catalog.substr(m.h, 5, 2), pg_catalog.substr(m.h, 3, 2), pg_catalog.substr(m.h, 1, 2)) "
-					   "AS pg_catalog.bit(64))::pg_catalog.int8)::pg_catalog.int8 "
-					   "FROM %s AS t CROSS JOIN LATERAL (SELECT pg_catalog.md5(t.%s::pg_catalog.text) AS h) AS m "
-					   "WHERE t.%s OPERATOR(pg_catalog.>=) $1 AND t.%s OPERATOR(pg_catalog.<) $2 GROUP BY 1",
-					   col, st->target->display, key, col, col);
-	}
-	else
-		sql = psprintf("SELECT pg_catalog.floor(pg_catalog.date_part('epoch', %s::pg_catalog.timestamptz OPERATOR(pg_catalog.-) $1) "
-					   "OPERATOR(pg_catalog./) $3)::pg_catalog.int8, pg_catalog.count(*) "
-					   "FROM %s WHERE %s OPERATOR(pg_catalog.>=) $1 AND %s OPERATOR(pg_catalog.<) $2 GROUP BY 1",
-					   col, st->target->display, col, col);
+	/* with sums: the little-endian UInt32 of md5's first four bytes, as HogQL's */
+	sql = psprintf("SELECT pg_catalog.floor(pg_catalog.date_part('epoch', t.%s::pg_catalog.timestamptz OPERATOR(pg_catalog.-) $1) "
+				   "OPERATOR(pg_catalog./) $3)::pg_catalog.int8, pg_catalog.count(*)%s FROM %s AS t%s "
+				   "WHERE t.%s OPERATOR(pg_catalog.>=) $1 AND t.%s OPERATOR(pg_catalog.<) $2 GROUP BY 1",
+				   col,
+				   b->local_sum ?
+				   ", pg_catalog.sum(DISTINCT CAST(pg_catalog.concat('x00000000', pg_catalog.substr(m.h, 7, 2), "
+				   "pg_catalog.substr(m.h, 5, 2), pg_catalog.substr(m.h, 3, 2), pg_catalog.substr(m.h, 1, 2)) "
+				   "AS pg_catalog.bit(64))::pg_catalog.int8)::pg_catalog.int8" : "",
+				   st->target->display,
+				   b->local_sum ?
+				   psprintf(" CROSS JOIN LATERAL (SELECT pg_catalog.md5(t.%s::pg_catalog.text) AS h) AS m",
+							quote_identifier(st->target->cols[st->target->uniq[0]].name)) : "",
+				   col, col);
 	/* read as the sync reads its target (see target.c) */
 	as_role_begin(st->target->writer, true, &save);
 	if (phsync_spi_exec(sql, 3, types, values, NULL, true, 0) != SPI_OK_SELECT)

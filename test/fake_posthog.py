@@ -1187,9 +1187,11 @@ class Translator:
     """Translates one parsed SelectQuery to SQLite SQL with its values bound
     as parameters, typing every output column as ClickHouse would."""
 
-    def __init__(self, values, tzname):
+    def __init__(self, values, tzname, config=None, text=None):
         self.values = values
         self.tz = tzname
+        self.config = config or {}    # the fake's settings (the answer's shape)
+        self.text = text
         self.params = {}
         self.pn = 0
         self.tn = 0
@@ -2809,8 +2811,7 @@ class ServerState:
             raise HogQLError(ast.get("message") or "Syntax error")
         modifiers = query.get("modifiers") or {}
         tzname = project.timezone if modifiers.get("convertToProjectTimezone", True) else "UTC"
-        tr = Translator(values, tzname)
-        tr.config, tr.text = self.config, text
+        tr = Translator(values, tzname, self.config, text)
         row_cap = int(self.config["row_cap"])
         if project.synthetic is not None:
             body, n, read = project.synthetic.query(ast, tr, row_cap)
